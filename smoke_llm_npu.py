@@ -1,0 +1,110 @@
+"""Smoke test: does OpenVINO GenAI really generate on this host's NPU?
+
+Loads the model on the NPU under the shared NPU lock, generates one title and prints JSON with the
+text, timings (load, generate, total), the NPU busy-time delta, the device and the versions.  It
+uses worker.py's own code (model checks, pipeline properties, lock, busy counter, proof rule), so a
+pass here means the worker's NPU path works on this host.
+
+Exit codes: 0 the NPU ran (npu_busy_delta_us > 0), 1 generation failed, 3 the busy counter did not
+advance, 75 the NPU lock stayed busy, 77 skipped because OpenVINO sees no NPU, 78 configuration
+(model, driver or counter missing).  77 is the conventional "skipped" code of automake and meson,
+so CI on NPU hosts is decisive and elsewhere visibly skipped.
+
+``--device CPU`` runs the same flow on the CPU as a demonstration; it claims no proof.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+from typing import Sequence
+
+import worker
+
+EXIT_SKIPPED = 77
+SMOKE_INPUT = "Kanban task asks for a small OpenVINO GenAI NPU worker prototype."
+
+
+def npu_present() -> bool:
+    try:
+        import openvino
+    except ImportError:
+        raise worker.ConfigError("openvino-genai is not installed: pip install openvino-genai") from None
+    return any(name.split(".")[0] == "NPU" for name in openvino.Core().available_devices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    environ = os.environ
+    parser = argparse.ArgumentParser(prog="smoke_llm_npu.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=environ.get("OV_GENAI_NPU_MODEL"),
+                        help="OpenVINO GenAI model directory (a .gguf file on CPU) [OV_GENAI_NPU_MODEL]")
+    parser.add_argument("--device", choices=worker.DEVICES, default="NPU", help="default NPU")
+    parser.add_argument("--cache-dir", type=Path, default=environ.get("OV_GENAI_NPU_CACHE"),
+                        help="OpenVINO compiled-model cache [OV_GENAI_NPU_CACHE]")
+    parser.add_argument("--lock-file", type=Path, default=environ.get("OV_GENAI_NPU_LOCK"),
+                        help="the NPU lock shared with the worker [OV_GENAI_NPU_LOCK]")
+    parser.add_argument("--lock-timeout-s", type=float, default=worker.DEFAULT_LOCK_TIMEOUT_S)
+    parser.add_argument("--busy-path", type=Path, default=environ.get("OV_GENAI_NPU_BUSY_PATH"),
+                        help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
+    parser.add_argument("--input", default=SMOKE_INPUT, help="text to title")
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    pipeline_factory: worker.PipelineFactory = worker.load_genai_pipeline,
+    has_npu: Callable[[], bool] = npu_present,
+) -> int:
+    args = build_parser().parse_args(argv)
+    request_id = uuid.uuid4().hex
+    started = time.monotonic()
+    try:
+        if args.device == "NPU" and not has_npu():
+            print("skipped: no NPU")
+            return EXIT_SKIPPED
+        if args.model is None:
+            raise worker.ConfigError("no model: pass --model PATH or set OV_GENAI_NPU_MODEL")
+        settings = worker.Settings(
+            model_path=args.model,
+            device=args.device,
+            cache_dir=args.cache_dir,
+            lock_path=args.lock_file or worker.default_lock_path(os.environ),
+            lock_timeout_s=args.lock_timeout_s,
+            busy_path=args.busy_path,
+        )
+        request = worker.validate_job_request({"input": args.input}, settings.limits, job="title")
+        npu_worker = worker.build_worker(settings, pipeline_factory)
+        npu_worker.load(warm_up=False)
+        load_ms = npu_worker.load_ms
+        result = npu_worker.run(request, request_id)
+    except worker.WorkerError as exc:
+        print(json.dumps(worker.error_body(exc, request_id), ensure_ascii=False, indent=2))
+        print(f"smoke_llm_npu.py: {exc.type}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+    report = {
+        "text": result["text"],
+        "timing_ms": {
+            "load": round(load_ms or 0.0, 2),
+            "generate": result["timing_ms"]["generate"],
+            "total": round(worker.elapsed_ms(started), 2),
+        },
+        "npu_busy_delta_us": result["npu_busy_delta_us"],
+        "npu_proof": result["npu_proof"],
+        "device": settings.device,
+        "model": settings.model_name,
+        "tokens": result["tokens"],
+        "versions": worker.genai_versions(),
+    }
+    print(json.dumps(report, ensure_ascii=False, indent=2))
+    return worker.EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

