@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
+from typing import Callable
 
 import pytest
 
@@ -41,12 +43,14 @@ class FakeNpuPipeline:
         busy_file: Path | None = None,
         busy_increment_us: int = 1500,
         fail_with: BaseException | None = None,
+        seconds_per_token: float = 0.0,
     ) -> None:
         self.settings = settings
         self.reply = reply
         self.busy_file = busy_file
         self.busy_increment_us = busy_increment_us
         self.fail_with = fail_with
+        self.seconds_per_token = seconds_per_token
         self.calls: list[dict[str, Any]] = []
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
@@ -55,7 +59,9 @@ class FakeNpuPipeline:
     def count_tokens(self, prompt: str) -> int:
         return len(prompt.split())
 
-    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None) -> worker.Generation:
+    def generate(
+        self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+    ) -> worker.Generation:
         limits = self.settings.limits
         prompt_tokens = self.count_tokens(prompt)
         self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "json_schema": json_schema})
@@ -70,6 +76,11 @@ class FakeNpuPipeline:
         room = limits.context_tokens - prompt_tokens  # the silent stop of the compiled NPU model
         generated = min(len(words), max_new_tokens, room)
         finish = "stop" if generated == len(words) else "length"
+        for index in range(generated):  # the streamer is asked after every token, as in GenAI
+            time.sleep(self.seconds_per_token)
+            if should_stop():
+                generated, finish = index + 1, "cancelled"
+                break
         return worker.Generation(
             text=" ".join(words[:generated]), prompt_tokens=prompt_tokens, generated_tokens=generated, finish_reason=finish
         )

@@ -838,7 +838,7 @@ def test_documented_limit_defaults() -> None:
     assert worker.MAX_BODY_BYTES == 65536
     assert worker.DEFAULT_QUEUE_DEPTH == 8
     assert worker.DEFAULT_LOCK_TIMEOUT_S == 60
-    assert worker.CONNECTION_TIMEOUT_S == 30
+    assert worker.CONNECTION_TIMEOUT_S == 10
     assert max(job.max_new_tokens for job in worker.JOBS.values()) == 256
 
 

@@ -101,8 +101,8 @@ def same_shape(example: Any, actual: Any, where: str = "") -> None:
         assert isinstance(actual, list), where
         if example and actual:
             same_shape(example[0], actual[0], f"{where}[0]")
-    elif where.endswith("npu_busy_delta_us") and actual is None:
-        pass  # an integer on the NPU (the examples), null on the CPU (this test)
+    elif where.endswith((".npu_busy_delta_us", ".busy_counter")) and actual is None:
+        pass  # set on the NPU (the examples), null on the CPU (this test)
     else:
         assert type(actual) is type(example), f"type differs at {where}"
 
@@ -122,6 +122,9 @@ def test_documented_worker_command(daemon: tuple[int, dict[str, str]], where: st
     assert DOC_PORT in command or not command.startswith("curl")
     completed = run(command.replace(DOC_PORT, str(port)), env)
     assert completed.returncode == 0, completed.stderr
+    if command.endswith("/metrics"):
+        assert "npu_worker_requests_total{" in completed.stdout  # Prometheus text, not JSON
+        return
     actual = json.loads(completed.stdout)
     assert "error" not in actual
     if example is not None:
@@ -143,6 +146,23 @@ def test_contract_error_example_is_what_the_worker_says(daemon: tuple[int, dict[
     assert failure.value.code == 413
     assert actual["error"] == example["error"]
     same_shape(example, actual)
+
+
+def test_batch_command_reports_every_line(tmp_path: Path) -> None:
+    (command,) = [command for _, command, _ in CONTRACT if "--batch" in command]
+    completed = run(command, worker_env(tmp_path))
+    assert completed.returncode == 1, completed.stderr  # one of the two lines is bad
+    first, second = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert (first["line"], first["id"], first["job"]) == (1, "a1", "title")
+    assert (second["line"], second["error"]["type"]) == (2, "invalid_request")
+    assert "batch: finished: 2 jobs, 1 failed" in completed.stderr
+
+
+def test_doctor_command_passes_on_this_host(tmp_path: Path) -> None:
+    (command,) = [command for _, command, _ in CONTRACT if "--doctor" in command]
+    completed = run(command, worker_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port())))
+    assert completed.returncode == 0, completed.stdout
+    assert completed.stdout.splitlines()[-1] == "doctor: this host can serve"
 
 
 def test_setup_commands_are_what_ci_runs() -> None:
@@ -173,6 +193,7 @@ def test_npu_daemon_command_stops_with_a_configuration_error_here(tmp_path: Path
 def test_every_documented_command_is_exercised() -> None:
     exercised = {command for _, command, _ in worker_commands()} | set(SETUP_COMMANDS)
     exercised |= {command for _, command, _ in README if "smoke_llm_npu.py" in command or command.endswith("python worker.py")}
+    exercised |= {command for _, command, _ in CONTRACT if "--batch" in command or "--doctor" in command}
     for _, command, _ in README + CONTRACT:
         if command not in exercised:
             assert any(command.startswith(prefix) for prefix in NOT_RUN_HERE), f"no test runs: {command}"

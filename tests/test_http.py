@@ -106,7 +106,11 @@ def test_healthz_is_200_once_loaded(start_server: Callable[..., worker.WorkerHTT
         "model": "tiny-chatml-ov",
         "device": "CPU",
         "npu_proof": "not_applicable",
+        "busy_counter": None,
         "queue_waiting": 0,
+        "queue_depth": 8,
+        "jobs_in_flight": 0,
+        "last_error": None,
         "version": worker.__version__,
     }
 
@@ -123,7 +127,9 @@ def test_models_lists_model_jobs_and_limits(start_server: Callable[..., worker.W
     assert body["models"] == [{"id": "tiny-chatml-ov", "device": "CPU", "ready": True}]
     assert list(body["jobs"]) == ["title", "summary", "notification", "memory_candidate"]
     assert body["jobs"]["title"] == {"default_max_new_tokens": 24, "max_new_tokens": 64}
-    assert body["limits"] == {"max_input_chars": 6000, "max_prompt_tokens": 1024, "context_tokens": 1280, "queue_depth": 8}
+    assert body["limits"] == {
+        "max_input_chars": 6000, "max_prompt_tokens": 1024, "context_tokens": 1280, "request_timeout_s": 120.0, "queue_depth": 8
+    }
 
 
 @pytest.mark.parametrize("job", list(worker.JOBS))

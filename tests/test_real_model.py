@@ -85,7 +85,7 @@ def test_token_count_is_exact(tiny_worker: worker.Worker) -> None:
     for job in worker.JOBS.values():
         prompt = pipeline.render_prompt(worker.job_messages(job, INPUT))
         assert "<|im_start|>system" in prompt  # the model's own chat template was applied
-        generation = pipeline.generate(prompt, 4, None)
+        generation = pipeline.generate(prompt, 4, None, lambda: False)
         assert pipeline.count_tokens(prompt) == generation.prompt_tokens
 
 
