@@ -190,10 +190,58 @@ def test_npu_daemon_command_stops_with_a_configuration_error_here(tmp_path: Path
     assert "worker.py: configuration: NPU busy counter not found" in completed.stderr
 
 
+def test_npu_doctor_command_explains_what_this_host_lacks(tmp_path: Path) -> None:
+    (command,) = [command for _, command, _ in README if command.endswith("--doctor")]
+    env = worker_env(tmp_path, HOME=str(tmp_path), OV_GENAI_NPU_PORT=str(free_port()))
+    del env["OV_GENAI_NPU_DEVICE"]  # the documented default, NPU
+    completed = run(command, env)
+    assert completed.returncode == 78
+    for failure in ("FAIL  device: NPU not found", "FAIL  accel device", "FAIL  busy counter", "FAIL  model"):
+        assert failure in completed.stdout
+    assert completed.stdout.count("      fix: ") >= 4
+
+
+def test_token_commands_create_a_private_token_and_enforce_it(tmp_path: Path) -> None:
+    (create,) = [command for _, command, _ in README if "secrets.token_urlsafe" in command]
+    (start,) = [command for _, command, _ in README if "--token-file" in command]
+    (tmp_path / ".config").mkdir()
+    env = worker_env(tmp_path, HOME=str(tmp_path))
+    assert run(create, env).returncode == 0
+    token_file = tmp_path / ".config" / "npu-worker.token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    port = free_port()
+    env["OV_GENAI_NPU_PORT"] = str(port)
+    process = subprocess.Popen(["bash", "-c", f"exec {start}"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    assert response.status == 200
+                    break
+            except urllib.error.HTTPError as error:
+                assert error.code == 503  # loading; never 401 with the right token
+            except OSError:
+                pass
+            time.sleep(0.1)
+        else:
+            pytest.fail("the daemon with a token did not become ready")
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert refused.value.code == 401
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 def test_every_documented_command_is_exercised() -> None:
     exercised = {command for _, command, _ in worker_commands()} | set(SETUP_COMMANDS)
     exercised |= {command for _, command, _ in README if "smoke_llm_npu.py" in command or command.endswith("python worker.py")}
     exercised |= {command for _, command, _ in CONTRACT if "--batch" in command or "--doctor" in command}
+    exercised |= {command for _, command, _ in README if command.endswith("--doctor")
+                  or "secrets.token_urlsafe" in command or "--token-file" in command}
     for _, command, _ in README + CONTRACT:
         if command not in exercised:
             assert any(command.startswith(prefix) for prefix in NOT_RUN_HERE), f"no test runs: {command}"
