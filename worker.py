@@ -2325,6 +2325,9 @@ def main(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory
     except WorkerError as exc:
         print(f"worker.py: {exc.type}: {exc.message}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in a one-shot, batch or doctor run (the daemon handles SIGINT)
+        print("worker.py: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
