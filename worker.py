@@ -894,9 +894,9 @@ def find_busy_counter(explicit: Path | None, pattern: str = BUSY_COUNTER_GLOB) -
 
 def default_lock_path(environ: Mapping[str, str]) -> Path:
     """The same path for the daemon, a CLI run from cron or ssh, and the smoke test."""
-    runtime_dir = environ.get("XDG_RUNTIME_DIR") or f"/run/user/{os.getuid()}"
-    if Path(runtime_dir).is_dir():
-        return Path(runtime_dir) / LOCK_DIR_NAME / LOCK_FILE_NAME
+    for runtime_dir in (environ.get("XDG_RUNTIME_DIR"), f"/run/user/{os.getuid()}"):
+        if runtime_dir and Path(runtime_dir).is_dir():
+            return Path(runtime_dir) / LOCK_DIR_NAME / LOCK_FILE_NAME
     return Path("/tmp") / f"{LOCK_DIR_NAME}-{os.getuid()}" / LOCK_FILE_NAME
 
 
