@@ -923,16 +923,19 @@ class NpuLock:
             raise ConfigError(f"lock directory {directory} is not a directory owned by this user")
 
     @contextlib.contextmanager
-    def held(self, timeout_s: float) -> Iterator[None]:
-        fd = self.acquire(timeout_s)
+    def held(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> Iterator[None]:
+        fd = self.acquire(timeout_s, give_up)
         try:
             yield
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def acquire(self, timeout_s: float) -> int:
-        """Lock and return the fd, or raise Busy after timeout_s (polling LOCK_NB works in any thread)."""
+    def acquire(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> int:
+        """Lock and return the fd, or raise Busy after timeout_s (polling LOCK_NB works in any thread).
+
+        ``give_up`` is polled while waiting: a daemon told to stop during start-up stops waiting.
+        """
         self._ensure_directory()
         deadline = time.monotonic() + timeout_s
         while True:
@@ -943,6 +946,8 @@ class NpuLock:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                         break
                     except BlockingIOError:
+                        if give_up():
+                            raise ShuttingDown("stopped while waiting for the NPU lock") from None
                         if time.monotonic() >= deadline:
                             raise Busy(f"the NPU lock is held by another process (waited {timeout_s:g} s)") from None
                         time.sleep(LOCK_POLL_INTERVAL_S)
@@ -975,7 +980,6 @@ class JobQueue:
         self._waiting: deque[object] = deque()
         self._running = False
         self._condition = threading.Condition()
-        self.running_since: float | None = None  # monotonic time the current holder got the NPU
 
     @property
     def waiting(self) -> int:
@@ -983,7 +987,7 @@ class JobQueue:
             return len(self._waiting)
 
     @contextlib.contextmanager
-    def turn(self, timeout_s: float) -> Iterator[None]:
+    def turn(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> Iterator[None]:
         deadline = time.monotonic() + timeout_s
         ticket = object()
         with self._condition:
@@ -1002,14 +1006,12 @@ class JobQueue:
                 self._condition.notify_all()
         try:
             lock_started = time.monotonic()
-            with self._npu_lock.held(max(0.0, deadline - time.monotonic())):
-                self.running_since = time.monotonic()
-                self._metrics.observe_lock_wait(self.running_since - lock_started)
+            with self._npu_lock.held(max(0.0, deadline - time.monotonic()), give_up):
+                self._metrics.observe_lock_wait(time.monotonic() - lock_started)
                 yield
         finally:
             with self._condition:
                 self._running = False
-                self.running_since = None
                 self._condition.notify_all()
 
 
@@ -1058,11 +1060,15 @@ class Metrics:
         self.model_load_seconds: float | None = None
         self.last_error: str | None = None  # type of the last 5xx answer
 
-    def observe_request(self, endpoint: str, job: str | None, status: int, duration_s: float, error_type: str | None) -> None:
+    def observe_request(
+        self, endpoint: str, job: str | None, status: int, duration_s: float | None, error_type: str | None
+    ) -> None:
+        """duration_s is None for http.server's own errors, which do not know when they started."""
         with self._lock:
             key = (endpoint, job or "", status)
             self.requests[key] = self.requests.get(key, 0) + 1
-            self.request_seconds.observe(duration_s)
+            if duration_s is not None:
+                self.request_seconds.observe(duration_s)
             if status >= 500 and error_type is not None:
                 self.last_error = error_type
 
@@ -1150,6 +1156,7 @@ class Worker:
         self._stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        self._generating_since: float | None = None  # monotonic start of the running generation
         self.load_ms: float | None = None
 
     @property
@@ -1175,7 +1182,7 @@ class Worker:
 
     def health_problem(self) -> str | None:
         """Why this worker cannot be trusted to answer, or None."""
-        since = self.queue.running_since
+        since = self._generating_since  # a model load may take as long as it needs: not checked
         if since is not None and time.monotonic() - since > self.settings.limits.request_timeout_s + STUCK_GRACE_S:
             return f"a generation has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
         return None
@@ -1183,7 +1190,7 @@ class Worker:
     def load(self, *, warm_up: bool = True) -> None:
         """Build the pipeline under the NPU lock, then run one warm-up job (proof included)."""
         started = time.monotonic()
-        with self.queue.turn(self.settings.lock_timeout_s):
+        with self.queue.turn(self.settings.lock_timeout_s, give_up=self._stopping.is_set):
             self._pipeline = self._pipeline_factory(self.settings)
         self.load_ms = elapsed_ms(started)
         self.metrics.model_load_seconds = self.load_ms / 1000
@@ -1236,19 +1243,28 @@ class Worker:
         prompt_tokens = pipeline.count_tokens(prompt)
         max_new_tokens = plan_max_new_tokens(prompt_tokens, request.max_new_tokens or default_tokens, limits)
 
+        cancelled_by: str | None = None
+
         def should_stop() -> bool:
-            return time.monotonic() >= deadline or client_gone()
+            nonlocal cancelled_by
+            if time.monotonic() >= deadline:
+                cancelled_by = "deadline"
+            elif client_gone():
+                cancelled_by = "client"
+            return cancelled_by is not None
 
         wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
         try:
             with self.queue.turn(wait_s):
                 queue_ms = elapsed_ms(started)
                 before_us = self._read_busy_counter()
-                generate_started = time.monotonic()
+                generate_started = self._generating_since = time.monotonic()
                 try:
                     generation = pipeline.generate(prompt, max_new_tokens, job.json_schema, should_stop)
                 except Exception as exc:
                     raise GenerationFailed(f"generation failed ({type(exc).__name__})") from exc
+                finally:
+                    self._generating_since = None
                 generate_ms = elapsed_ms(generate_started)
                 after_us = self._read_busy_counter()
         except Busy:
@@ -1256,7 +1272,7 @@ class Worker:
                 raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s deadline") from None
             raise
         if generation.finish_reason == "cancelled":
-            if client_gone():
+            if cancelled_by == "client":
                 raise ClientGone("the client closed the connection; generation cancelled")
             raise RequestTimeout(f"generation cancelled at the {timeout_s:g} s deadline")
 
@@ -1553,8 +1569,15 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         if path == "/healthz":
             return (200 if worker.ready else 503), health_body(settings, worker)
         if path == "/metrics":
+            versions = genai_versions()
             return 200, worker.metrics.render(
-                build_info={**genai_versions(), "device": settings.device, "model": settings.model_name},
+                build_info={  # Prometheus label names allow no "-"
+                    "worker": versions["worker"],
+                    "openvino": versions["openvino"],
+                    "openvino_genai": versions["openvino-genai"],
+                    "device": settings.device,
+                    "model": settings.model_name,
+                },
                 gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
             )
         if path == "/openapi.json":
@@ -1634,6 +1657,7 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"  # so that a status line is written at all
         error = ProtocolError(code)
         self._send(code, error_body(error, uuid.uuid4().hex), {}, "-", "application/json")
+        self.server.worker.metrics.observe_request("<other>", None, code, None, error.type)
         logger.info("status=%d error=%s", code, error.type)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
@@ -1812,7 +1836,7 @@ def bind_server(settings: Settings, worker: Worker) -> WorkerHTTPServer:
         raise ConfigError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror}") from None
 
 
-def load_with_progress(worker: Worker, notifier: SystemdNotifier) -> None:
+def load_with_progress(worker: Worker, notifier: SystemdNotifier, stop: threading.Event) -> None:
     """Load in a thread while telling systemd we are alive: an NPU compile can take minutes."""
     failure: list[BaseException] = []
 
@@ -1825,13 +1849,18 @@ def load_with_progress(worker: Worker, notifier: SystemdNotifier) -> None:
     thread = threading.Thread(target=load, name="model-load", daemon=True)
     started = time.monotonic()
     thread.start()
+    next_report = started
     while thread.is_alive():
+        if stop.is_set():
+            worker.begin_shutdown()  # a load still waiting for the NPU lock gives up
         loading_s = time.monotonic() - started
-        fields = [f"STATUS=loading {worker.settings.model_name} on {worker.settings.device} ({loading_s:.0f} s)"]
-        if loading_s < MAX_LOAD_EXTEND_S:
-            fields.append(f"EXTEND_TIMEOUT_USEC={LOAD_EXTEND_S * 1_000_000}")
-        notifier.notify(*fields)
-        thread.join(LOAD_PROGRESS_INTERVAL_S)
+        if time.monotonic() >= next_report:
+            fields = [f"STATUS=loading {worker.settings.model_name} on {worker.settings.device} ({loading_s:.0f} s)"]
+            if loading_s < MAX_LOAD_EXTEND_S:
+                fields.append(f"EXTEND_TIMEOUT_USEC={LOAD_EXTEND_S * 1_000_000}")
+            notifier.notify(*fields)
+            next_report += LOAD_PROGRESS_INTERVAL_S
+        thread.join(0.1)
     if failure:
         raise failure[0]
 
@@ -1857,9 +1886,13 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="accept", daemon=True).start()
     logger.info("listening on http://%s:%d/ (loading %s on %s)", settings.host, server.server_port, settings.model_name, settings.device)
     try:
-        load_with_progress(worker, notifier)
-        notifier.notify("READY=1", f"STATUS=ready: {settings.model_name} on {settings.device}")
-        logger.info("ready")
+        try:
+            load_with_progress(worker, notifier, stop)
+        except ShuttingDown:
+            return EXIT_OK  # SIGTERM while waiting for the lock: a clean stop, not a failure
+        if not stop.is_set():
+            notifier.notify("READY=1", f"STATUS=ready: {settings.model_name} on {settings.device}")
+            logger.info("ready")
         interval_s = notifier.watchdog_interval_s or HEALTH_CHECK_INTERVAL_S
         while not stop.wait(interval_s):
             problem = worker.health_problem() or liveness_problem(server)
@@ -2249,15 +2282,18 @@ def batch_lines(stream: Any) -> Iterator[bytes | None]:
             yield line
 
 
-def batch_request(line: bytes | None, limits: Limits) -> tuple[Any, JobRequest]:
-    """(the caller's id or None, the job) from one JSON Lines record."""
+def batch_record(line: bytes | None) -> dict[str, Any]:
     if line is None:
         raise BodyTooLarge(f"line is longer than {MAX_BODY_BYTES} bytes")
-    body = parse_json_body(line)
-    item_id = body.pop("id", None)
+    return parse_json_body(line)
+
+
+def batch_item_id(record: dict[str, Any]) -> Any:
+    """Take the caller's optional "id" out of a record, so that it can be echoed back."""
+    item_id = record.pop("id", None)
     if item_id is not None and not (type(item_id) is int or (isinstance(item_id, str) and len(item_id) <= BATCH_ID_MAX_CHARS)):
         raise InvalidRequest(f"'id' must be an integer or a string of at most {BATCH_ID_MAX_CHARS} characters")
-    return item_id, validate_job_request(body, limits)
+    return item_id
 
 
 def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory) -> int:
@@ -2277,8 +2313,9 @@ def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory
             request_id = uuid.uuid4().hex
             item_id = None
             try:
-                item_id, request = batch_request(line, settings.limits)
-                body = worker.run(request, request_id)
+                record = batch_record(line)
+                item_id = batch_item_id(record)  # before validation: an error line still has its id
+                body = worker.run(validate_job_request(record, settings.limits), request_id)
             except WorkerError as exc:
                 body = error_body(exc, request_id)
                 failed += 1
