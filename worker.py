@@ -469,13 +469,13 @@ def validate_job_request(
             raise InvalidRequest(f"'job' must be one of: {', '.join(JOBS)}")
     input_text = validate_input_text(body.get("input"), limits)
     max_new_tokens = body.get("max_new_tokens")
-    if max_new_tokens is not None:
+    if "max_new_tokens" in body:  # null is a wrong type, not "absent"
         _, maximum = job_token_limits(JOBS[job], limits)
         # bool is an int subclass in Python; true is not a token count.
         if type(max_new_tokens) is not int or not 1 <= max_new_tokens <= maximum:
             raise InvalidRequest(f"'max_new_tokens' must be an integer from 1 to {maximum} for job {job}")
     timeout_s = body.get("timeout_s")
-    if timeout_s is not None:
+    if "timeout_s" in body:
         if type(timeout_s) not in (int, float) or not 0 < timeout_s <= limits.request_timeout_s:
             raise InvalidRequest(f"'timeout_s' must be a number above 0 and at most {limits.request_timeout_s:g}")
         timeout_s = float(timeout_s)
@@ -568,7 +568,8 @@ def plain_lines(raw: str) -> list[str]:
         line = _MARKDOWN_PREFIX.sub("", line.strip())
         line = _EMPHASIS.sub("", line)
         line = _WHITESPACE.sub(" ", line).strip()
-        if _INTERJECTION.match(line) or _PREAMBLE_LINE.match(line) or _LABEL_ONLY.match(line):
+        bare = line.strip(_QUOTES)  # '"Sure!"' is still an interjection
+        if _INTERJECTION.match(bare) or _PREAMBLE_LINE.match(bare) or _LABEL_ONLY.match(bare):
             continue
         line = _LABEL.sub("", _PREAMBLE_PREFIX.sub("", line)).strip()
         if has_text(line):
@@ -588,8 +589,24 @@ def collapse_repeats(text: str) -> str:
     return _REPEATED_PHRASE.sub(r"\1", text)
 
 
-def strip_quotes(text: str) -> str:
-    return text.strip().strip(_QUOTES).strip()
+def strip_wrapping(text: str, trailing: str = "") -> str:
+    """A one-line answer without the quotes, markdown markers, labels and preambles around it,
+    however they are nested ('"# Title: NPU"'), and without ``trailing`` characters at its end.
+    Repeating until nothing changes also makes cleaning a clean answer a no-op."""
+    while True:
+        stripped = text.strip(_QUOTES + " \t").rstrip(trailing)
+        stripped = _PREAMBLE_PREFIX.sub("", _LABEL.sub("", _MARKDOWN_PREFIX.sub("", stripped)))
+        if stripped == text:
+            return text
+        text = stripped
+
+
+def unwrap_quotes(text: str) -> str:
+    """Remove quotes around the whole text only: a summary may end with a quotation."""
+    text = text.strip()
+    while len(text) >= 2 and text[0] in _QUOTES and text[-1] in _QUOTES:
+        text = text[1:-1].strip()
+    return text
 
 
 def cut_at_word(text: str, max_chars: int, ellipsis: str = "") -> str:
@@ -608,20 +625,19 @@ def clean_title(raw: str) -> str:
     lines = plain_lines(raw)
     if not lines:
         return ""
-    title = strip_quotes(collapse_repeats(lines[0]))
-    title = cut_at_word(title, TITLE_MAX_CHARS)
-    return strip_quotes(title.rstrip(" .,;:\u2026")).rstrip(" .,;:\u2026")
+    title = cut_at_word(strip_wrapping(collapse_repeats(lines[0])), TITLE_MAX_CHARS)
+    return strip_wrapping(title, trailing=" .,;:\u2026")
 
 
 def clean_notification(raw: str) -> str:
     """One line of at most NOTIFICATION_MAX_CHARS; cut at a word with an ellipsis."""
-    text = strip_quotes(collapse_repeats(" ".join(plain_lines(raw))))
+    text = strip_wrapping(collapse_repeats(" ".join(plain_lines(raw))))
     return cut_at_word(text, NOTIFICATION_MAX_CHARS, "\u2026")
 
 
 def clean_summary(raw: str) -> str:
     """Plain text of at most SUMMARY_MAX_SENTENCES sentences, repeats and a cut-off tail dropped."""
-    text = strip_quotes(collapse_repeats(" ".join(plain_lines(raw))))
+    text = unwrap_quotes(collapse_repeats(" ".join(plain_lines(raw))))
     sentences: list[str] = []
     seen: set[str] = set()
     for sentence in _SENTENCE_END.split(text):
@@ -1256,6 +1272,8 @@ class Worker:
         wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
         try:
             with self.queue.turn(wait_s):
+                if time.monotonic() >= deadline:  # an uncancellable prefill is not worth starting
+                    raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was free")
                 queue_ms = elapsed_ms(started)
                 before_us = self._read_busy_counter()
                 generate_started = self._generating_since = time.monotonic()
@@ -1369,7 +1387,6 @@ JOB_ENDPOINTS: dict[str, str | None] = {
 HEALTH_ENDPOINTS = ("/livez", "/healthz")
 GET_ENDPOINTS = (*HEALTH_ENDPOINTS, "/models", "/metrics", "/openapi.json")
 LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
-TOO_MANY_CONNECTIONS_BODY = b'{"error": {"type": "busy", "message": "too many open connections"}, "request_id": "-"}\n'
 
 
 class WorkerHTTPServer(ThreadingHTTPServer):
@@ -1378,6 +1395,9 @@ class WorkerHTTPServer(ThreadingHTTPServer):
     # SO_REUSEPORT (allow_reuse_port) would, so it stays off.
     allow_reuse_address = True
     allow_reuse_port = False
+    # socketserver's default backlog of 5 drops connection attempts in a burst before the
+    # connection cap can answer them with 503.
+    request_queue_size = 128
 
     def __init__(self, settings: Settings, worker: Worker) -> None:
         self.settings = settings
@@ -1401,15 +1421,18 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             self._connections += 1
             over_capacity = self._connections > self.settings.max_connections + HEALTH_ONLY_CONNECTIONS
         if over_capacity:  # answered from the accept loop: no thread, no read
+            request_id = uuid.uuid4().hex
+            body = (json.dumps(error_body(Busy("too many open connections"), request_id)) + "\n").encode()
             try:
                 request.settimeout(0.1)
                 request.sendall(
                     b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\nRetry-After: %d\r\nConnection: close\r\n\r\n%s"
-                    % (len(TOO_MANY_CONNECTIONS_BODY), RETRY_AFTER_BUSY_S, TOO_MANY_CONNECTIONS_BODY)
+                    b"Content-Length: %d\r\nRetry-After: %d\r\nX-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
+                    % (len(body), RETRY_AFTER_BUSY_S, request_id.encode(), body)
                 )
             except OSError:
                 pass
+            logger.info("request_id=%s status=503 error=busy (too many open connections)", request_id)
             self.shutdown_request(request)
             self._connection_closed()
             return
@@ -1536,8 +1559,11 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         except Exception as exc:  # a bug: answer 500 JSON, log the type only (messages may hold input)
             logger.error("request_id=%s internal error: %s", request_id, type(exc).__name__)
             status, body = 500, error_body(WorkerError("internal error"), request_id)
-        if status >= 400 and not self._body_read:
-            self.close_connection = True  # an unread body must not be parsed as the next request
+        announced_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
+        if not self._body_read and (status >= 400 or announced_body):
+            # An unread body must not be parsed as the next request; a request refused before its
+            # body was read (Host, Origin, token, framing) also loses its connection.
+            self.close_connection = True
         self._send(status, body, headers, request_id, content_type)
         self._log_request(request_id, method, endpoint, status, job, body, started)
 
@@ -1552,8 +1578,11 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
             raise Forbidden("cross-site requests are not accepted")
         token = self.server.settings.token
         if token is not None and path != "/livez":
-            supplied = (self.headers.get("Authorization") or "").encode("latin-1", "replace")
-            if not hmac.compare_digest(supplied, f"Bearer {token}".encode("latin-1", "replace")):
+            scheme, _, supplied = (self.headers.get("Authorization") or "").strip().partition(" ")
+            # The scheme name is case-insensitive (RFC 9110); the token is compared in constant time.
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                supplied.strip().encode("latin-1", "replace"), token.encode("latin-1", "replace")
+            ):
                 raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
 
     def _require_method(self, method: str, allowed: str) -> None:
@@ -1581,32 +1610,35 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
                 gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
             )
         if path == "/openapi.json":
-            return 200, openapi_document(settings)
+            return 200, openapi_document(settings, port=self.server.server_port)
         return 200, models_body(settings, worker)
 
     def _read_json_body(self) -> dict[str, Any]:
         media_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
         if media_type != "application/json":
             raise UnsupportedMediaType("Content-Type must be application/json")
-        lengths = set(self.headers.get_all("Content-Length") or [])
+        lengths = self.headers.get_all("Content-Length") or []
         if self.headers.get("Transfer-Encoding") is not None:
             if lengths:  # the classic request-smuggling ambiguity
                 raise InvalidRequest("Content-Length and Transfer-Encoding together are not accepted")
             raise LengthRequired("chunked bodies are not accepted; send Content-Length")
         if not lengths:
             raise LengthRequired("Content-Length is required")
-        length_text = lengths.pop()
-        if lengths or not length_text.isdigit() or not length_text.isascii():
-            raise InvalidRequest("Content-Length is invalid")
+        length_text = lengths[0]
+        if len(lengths) > 1 or not length_text.isdigit() or not length_text.isascii():
+            raise InvalidRequest("Content-Length is invalid or repeated")
         length = int(length_text)
         if length > MAX_BODY_BYTES:
             raise BodyTooLarge(f"request body has {length} bytes; the limit is {MAX_BODY_BYTES}")
-        if (self.headers.get("Expect") or "").lower() == "100-continue":
-            self.send_response_only(100)
+        if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
+            self.send_response_only(100)  # HTTP/1.0 clients must not get it (RFC 9110)
             self.end_headers()
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            body = b""
         if len(body) < length:
-            raise InvalidRequest("request body is shorter than Content-Length")
+            raise InvalidRequest("request body is shorter than Content-Length, or stalled")
         self._body_read = True
         return parse_json_body(body)
 
@@ -1656,9 +1688,13 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":
             self.request_version = "HTTP/1.0"  # so that a status line is written at all
         error = ProtocolError(code)
-        self._send(code, error_body(error, uuid.uuid4().hex), {}, "-", "application/json")
+        request_id = uuid.uuid4().hex
+        self._send(code, error_body(error, request_id), {}, request_id, "application/json")
         self.server.worker.metrics.observe_request("<other>", None, code, None, error.type)
-        logger.info("status=%d error=%s", code, error.type)
+        logger.info("request_id=%s path=<other> status=%d error=%s", request_id, code, error.type)
+
+    def version_string(self) -> str:
+        return self.server_version  # the stock one appends the Python version
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         pass  # _log_request writes one line per request, without the request line
@@ -1730,10 +1766,20 @@ def models_body(settings: Settings, worker: Worker) -> dict[str, Any]:
     }
 
 
-def openapi_document(settings: Settings) -> dict[str, Any]:
+def error_types() -> list[str]:
+    """Every error "type" the worker can answer with."""
+    classes, types = [WorkerError], set(ProtocolError.TYPES.values())
+    while classes:
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if cls is not ProtocolError:
+            types.add(cls.type)
+    return sorted(types)
+
+
+def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, Any]:
     """The API as OpenAPI 3.0, built from the same constants the worker enforces."""
     limits = settings.limits
-    job_maximum = max(job_token_limits(job, limits)[1] for job in JOBS.values())
 
     def obj(properties: dict[str, Any], required: Sequence[str] = (), **extra: Any) -> dict[str, Any]:
         return {"type": "object", "properties": properties, "required": list(required), **extra}
@@ -1742,11 +1788,13 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     number = {"type": "number"}
     string = {"type": "string"}
     nullable_string = {"type": "string", "nullable": True}
-    request_fields = {
-        "input": {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
-        "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": job_maximum},
-        "timeout_s": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": limits.request_timeout_s},
-    }
+    def request_fields(job: str) -> dict[str, Any]:
+        return {
+            "input": {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
+            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": job_token_limits(JOBS[job], limits)[1]},
+            "timeout_s": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": limits.request_timeout_s},
+        }
+
     result = obj(
         {
             "request_id": string,
@@ -1765,7 +1813,8 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
         ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_proof", "tokens", "finish_reason", "timing_ms"],
     )
     error = obj(
-        {"error": obj({"type": string, "message": string}, ["type", "message"]), "request_id": string, "result": {"$ref": "#/components/schemas/Result"}},
+        {"error": obj({"type": {"type": "string", "enum": error_types()}, "message": string}, ["type", "message"]),
+         "request_id": string, "result": {"$ref": "#/components/schemas/Result"}},
         ["error", "request_id"],
     )
     error_response = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -1775,14 +1824,20 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     def json_response(schema: dict[str, Any]) -> dict[str, Any]:
         return {"description": "success", "content": {"application/json": {"schema": schema}}}
 
-    def job_operation(summary: str, fields: dict[str, Any], required: Sequence[str]) -> dict[str, Any]:
+    def job_operation(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
         return {
             "post": {
                 "summary": summary,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": obj(fields, required, additionalProperties=False)}}},
+                "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
                 "responses": {"200": json_response({"$ref": "#/components/schemas/Result"}), **job_errors},
             }
         }
+
+    # One branch per job: each job has its own max_new_tokens maximum.
+    any_job = {"oneOf": [
+        obj({"job": {"type": "string", "enum": [name]}, **request_fields(name)}, ["job", "input"], additionalProperties=False)
+        for name in JOBS
+    ]}
 
     health = obj(
         {
@@ -1795,9 +1850,9 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
     document: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "openvino-genai-npu-worker", "version": __version__, "description": "See CONTRACT.md."},
-        "servers": [{"url": f"http://127.0.0.1:{DEFAULT_PORT}"}],
+        "servers": [{"url": f"http://127.0.0.1:{port}"}],
         "paths": {
-            "/livez": {"get": {"summary": "liveness", "responses": {
+            "/livez": {"get": {"summary": "liveness", "security": [], "responses": {
                 "200": json_response(obj({"status": string, "problem": nullable_string}, ["status", "problem"])),
                 "503": json_response(obj({"status": string, "problem": nullable_string}, ["status", "problem"])),
                 "403": error_response}}},
@@ -1806,9 +1861,11 @@ def openapi_document(settings: Settings) -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "metrics", "content": {"text/plain": {"schema": string}}}, **get_errors}}},
             "/openapi.json": {"get": {"summary": "this document", "responses": {"200": json_response({"type": "object"}), **get_errors}}},
-            "/v1/worker/generate": job_operation("run any job", {"job": {"type": "string", "enum": list(JOBS)}, **request_fields}, ["job", "input"]),
-            "/v1/worker/extract-memory-candidates": job_operation("run memory_candidate", request_fields, ["input"]),
-            "/v1/worker/condense-notification": job_operation("run notification", request_fields, ["input"]),
+            "/v1/worker/generate": job_operation("run any job", any_job),
+            "/v1/worker/extract-memory-candidates": job_operation(
+                "run memory_candidate", obj(request_fields("memory_candidate"), ["input"], additionalProperties=False)),
+            "/v1/worker/condense-notification": job_operation(
+                "run notification", obj(request_fields("notification"), ["input"], additionalProperties=False)),
         },
         "components": {"schemas": {"Result": result, "Error": error}},
     }
