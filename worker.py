@@ -21,9 +21,15 @@ Threading and locking model
   smoke test, other services).  The lock is released in ``finally`` in the same thread that made
   the native call, so a vanished client can never leave it held.
 * Tokenizer calls are serialised by their own small lock; they may overlap a generation.
+* Every job has a deadline (queue wait included).  Generation checks it, and whether the client
+  is still connected, between tokens through a streamer; the prefill cannot be interrupted.
+* The daemon's main thread loads the model in a helper thread while reporting to systemd, then
+  runs the watchdog loop; SIGTERM stops new jobs and waits for accepted ones (bounded by their
+  deadlines) before the process exits.
 
 Layout: constants -> errors -> data types -> pure core (validation, prompts, budget, clean-up)
--> adapters (OpenVINO GenAI, sysfs busy counter, file lock, job queue) -> worker -> HTTP -> CLI.
+-> adapters (OpenVINO GenAI, sysfs busy counter, file lock, job queue) -> metrics -> worker ->
+sd_notify -> HTTP (server, handler, OpenAPI, serve loop) -> doctor -> CLI (one-shot, batch, main).
 """
 
 from __future__ import annotations
