@@ -1732,6 +1732,11 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         logger.info(" ".join(fields))
 
 
+# ==================================================================================================
+# Response documents: health, models, OpenAPI
+# ==================================================================================================
+
+
 def health_body(settings: Settings, worker: Worker) -> dict[str, Any]:
     if worker.stopping:
         status = "stopping"
@@ -1879,6 +1884,11 @@ def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, 
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
     return document
+
+
+# ==================================================================================================
+# Serving: bind to loopback, load with progress, watchdog, drain
+# ==================================================================================================
 
 
 def check_loopback(host: str) -> None:
