@@ -1570,8 +1570,10 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
             # An unread body must not be parsed as the next request; a request refused before its
             # body was read (Host, Origin, token, framing) also loses its connection.
             self.close_connection = True
-        self._send(status, body, headers, request_id, content_type)
+        # Logged and counted before the answer leaves: a client that reads /metrics or the log right
+        # after its answer finds its own request there.
         self._log_request(request_id, method, endpoint, status, job, body, started)
+        self._send(status, body, headers, request_id, content_type)
 
     def _check_access(self, path: str) -> None:
         """Checked before any body is read: DNS rebinding, cross-site browsers, other local users."""
@@ -1695,9 +1697,9 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"  # so that a status line is written at all
         error = ProtocolError(code)
         request_id = uuid.uuid4().hex
-        self._send(code, error_body(error, request_id), {}, request_id, "application/json")
         self.server.worker.metrics.observe_request("<other>", None, code, None, error.type)
         logger.info("request_id=%s path=<other> status=%d error=%s", request_id, code, error.type)
+        self._send(code, error_body(error, request_id), {}, request_id, "application/json")
 
     def version_string(self) -> str:
         return self.server_version  # the stock one appends the Python version
