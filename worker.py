@@ -335,6 +335,16 @@ class JobRequest:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prompt:
+    """A templated prompt, counted by the model's own tokenizer.  ``encoded`` is what the pipeline
+    will consume (its token ids), so a prompt is tokenized once: for counting and for generating."""
+
+    text: str
+    token_count: int
+    encoded: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Generation:
     """What one pipeline call produced."""
 
@@ -726,10 +736,10 @@ class Pipeline(Protocol):
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str: ...
 
-    def count_tokens(self, prompt: str) -> int: ...
+    def encode(self, text: str) -> Prompt: ...
 
     def generate(
-        self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self, prompt: Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
     ) -> Generation:
         """Generate greedily; poll should_stop() between tokens and end early ("cancelled") if true."""
         ...
@@ -810,14 +820,14 @@ class GenAIPipeline:
         with self._tokenizer_lock:
             return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    def count_tokens(self, prompt: str) -> int:
-        # Exactly what generate() will see: the templated prompt, no extra special tokens.
+    def encode(self, text: str) -> Prompt:
+        # The templated prompt, no extra special tokens: exactly what generate() will consume.
         with self._tokenizer_lock:
-            ids = self._tokenizer.encode(prompt, add_special_tokens=False).input_ids
-        return int(ids.get_shape()[-1])
+            encoded = self._tokenizer.encode(text, add_special_tokens=False)
+        return Prompt(text=text, token_count=int(encoded.input_ids.get_shape()[-1]), encoded=encoded)
 
     def generate(
-        self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self, prompt: Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
     ) -> Generation:
         config = self._genai.GenerationConfig()
         config.max_new_tokens = max_new_tokens
@@ -825,13 +835,17 @@ class GenAIPipeline:
         config.apply_chat_template = False  # the prompt is already templated
         if json_schema is not None and self._structured_output:
             config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=json_schema)
-        # A list (not a str) makes generate() return DecodedResults with perf metrics.
-        results = self._pipeline.generate([prompt], config, self._streamer_class(should_stop))
+        # Token ids in, token ids out (EncodedResults, with perf metrics): handing it the string
+        # would tokenize the prompt a second time, which cost more than all of the worker's
+        # other overhead together (bench/run.py overhead, BENCHMARKS.md).
+        results = self._pipeline.generate(prompt.encoded, config, self._streamer_class(should_stop))
+        with self._tokenizer_lock:
+            text = self._tokenizer.decode(results.tokens)[0]  # skips special tokens, as generate(str) does
         metrics = results.perf_metrics
         # CANCEL from the streamer ends with finish reason NONE and the partial text.
         finish = results.finish_reasons[0].name.lower() if results.finish_reasons else "stop"
         return Generation(
-            text=results.texts[0],
+            text=text,
             prompt_tokens=int(metrics.get_num_input_tokens()),
             generated_tokens=int(metrics.get_num_generated_tokens()),
             finish_reason={"length": "length", "none": "cancelled"}.get(finish, "stop"),
@@ -1261,9 +1275,8 @@ class Worker:
         timeout_s = request.timeout_s or limits.request_timeout_s
         deadline = started + timeout_s
         default_tokens, _ = job_token_limits(job, limits)
-        prompt = pipeline.render_prompt(job_messages(job, request.input_text))
-        prompt_tokens = pipeline.count_tokens(prompt)
-        max_new_tokens = plan_max_new_tokens(prompt_tokens, request.max_new_tokens or default_tokens, limits)
+        prompt = pipeline.encode(pipeline.render_prompt(job_messages(job, request.input_text)))
+        max_new_tokens = plan_max_new_tokens(prompt.token_count, request.max_new_tokens or default_tokens, limits)
 
         cancelled_by: str | None = None
 

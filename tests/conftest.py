@@ -56,14 +56,17 @@ class FakeNpuPipeline:
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return " ".join(f"<{m['role']}> {m['content']}" for m in messages) + " <assistant>"
 
-    def count_tokens(self, prompt: str) -> int:
-        return len(prompt.split())
+    def count_tokens(self, text: str) -> int:
+        return len(text.split())
+
+    def encode(self, text: str) -> worker.Prompt:
+        return worker.Prompt(text=text, token_count=self.count_tokens(text))
 
     def generate(
-        self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self, prompt: worker.Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
     ) -> worker.Generation:
         limits = self.settings.limits
-        prompt_tokens = self.count_tokens(prompt)
+        prompt_tokens = prompt.token_count
         self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "json_schema": json_schema})
         if self.fail_with is not None:
             raise self.fail_with

@@ -259,8 +259,8 @@ class CountingPipeline:
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
         return self.inner.render_prompt(messages)
 
-    def count_tokens(self, prompt: str) -> int:
-        return self.inner.count_tokens(prompt)
+    def encode(self, text: str) -> worker.Prompt:
+        return self.inner.encode(text)
 
     def generate(self, *args: Any, **kwargs: Any) -> worker.Generation:
         with self._lock:

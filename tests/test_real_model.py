@@ -83,10 +83,11 @@ def test_token_count_is_exact(tiny_worker: worker.Worker) -> None:
     pipeline = tiny_worker._pipeline
     assert pipeline is not None
     for job in worker.JOBS.values():
-        prompt = pipeline.render_prompt(worker.job_messages(job, INPUT))
-        assert "<|im_start|>system" in prompt  # the model's own chat template was applied
+        text = pipeline.render_prompt(worker.job_messages(job, INPUT))
+        assert "<|im_start|>system" in text  # the model's own chat template was applied
+        prompt = pipeline.encode(text)
         generation = pipeline.generate(prompt, 4, None, lambda: False)
-        assert pipeline.count_tokens(prompt) == generation.prompt_tokens
+        assert prompt.token_count == generation.prompt_tokens
 
 
 def test_max_new_tokens_is_honoured(tiny_worker: worker.Worker) -> None:
@@ -110,7 +111,7 @@ def test_prompt_over_the_limit_is_refused_with_exact_counts(tiny_worker: worker.
     small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None, tiny_worker.queue)
     small._pipeline = pipeline
     small._ready.set()
-    exact = pipeline.count_tokens(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT)))
+    exact = pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT))).token_count
     with pytest.raises(worker.PromptTooLong, match=f"prompt has {exact} tokens; the limit is 40"):
         small.run(worker.JobRequest("summary", INPUT), "r1")
 
@@ -118,7 +119,7 @@ def test_prompt_over_the_limit_is_refused_with_exact_counts(tiny_worker: worker.
 def test_budget_clamp_on_the_real_pipeline(tiny_worker: worker.Worker) -> None:
     pipeline = tiny_worker._pipeline
     assert pipeline is not None
-    exact = pipeline.count_tokens(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT)))
+    exact = pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT))).token_count
     limits = worker.Limits(max_prompt_tokens=exact, min_response_tokens=5)
     small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None, tiny_worker.queue)
     small._pipeline = pipeline

@@ -1189,9 +1189,9 @@ def test_batch_from_stdin_with_only_good_lines_exits_0(tmp_path: Path) -> None:
 class ProofOnlyWithoutMarker(FakeNpuPipeline):
     """The busy counter does not move for a prompt that says NO-NPU."""
 
-    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]) -> worker.Generation:
+    def generate(self, prompt: worker.Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]) -> worker.Generation:
         increment_us = self.busy_increment_us
-        if "NO-NPU" in prompt:
+        if "NO-NPU" in prompt.text:
             self.busy_increment_us = 0
         try:
             return super().generate(prompt, max_new_tokens, json_schema, should_stop)
