@@ -946,6 +946,7 @@ class NpuLock:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._directory_checked = False
 
     def _ensure_directory(self) -> None:
         directory = self.path.parent
@@ -957,6 +958,7 @@ class NpuLock:
         # In a shared /tmp another user could pre-create the directory to capture the lock.
         if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
             raise ConfigError(f"lock directory {directory} is not a directory owned by this user")
+        self._directory_checked = True
 
     @contextlib.contextmanager
     def held(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> Iterator[None]:
@@ -972,10 +974,15 @@ class NpuLock:
 
         ``give_up`` is polled while waiting: a daemon told to stop during start-up stops waiting.
         """
-        self._ensure_directory()
+        if not self._directory_checked:  # once per lock: this runs between every two generations
+            self._ensure_directory()
         deadline = time.monotonic() + timeout_s
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # the directory was removed since: check it again
+                self._ensure_directory()
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 while True:
                     try:
@@ -1013,20 +1020,26 @@ class JobQueue:
         self._npu_lock = npu_lock
         self._depth = depth
         self._metrics = metrics or Metrics()
-        self._waiting: deque[object] = deque()
+        self._mutex = threading.Lock()
+        # One condition per waiting job, so that only the new head is woken: waking all of them
+        # after every job made 16 threads fight for the GIL between two generations.
+        self._waiting: deque[threading.Condition] = deque()
         self._running = False
-        self._condition = threading.Condition()
 
     @property
     def waiting(self) -> int:
-        with self._condition:
+        with self._mutex:
             return len(self._waiting)
+
+    def _wake_head(self) -> None:
+        if self._waiting and not self._running:
+            self._waiting[0].notify()
 
     @contextlib.contextmanager
     def turn(self, timeout_s: float, give_up: Callable[[], bool] = lambda: False) -> Iterator[None]:
         deadline = time.monotonic() + timeout_s
-        ticket = object()
-        with self._condition:
+        ticket = threading.Condition(self._mutex)
+        with self._mutex:
             if len(self._waiting) >= self._depth:
                 raise Busy(f"the queue is full ({self._depth} jobs waiting)")
             self._waiting.append(ticket)
@@ -1035,20 +1048,20 @@ class JobQueue:
                     remaining_s = deadline - time.monotonic()
                     if remaining_s <= 0:
                         raise Busy(f"no turn on the NPU within {timeout_s:g} s")
-                    self._condition.wait(remaining_s)
+                    ticket.wait(remaining_s)
                 self._running = True
             finally:
                 self._waiting.remove(ticket)
-                self._condition.notify_all()
+                self._wake_head()  # only does something when this job gave up at the head
         try:
             lock_started = time.monotonic()
             with self._npu_lock.held(max(0.0, deadline - time.monotonic()), give_up):
                 self._metrics.observe_lock_wait(time.monotonic() - lock_started)
                 yield
         finally:
-            with self._condition:
+            with self._mutex:
                 self._running = False
-                self._condition.notify_all()
+                self._wake_head()
 
 
 # ==================================================================================================
@@ -1501,6 +1514,9 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
     sys_version = ""  # do not advertise the Python version
     timeout = CONNECTION_TIMEOUT_S
     disable_nagle_algorithm = True
+    # Buffered writes: status line, headers and body leave in one send when the request is done
+    # (http.server flushes after every request), not in two small packets.
+    wbufsize = -1
 
     def setup(self) -> None:
         self.health_only = self.server.health_only
@@ -1654,6 +1670,7 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.send_response_only(100)  # HTTP/1.0 clients must not get it (RFC 9110)
             self.end_headers()
+            self.wfile.flush()  # the client waits for this before it sends the body
         try:
             body = self.rfile.read(length)
         except TimeoutError:
