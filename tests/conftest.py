@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,16 @@ def make_worker(settings: worker.Settings, pipeline: Any, *, warm_up: bool = Tru
     if not warm_up:
         built._ready.set()
     return built
+
+
+def serve_in_thread(settings: worker.Settings, factory: worker.PipelineFactory, *, load: bool = True) -> worker.WorkerHTTPServer:
+    """Bind in the caller's thread (port 0 is fine), serve in a daemon thread; the caller shuts down."""
+    built = worker.build_worker(settings, factory)
+    if load:
+        built.load()
+    server = worker.WorkerHTTPServer(settings, built)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
 
 
 def cpu_settings(tmp_path: Path, **changes: Any) -> worker.Settings:

@@ -41,6 +41,7 @@ import worker
 from conftest import FakeNpuPipeline
 from conftest import TINY_MODEL
 from conftest import cpu_settings
+from conftest import serve_in_thread
 
 SOCKET_TIMEOUT_S = 5.0
 REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -269,11 +270,7 @@ class CountingPipeline:
 
 
 def serve(settings: worker.Settings, pipeline: Any) -> worker.WorkerHTTPServer:
-    built = worker.build_worker(settings, lambda _settings: pipeline)
-    built.load()
-    server = worker.WorkerHTTPServer(settings, built)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
+    return serve_in_thread(settings, lambda _settings: pipeline)
 
 
 @pytest.fixture(scope="module")

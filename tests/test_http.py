@@ -7,7 +7,6 @@ import http.client
 import json
 import logging
 import socket
-import threading
 from pathlib import Path
 from typing import Any
 from typing import Callable
@@ -18,6 +17,7 @@ import pytest
 import worker
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
+from conftest import serve_in_thread
 
 Response = tuple[int, http.client.HTTPMessage, dict[str, Any]]
 CANARY = "CANARY-7f3a9c"
@@ -33,11 +33,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServ
     ) -> worker.WorkerHTTPServer:
         settings = dataclasses.replace(cpu_settings(tmp_path, port=0, lock_timeout_s=5.0), **changes)
         pipeline = pipeline or FakeNpuPipeline(settings)
-        built = worker.build_worker(settings, lambda _settings: pipeline)
-        if load:
-            built.load()
-        server = worker.WorkerHTTPServer(settings, built)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        server = serve_in_thread(settings, lambda _settings: pipeline, load=load)
         servers.append(server)
         return server
 

@@ -15,7 +15,6 @@ import copy
 import http.client
 import json
 import re
-import threading
 from pathlib import Path
 from typing import Any
 from typing import Iterator
@@ -37,6 +36,7 @@ import worker
 from conftest import REPO
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
+from conftest import serve_in_thread
 
 CONTRACT = (REPO / "CONTRACT.md").read_text(encoding="utf-8")
 JOB_PATHS = ("/v1/worker/generate", "/v1/worker/extract-memory-candidates", "/v1/worker/condense-notification")
@@ -90,11 +90,7 @@ def contract_job_endpoint_statuses() -> set[int]:
 
 
 def start(settings: worker.Settings) -> worker.WorkerHTTPServer:
-    built = worker.build_worker(settings, lambda _settings: FakeNpuPipeline(settings))
-    built.load()
-    server = worker.WorkerHTTPServer(settings, built)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    return server
+    return serve_in_thread(settings, lambda _settings: FakeNpuPipeline(settings))
 
 
 @pytest.fixture(scope="module")

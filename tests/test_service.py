@@ -48,6 +48,7 @@ from conftest import REPO
 from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
+from conftest import serve_in_thread
 from conftest import worker_env
 
 Response = tuple[int, http.client.HTTPMessage, Any]
@@ -248,11 +249,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServ
         if factory is None:
             pipeline = pipeline or FakeNpuPipeline(settings)
             factory = lambda _settings: pipeline  # noqa: E731
-        built = worker.build_worker(settings, factory)
-        if load:
-            built.load()
-        server = worker.WorkerHTTPServer(settings, built)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        server = serve_in_thread(settings, factory, load=load)
         servers.append(server)
         return server
 
