@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 from typing import Callable
+from typing import Iterator
 
 import pytest
 
@@ -151,3 +152,32 @@ def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
+
+
+@pytest.fixture
+def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServer]]:
+    """In-process servers on 127.0.0.1:0 with a fake pipeline unless given one; always shut down.
+
+    ``changes`` go into the CPU settings; ``factory`` replaces the pipeline altogether.
+    """
+    servers: list[worker.WorkerHTTPServer] = []
+
+    def start(
+        pipeline: Any = None,
+        *,
+        load: bool = True,
+        factory: worker.PipelineFactory | None = None,
+        **changes: Any,
+    ) -> worker.WorkerHTTPServer:
+        settings = dataclasses.replace(cpu_settings(tmp_path, port=0, lock_timeout_s=5.0), **changes)
+        if factory is None:
+            chosen = pipeline or FakeNpuPipeline(settings)
+            factory = lambda _settings: chosen  # noqa: E731
+        server = serve_in_thread(settings, factory, load=load)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

@@ -315,21 +315,15 @@ def server_errors(server: worker.WorkerHTTPServer) -> int:
 
 
 @pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServer]]:
-    """FakeNpuPipeline servers on 127.0.0.1:0; ``changes`` go into the settings."""
-    servers: list[worker.WorkerHTTPServer] = []
+def start_server(start_server: Callable[..., worker.WorkerHTTPServer]) -> Callable[..., worker.WorkerHTTPServer]:
+    """conftest's servers, with the pipeline at hand as ``server.pipeline``."""
 
     def start(pipeline: Any = None, **changes: Any) -> worker.WorkerHTTPServer:
-        settings = cpu_settings(tmp_path, **{"port": 0, "lock_timeout_s": 5.0, **changes})
-        server = serve(settings, pipeline or FakeNpuPipeline(settings))
+        server = start_server(pipeline, **changes)
         server.pipeline = server.worker._pipeline  # type: ignore[attr-defined]
-        servers.append(server)
         return server
 
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
+    return start
 
 
 @pytest.fixture

@@ -10,37 +10,15 @@ import socket
 from pathlib import Path
 from typing import Any
 from typing import Callable
-from typing import Iterator
 
 import pytest
 
 import worker
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
-from conftest import serve_in_thread
 
 Response = tuple[int, http.client.HTTPMessage, dict[str, Any]]
 CANARY = "CANARY-7f3a9c"
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServer]]:
-    """Bind in the test thread, serve in a daemon thread, always shut down."""
-    servers: list[worker.WorkerHTTPServer] = []
-
-    def start(
-        pipeline: Any = None, *, load: bool = True, **changes: Any
-    ) -> worker.WorkerHTTPServer:
-        settings = dataclasses.replace(cpu_settings(tmp_path, port=0, lock_timeout_s=5.0), **changes)
-        pipeline = pipeline or FakeNpuPipeline(settings)
-        server = serve_in_thread(settings, lambda _settings: pipeline, load=load)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def call(

@@ -48,7 +48,6 @@ from conftest import REPO
 from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
-from conftest import serve_in_thread
 from conftest import worker_env
 
 Response = tuple[int, http.client.HTTPMessage, Any]
@@ -231,32 +230,6 @@ def assert_histogram_consistent(exposition: Exposition, name: str) -> tuple[list
 # --------------------------------------------------------------------------------------------------
 # Helpers: servers in this process, the daemon as a subprocess, the sd_notify socket
 # --------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServer]]:
-    """Bind in the test thread, serve in a daemon thread, always shut down."""
-    servers: list[worker.WorkerHTTPServer] = []
-
-    def start(
-        pipeline: Any = None,
-        *,
-        load: bool = True,
-        factory: worker.PipelineFactory | None = None,
-        **changes: Any,
-    ) -> worker.WorkerHTTPServer:
-        settings = dataclasses.replace(cpu_settings(tmp_path, port=0, lock_timeout_s=5.0), **changes)
-        if factory is None:
-            pipeline = pipeline or FakeNpuPipeline(settings)
-            factory = lambda _settings: pipeline  # noqa: E731
-        server = serve_in_thread(settings, factory, load=load)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 class NotifySocket:
