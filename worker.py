@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
+import functools
 import glob
 import hmac
 import http.client
@@ -852,6 +853,7 @@ class GenAIPipeline:
         )
 
 
+@functools.lru_cache(maxsize=1)  # read once: /metrics asks on every scrape
 def genai_versions() -> dict[str, str]:
     """Installed OpenVINO versions, without importing them (import costs up to half a second)."""
     from importlib import metadata
