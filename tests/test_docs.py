@@ -9,6 +9,7 @@ model hub are listed in NOT_RUN_HERE with the reason; an unlisted new command fa
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -91,6 +92,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict
 
 
 def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a documented command as a user would, with this interpreter first on PATH: the suite may
+    run as venv/bin/python -m pytest without the venv activated."""
+    env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
     return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -161,11 +165,19 @@ def test_batch_command_reports_every_line(tmp_path: Path) -> None:
     assert "batch: finished: 2 jobs, 1 failed" in completed.stderr
 
 
-def test_doctor_command_passes_on_this_host(tmp_path: Path) -> None:
-    (command,) = [command for _, command, _ in CONTRACT if "--doctor" in command]
-    completed = run(command, worker_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port())))
+HOST_DOCTOR_COMMANDS = [command for _, command, _ in README + CONTRACT if "--doctor" in command and "~/models" not in command]
+
+
+@pytest.mark.parametrize("command", HOST_DOCTOR_COMMANDS)
+def test_doctor_command_passes_on_this_host(tmp_path: Path, command: str) -> None:
+    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port()))
+    del env["OV_GENAI_NPU_DEVICE"]  # the command says which device it means
+    completed = run(command, env)
     assert completed.returncode == 0, completed.stdout
     assert completed.stdout.splitlines()[-1] == "doctor: this host can serve"
+    if "--emulate-npu" in command:
+        assert "ok    npu export: mode int4_sym" in completed.stdout
+        assert "ok    npu pipeline: loaded and warmed up" in completed.stdout
 
 
 def test_setup_commands_are_what_ci_runs() -> None:
@@ -178,9 +190,18 @@ def test_setup_commands_are_what_ci_runs() -> None:
 
 
 def test_smoke_command_skips_decisively_without_an_npu(tmp_path: Path) -> None:
-    (command,) = [command for _, command, _ in README if "smoke_llm_npu.py" in command]
+    (command,) = [command for _, command, _ in README if "smoke_llm_npu.py" in command and "--emulate-npu" not in command]
     completed = run(command, worker_env(tmp_path))
     assert (completed.returncode, completed.stdout.strip()) == (77, "skipped: no NPU")
+
+
+def test_emulated_smoke_command_passes_here_and_ci_runs_it(tmp_path: Path) -> None:
+    (command,) = [command for _, command, _ in README if "smoke_llm_npu.py --emulate-npu" in command]
+    assert command in (REPO / ".ci" / "run").read_text().splitlines()
+    completed = run(command, worker_env(tmp_path))
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(completed.stdout)
+    assert (report["npu_proof"], report["npu_busy_delta_us"], report["device"]) == ("emulated", None, "NPU")
 
 
 def test_npu_daemon_command_stops_with_a_configuration_error_here(tmp_path: Path) -> None:

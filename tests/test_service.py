@@ -48,6 +48,7 @@ from conftest import REPO
 from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
+from conftest import ir_header
 from conftest import worker_env
 
 Response = tuple[int, http.client.HTTPMessage, Any]
@@ -940,6 +941,7 @@ def fake_npu_host(root: Path) -> FakeHost:
     model.mkdir()
     for name in worker.GENAI_MODEL_FILES:
         (model / name).write_text("<net/>")
+    (model / "openvino_model.xml").write_text(ir_header())
     (model / "chat_template.jinja").write_text("{{ messages }}")
     settings = worker.Settings(
         model_path=model, device="NPU", cache_dir=root / "cache", port=free_port(), lock_path=root / "lock" / "npu.lock"
@@ -953,7 +955,7 @@ def test_doctor_passes_on_a_good_npu_host(tmp_path: Path) -> None:
         host.settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
         list_devices=lambda: ["CPU", "NPU"], describe_npu=lambda: {"FULL_DEVICE_NAME": "Intel(R) AI Boost"},
     )
-    assert [check.name for check in checks] == ["openvino", "device", "accel device", "busy counter", "model", "cache dir", "lock", "port"]
+    assert [check.name for check in checks] == ["openvino", "device", "accel device", "busy counter", "model", "npu export", "cache dir", "lock", "port"]
     assert [check for check in checks if not check.ok] == []
     details = {check.name: check.detail for check in checks}
     assert "FULL_DEVICE_NAME=Intel(R) AI Boost" in details["device"]
@@ -1046,6 +1048,59 @@ def test_doctor_says_which_accel_nodes_this_user_cannot_open() -> None:
     assert foreign["fix"] == f'sudo usermod -aG {group_0} "$USER", then log in again'
     assert member["fix"] == f"check the permissions of {root / 'accel1'}"  # in the group already: no usermod
     assert usable["detail"].endswith("is readable and writable")
+
+
+def test_doctor_takes_the_committed_tiny_model_as_an_npu_export() -> None:
+    check = worker.npu_export_check(TINY_MODEL)  # a real optimum export: int4_sym, ratio 1.0, channel-wise
+    assert (check.ok, check.warning) == (True, False)
+    assert check.detail.startswith("mode int4_sym, group_size -1, ratio 1.0")
+
+
+@pytest.mark.parametrize("header,problems", [
+    (ir_header(mode="int4_asym"), ["mode int4_asym is not int4_sym or int8_sym"]),
+    (ir_header(ratio="0.8"), ["ratio 0.8 leaves layers uncompressed"]),
+    (ir_header(group_size="64"), ["group size 64 is not 128 or -1"]),
+    (ir_header(mode="nf4", group_size="32", ratio="0.5"), ["mode nf4", "ratio 0.5", "group size 32"]),
+])
+def test_doctor_warns_about_an_export_the_npu_does_not_take(tmp_path: Path, header: str, problems: list[str]) -> None:
+    (tmp_path / "openvino_model.xml").write_text(header)
+    check = worker.npu_export_check(tmp_path)
+    assert (check.ok, check.warning) == (True, True)  # a warning: only the NPU compiler decides for sure
+    for problem in problems:
+        assert problem in check.detail
+    assert check.fix == f"re-export: {worker.NPU_EXPORT_COMMAND}" and "--sym" in check.fix
+
+
+@pytest.mark.parametrize("mode,group_size", [("int8_sym", "-1"), ("int4_sym", "128")])
+def test_doctor_accepts_each_npu_recipe(tmp_path: Path, mode: str, group_size: str) -> None:
+    (tmp_path / "openvino_model.xml").write_text(ir_header(mode=mode, group_size=group_size))
+    assert not worker.npu_export_check(tmp_path).warning
+
+
+def test_doctor_reads_optimums_config_when_the_ir_has_no_record(tmp_path: Path) -> None:
+    (tmp_path / "openvino_model.xml").write_text('<?xml version="1.0"?>\n<net name="m" version="11"><layers /></net>\n')
+    assert "records no weight compression" in worker.npu_export_check(tmp_path).detail
+    config = {"quantization_config": {"bits": 4, "sym": False, "group_size": 128, "ratio": 1.0}}
+    (tmp_path / "openvino_config.json").write_text(json.dumps(config))
+    check = worker.npu_export_check(tmp_path)
+    assert check.warning and "mode int4_asym is not" in check.detail
+
+
+def test_doctor_prints_an_export_warning_and_still_passes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    host = fake_npu_host(tmp_path)
+    (host.settings.model_path / "openvino_model.xml").write_text(ir_header(mode="int4_asym"))
+    checks = worker.doctor_checks(
+        host.settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
+        list_devices=lambda: ["CPU", "NPU"], describe_npu=lambda: {},
+    )
+    assert all(check.ok for check in checks)
+    monkeypatch.setattr(worker, "doctor_checks", lambda settings: checks)  # the fake host's globs, as run_doctor prints them
+    assert worker.run_doctor(host.settings) == worker.EXIT_OK
+    out = capsys.readouterr().out
+    assert "warn  npu export: mode int4_asym" in out and "      fix: re-export: optimum-cli export openvino" in out
+    assert out.splitlines()[-1] == "doctor: this host can serve"
 
 
 @needs_tiny_model
