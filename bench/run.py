@@ -163,6 +163,7 @@ class RunConfig:
     lock_file: Path | None  # None: a private lock file (nothing else on this host is blocked)
     max_prompt_tokens: int  # NPU MAX_PROMPT_LEN for daemons and the baseline
     no_npu_proof: bool  # NPU on a kernel without the busy counter (< 6.11)
+    emulate_npu: bool  # GenAI's NPU pipeline compiled for the CPU (NPUW_DEVICES=CPU)
     workdir: Path
     plan: Plan
 
@@ -354,6 +355,7 @@ def worker_common_args(config: RunConfig, cache_dir: Path) -> list[str]:
         "--cache-dir", str(cache_dir),
         "--max-prompt-tokens", str(config.max_prompt_tokens),
         *(["--no-npu-proof"] if config.no_npu_proof else []),
+        *(["--emulate-npu"] if config.emulate_npu else []),
     ]
 
 
@@ -572,19 +574,14 @@ class DirectPipeline:
         import openvino_genai  # lazily: 0.2-0.5 s that --help and startup must not pay
 
         self._genai = openvino_genai
-        properties: dict[str, Any]
-        if config.device == "NPU":
-            # What worker.py passes on the NPU, so that both compile the same model.
-            properties = {
-                "MAX_PROMPT_LEN": config.max_prompt_tokens,
-                "MIN_RESPONSE_LEN": worker.DEFAULT_MIN_RESPONSE_TOKENS,
-                "PREFILL_HINT": "DYNAMIC",
-                "GENERATE_HINT": "FAST_COMPILE",
-            }
-            if config.cache_dir is not None:
-                properties["CACHE_DIR"] = str(config.cache_dir)
-        else:
-            properties = {"ATTENTION_BACKEND": "SDPA"}  # the stateful pipeline class the NPU uses
+        # What worker.py passes, so that both compile the same model (on the CPU: the stateful
+        # pipeline class the NPU uses; on the NPU or emulated NPU: MAX_PROMPT_LEN and friends).
+        settings = worker.Settings(
+            model_path=config.model, device=config.device, emulate_npu=config.emulate_npu,
+            cache_dir=config.cache_dir if config.device == "NPU" else None,
+            limits=worker.Limits(max_prompt_tokens=config.max_prompt_tokens),
+        )
+        properties = worker.pipeline_properties(settings)
         started = time.perf_counter()
         self.pipeline = openvino_genai.LLMPipeline(str(config.model), config.device, **properties)
         self.load_s = time.perf_counter() - started
@@ -695,7 +692,7 @@ def overhead_run(bench: Bench, daemon: Daemon, text: str, max_new_tokens: int, b
     mismatches: Counter[str] = Counter()
     # On the NPU, every generation - the worker's and the baseline's - must move the busy counter.
     busy_deltas: dict[str, list[int]] = {mode: [] for mode in modes}
-    on_npu = bench.config.device == "NPU"
+    on_npu = bench.config.device == "NPU" and not bench.config.emulate_npu  # no counter when emulated
 
     def run(mode: str, record: bool) -> None:
         if mode == "direct":
@@ -1647,6 +1644,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="NPU lock file (default: a private one; on an NPU host pass the shared one)")
     parser.add_argument("--no-npu-proof", action="store_true",
                         help="start the workers with --no-npu-proof (NPU on Linux < 6.11, no busy counter)")
+    parser.add_argument("--emulate-npu", action="store_true",
+                        help="device NPU through GenAI's NPU pipeline compiled for the CPU (workers and baseline)")
     parser.add_argument("--max-prompt-tokens", type=int, default=worker.DEFAULT_MAX_PROMPT_TOKENS,
                         help="MAX_PROMPT_LEN for daemons and baseline (default %(default)s; raised on CPU for scaling)")
     parser.add_argument("--soak-requests", type=int, help="requests in the soak (default 10000, --quick 300)")
@@ -1673,6 +1672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "quick": args.quick,
             "model": str(args.model),
             "device": args.device,
+            "emulate_npu": args.emulate_npu,
             "machine": machine(),
             "plan": dataclasses.asdict(plan),
         }
@@ -1681,7 +1681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="worker-bench-") as workdir:
         config = RunConfig(model=args.model.resolve(), device=args.device, cache_dir=args.cache_dir,
                            lock_file=args.lock_file, max_prompt_tokens=args.max_prompt_tokens,
-                           no_npu_proof=args.no_npu_proof, workdir=Path(workdir), plan=plan)
+                           no_npu_proof=args.no_npu_proof, emulate_npu=args.emulate_npu,
+                           workdir=Path(workdir), plan=plan)
         bench = Bench(config)
         for section in sections:
             section_started = time.perf_counter()
