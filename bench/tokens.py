@@ -250,6 +250,7 @@ def aggregate_job(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total_generated = sum(r["generated_tokens"] for r in generated)
     total_discarded = sum(r["discarded_tokens"] for r in generated)
     oracle = [r for r in answered if r["oracle_stop_tokens"] is not None]
+    savable = sum(r["generated_tokens"] - r["oracle_stop_tokens"] for r in oracle)
     memory = [r for r in answered if r["json_valid"] is not None]
     violations = Counter(v for r in answered for v in r["shape_violations"])
     return {
@@ -270,9 +271,8 @@ def aggregate_job(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "shape_violations_by_type": dict(sorted(violations.items())),
         "patterns": dict(sorted(Counter(p for r in generated for p in r["patterns"]).items())),
         # What a perfect stop rule would have saved on the answered jobs (an estimate, see above).
-        "oracle_savable_tokens": sum(r["generated_tokens"] - r["oracle_stop_tokens"] for r in oracle) if oracle else None,
-        "oracle_savable_pct": _pct(sum(r["generated_tokens"] - r["oracle_stop_tokens"] for r in oracle),
-                                   sum(r["generated_tokens"] for r in oracle)) if oracle else None,
+        "oracle_savable_tokens": savable if oracle else None,
+        "oracle_savable_pct": _pct(savable, sum(r["generated_tokens"] for r in oracle)) if oracle else None,
         "json_valid_pct": _pct(sum(1 for r in memory if r["json_valid"]), len(memory)) if memory else None,
         "with_candidate_pct": _pct(sum(1 for r in memory if r["n_candidates"]), len(memory)) if memory else None,
     }
@@ -343,7 +343,11 @@ class RecordingPipeline:
 
 
 def oracle_stop_tokens(
-    job: str, raw: str, final: dict[str, Any], encode_ids: Callable[[str], list[int]], decode: Callable[[list[int]], str]
+    job: str,
+    raw: str,
+    final: dict[str, Any],
+    encode_ids: Callable[[str], list[int]],
+    decode: Callable[[list[int]], str],
 ) -> int | None:
     """Fewest tokens of the (re-encoded) raw text whose clean-up gives the same answer, + 1 for an
     end-of-sequence token; None when no prefix does (re-encoding changed the text)."""
@@ -608,7 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench/tokens.py: {exc.type}: {exc.message}", file=sys.stderr)
         return 1
     results["meta"].update({
-        "command": "python " + " ".join(shlex.quote(a) for a in ["bench/tokens.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python " + shlex.join(["bench/tokens.py", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "inputs_file": str(args.inputs),
         "inputs_sha256": hashlib.sha256(args.inputs.read_bytes()).hexdigest()[:16],
