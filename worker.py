@@ -56,6 +56,7 @@ import stat
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import xml.etree.ElementTree as ElementTree
 from collections import deque
@@ -98,8 +99,11 @@ LOCK_POLL_INTERVAL_S = 0.01
 DEFAULT_REQUEST_TIMEOUT_S = 120.0  # per job, queue wait included; a request may ask for less
 DEFAULT_MAX_CONNECTIONS = 64
 
-# A JSON body holding 6000 characters needs at most 6 bytes per character (\uXXXX escapes).
-MAX_BODY_BYTES = 64 * 1024
+# The request body cap follows from the input limit: one character (code point) is at most 12
+# bytes of JSON, a surrogate pair of \uXXXX escapes ("\ud83d\ude00", what json.dumps writes for an
+# emoji), plus room for the other fields.  6000 characters: 76096 bytes.
+JSON_BYTES_PER_CHAR = 12
+BODY_OVERHEAD_BYTES = 4096
 # Per-connection socket timeout: a client that stops sending is dropped after this long.
 CONNECTION_TIMEOUT_S = 10.0
 # Connections beyond --max-connections get this many extra slots that answer health checks only,
@@ -145,6 +149,36 @@ MEMORY_MAX_CANDIDATES = 5
 # XGrammar's cost grows with a string's maxLength: 280 made one SmolLM2 job take 45 s, 120 took 2 s.
 MEMORY_CANDIDATE_MAX_CHARS = 120
 
+# Stop rules (answer_stop): the names results report in "stop_rule".
+STOP_LINE = "line_complete"
+STOP_SENTENCES = "sentence_limit"
+STOP_REPEATED_SENTENCE = "repeated_sentence"
+STOP_JSON = "json_complete"
+STOP_REPEATED_ITEM = "repeated_item"
+STOP_REPETITION = "repetition"
+STOP_RULES = (STOP_LINE, STOP_SENTENCES, STOP_REPEATED_SENTENCE, STOP_JSON, STOP_REPEATED_ITEM, STOP_REPETITION)
+# StopWatch verdicts, which the GenAI streamer turns into StreamingStatus values.
+CANCEL = "cancel"
+STOP = "stop"
+# A loop: the same block of at most 32 token ids three times in a row, at least 12 tokens in all
+# (so "1, 1, 1" or "---" in a real answer is not one).
+LOOP_REPEATS = 3
+LOOP_MAX_PERIOD_TOKENS = 32
+LOOP_MIN_TOKENS = 12
+# The streamer decodes the text for the rules only after a token holding one of these characters,
+# and at the latest every STOP_CHECK_EVERY_TOKENS tokens (for the line-overrun rule).
+STOP_TRIGGER_CHARS = {
+    "title": "\n.!?\u3002\uff01\uff1f",
+    "notification": "\n",
+    "summary": ".!?\n",
+    "memory_candidate": "}]",
+}
+STOP_CHECK_EVERY_TOKENS = 16
+# What a chat template adds around the messages, at most (ChatML: about 10 tokens).
+CHAT_TEMPLATE_MAX_TOKENS = 64
+# Between the start and the end of an input shortened by "truncate": true.
+TRUNCATION_MARKER = "\n[\u2026]\n"
+
 # Values of the "npu_proof" response field.
 PROOF_VERIFIED = "verified"  # NPU, counter advanced
 PROOF_FAILED = "failed"  # NPU, counter did not advance (only inside a npu_proof_failed error)
@@ -156,7 +190,9 @@ PROOF_VALUES = (PROOF_VERIFIED, PROOF_FAILED, PROOF_UNAVAILABLE, PROOF_EMULATED,
 # --emulate-npu: the NPU plugin's NPUW ("NPU without the NPU") splits the model into static-shape
 # prefill and generate submodels exactly as for the NPU, then compiles them for the CPU plugin.
 # NPUW_DEVICES is not in the public docs; checked with openvino 2026.4.1 (pyproject pins < 2027).
-EMULATED_NPU_PROPERTIES = {"NPUW_DEVICES": "CPU"}
+# The prefill chunk: a CPU computes the whole default 1024-token chunk for any prompt, which made
+# the first token of a 143-token SmolLM2 prompt take 5-12 s; 256 gave 0.5-1.3 s and the same text.
+EMULATED_NPU_PROPERTIES = {"NPUW_DEVICES": "CPU", "NPUW_LLM_PREFILL_CHUNK_SIZE": 256}
 
 # CLI exit codes (CONTRACT.md, "Exit codes").  75 and 78 are sysexits' EX_TEMPFAIL and EX_CONFIG.
 EXIT_OK = 0
@@ -178,10 +214,13 @@ class WorkerError(Exception):
     exit_code = EXIT_FAILED
     retry_after_s: int | None = None
 
-    def __init__(self, message: str, *, result: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, message: str, *, result: dict[str, Any] | None = None, details: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.result = result  # measured fields that still belong in the error body
+        self.details = details  # numbers a client can act on (prompt_too_long: how much fits)
 
 
 class InvalidRequest(WorkerError):
@@ -308,6 +347,11 @@ class Limits:
         """Prompt plus generated tokens the compiled NPU model can hold."""
         return self.max_prompt_tokens + self.min_response_tokens
 
+    @property
+    def max_body_bytes(self) -> int:
+        """The largest request body (or batch line): any input within max_input_chars fits."""
+        return JSON_BYTES_PER_CHAR * self.max_input_chars + BODY_OVERHEAD_BYTES
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -323,6 +367,7 @@ class Settings:
     busy_path: Path | None = None  # None: discover under /sys/class/accel
     npu_proof: bool = True  # False only with --no-npu-proof (kernels < 6.11 have no counter)
     emulate_npu: bool = False  # device NPU through NPUW on the CPU: no NPU, no counter, no proof
+    stop_rules: bool = True  # False: generate to EOS or the budget (bench/ compares the two)
     limits: Limits = Limits()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, if configured
@@ -346,7 +391,7 @@ class JobSpec:
     system_prompt: str
     default_max_new_tokens: int
     max_new_tokens: int
-    json_schema: str | None = None  # structured output, where the device supports it
+    grammar: str | None = None  # structured output (EBNF), on every device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,6 +400,7 @@ class JobRequest:
     input_text: str
     max_new_tokens: int | None = None  # None: the job's default
     timeout_s: float | None = None  # None: the server's request timeout
+    truncate: bool = False  # fit an over-long input by dropping its middle, instead of 413
 
 
 @dataclasses.dataclass(frozen=True)
@@ -375,6 +421,8 @@ class Generation:
     prompt_tokens: int
     generated_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
+    stop_rule: str | None = None  # which of STOP_RULES ended it, when the worker did (finish "stop")
+    token_ids: tuple[int, ...] = ()  # what was generated, as the streamer saw it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,28 +436,17 @@ class CleanOutput:
 # Pure core: jobs, prompts, request validation, token budget, output clean-up
 # ==================================================================================================
 
-# Bounded lists and strings: without maxItems a small model repeats one item until the token
-# budget cuts the JSON off.
-MEMORY_JSON_SCHEMA = json.dumps(
-    {
-        "type": "object",
-        "properties": {
-            "candidates": {
-                "type": "array",
-                "maxItems": MEMORY_MAX_CANDIDATES,
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "text": {"type": "string", "minLength": 1, "maxLength": MEMORY_CANDIDATE_MAX_CHARS}
-                    },
-                    "required": ["text"],
-                    "additionalProperties": False,
-                },
-            }
-        },
-        "required": ["candidates"],
-        "additionalProperties": False,
-    }
+# memory_candidate's structured output, as an EBNF grammar (XGrammar, via StructuredOutputConfig):
+# - compact: a JSON schema lets XGrammar put any white space between tokens (GenAI builds it with
+#   any_whitespace), and SmolLM2 spent up to a third of its budget on newlines there;
+# - bounded: at most 5 items, as the model otherwise repeats one until the budget cuts the JSON;
+#   every string at most 120 characters, as an unbounded one is never closed, and above 128
+#   (XGrammar's kUnzipThreshold) each token costs 0.6-0.8 s while more than 128 remain allowed;
+# - no escapes and no leading white space in a text, so what it writes is json.dumps-compact.
+# Five full English items take 172 tokens (../research: measured on SmolLM2, CPU and NPU path).
+MEMORY_GRAMMAR = (
+    r'root ::= "{\"candidates\":[" ( item ( "," item ){0,%d} )? "]}"' % (MEMORY_MAX_CANDIDATES - 1) + "\n"
+    + r'item ::= "{\"text\":\"" [^"\\\x00-\x20] [^"\\\x00-\x1f]{0,%d} "\"}"' % (MEMORY_CANDIDATE_MAX_CHARS - 1) + "\n"
 )
 
 JOBS: dict[str, JobSpec] = {
@@ -421,7 +458,7 @@ JOBS: dict[str, JobSpec] = {
                 "Write a short title for the text the user sends. Reply with the title only: "
                 "one line, at most eight words, no quotes, no trailing period."
             ),
-            default_max_new_tokens=24,
+            default_max_new_tokens=40,
             max_new_tokens=64,
         ),
         JobSpec(
@@ -430,7 +467,7 @@ JOBS: dict[str, JobSpec] = {
                 "Summarize the text the user sends in two to four plain sentences. Reply with "
                 "the summary only: no preamble, no headings, no lists."
             ),
-            default_max_new_tokens=160,
+            default_max_new_tokens=192,
             max_new_tokens=256,
         ),
         JobSpec(
@@ -439,7 +476,7 @@ JOBS: dict[str, JobSpec] = {
                 "Condense the text the user sends into one short notification line of at most "
                 f"{NOTIFICATION_MAX_CHARS} characters. Reply with that line only."
             ),
-            default_max_new_tokens=48,
+            default_max_new_tokens=64,
             max_new_tokens=96,
         ),
         JobSpec(
@@ -450,9 +487,9 @@ JOBS: dict[str, JobSpec] = {
                 'whose "candidates" list holds one object per fact, each with a "text" string. '
                 "Use an empty list when nothing is worth remembering."
             ),
-            default_max_new_tokens=192,
+            default_max_new_tokens=200,
             max_new_tokens=256,
-            json_schema=MEMORY_JSON_SCHEMA,
+            grammar=MEMORY_GRAMMAR,
         ),
     )
 }
@@ -497,7 +534,7 @@ def validate_job_request(
     body: Mapping[str, Any], limits: Limits, *, job: str | None = None
 ) -> JobRequest:
     """Check a decoded request body.  ``job`` is fixed by endpoints that imply it."""
-    allowed = {"input", "max_new_tokens", "timeout_s"} | (set() if job else {"job"})
+    allowed = {"input", "max_new_tokens", "timeout_s", "truncate"} | (set() if job else {"job"})
     unknown = sorted(set(body) - allowed)
     if unknown:
         # Field names are bounded by the body cap but still input: report the count, not names.
@@ -518,13 +555,16 @@ def validate_job_request(
         if type(timeout_s) not in (int, float) or not 0 < timeout_s <= limits.request_timeout_s:
             raise InvalidRequest(f"'timeout_s' must be a number above 0 and at most {limits.request_timeout_s:g}")
         timeout_s = float(timeout_s)
-    return JobRequest(job=job, input_text=input_text, max_new_tokens=max_new_tokens, timeout_s=timeout_s)
+    truncate = body.get("truncate", False)
+    if type(truncate) is not bool:
+        raise InvalidRequest("'truncate' must be true or false")
+    return JobRequest(job=job, input_text=input_text, max_new_tokens=max_new_tokens, timeout_s=timeout_s, truncate=truncate)
 
 
 def validate_input_text(value: Any, limits: Limits) -> str:
     if not isinstance(value, str):
         raise InvalidRequest("'input' must be a string")
-    if not value.strip():
+    if not any(is_visible(char) for char in value):  # also zero-width spaces, BOMs, fillers only
         raise InvalidRequest("'input' is empty")
     if len(value) > limits.max_input_chars:
         raise InputTooLong(
@@ -538,19 +578,60 @@ def validate_input_text(value: Any, limits: Limits) -> str:
 
 
 def plan_max_new_tokens(prompt_tokens: int, requested: int, limits: Limits) -> int:
-    """How many tokens this request may generate, or PromptTooLong.
+    """How many tokens a prompt that fits max_prompt_tokens may generate.
 
-    On the NPU, generation stops silently once prompt + generated tokens fill the compiled context
-    (MAX_PROMPT_LEN + MIN_RESPONSE_LEN).  Clamping to that room here makes any stop visible as
-    finish_reason "length" with the clamped value in tokens.max_new_tokens.  The same arithmetic
-    applies on every device so that the CPU tests exercise it.
+    On the NPU, generation stops once prompt + generated tokens fill the compiled context
+    (MAX_PROMPT_LEN + MIN_RESPONSE_LEN), and GenAI reports that like a cancellation.  Clamping to
+    that room here makes any such stop finish_reason "length" with the clamped value in
+    tokens.max_new_tokens.  The same arithmetic applies on every device so that the CPU tests
+    exercise it.
     """
-    if prompt_tokens > limits.max_prompt_tokens:
-        raise PromptTooLong(
-            f"prompt has {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens} "
-            "(shorten the input)"
-        )
     return max(1, min(requested, limits.context_tokens - prompt_tokens))
+
+
+def prompt_too_long(prompt_tokens: int, overhead_tokens: int, input_chars: int, limits: Limits) -> PromptTooLong:
+    """The 413 for a prompt over the limit: by how much, and about how much of this input fits."""
+    over = prompt_tokens - limits.max_prompt_tokens
+    input_tokens = max(1, prompt_tokens - overhead_tokens)
+    fits_chars = max(0, input_chars * (limits.max_prompt_tokens - overhead_tokens) // input_tokens)
+    return PromptTooLong(
+        f"prompt has {prompt_tokens} tokens; the limit is {limits.max_prompt_tokens}: the input is {over} "
+        f"tokens over, about {fits_chars} of its {input_chars} characters would fit (or send \"truncate\": true)",
+        details={"prompt_tokens": prompt_tokens, "max_prompt_tokens": limits.max_prompt_tokens,
+                 "over_tokens": over, "fits_chars_estimate": fits_chars},
+    )
+
+
+def may_exceed_prompt_limit(job: JobSpec, text: str, limits: Limits) -> bool:
+    """False when the prompt surely fits: no tokenizer makes more tokens than UTF-8 bytes (byte
+    fallback is one token per byte), and a chat template adds a few dozen.  Only then is it worth
+    loading a tokenizer to count before the model (0.2-0.3 s)."""
+    bound = len(text.encode("utf-8")) + len(job.system_prompt.encode("utf-8")) + CHAT_TEMPLATE_MAX_TOKENS
+    return bound > limits.max_prompt_tokens
+
+
+def shorten_middle(text: str, kept_chars: int) -> str:
+    """The start and the end of ``text``, ``kept_chars`` characters in all, with a marker between."""
+    if kept_chars >= len(text):
+        return text
+    head = kept_chars - kept_chars // 2
+    return text[:head] + TRUNCATION_MARKER + text[len(text) - kept_chars // 2 :]
+
+
+def fit_input(text: str, count_tokens: Callable[[str], int], max_tokens: int) -> str | None:
+    """The longest shorten_middle(text, k) whose prompt fits max_tokens, counted exactly by
+    ``count_tokens`` (the whole templated prompt), or None when not even the marker fits.
+    Bisection: about 13 counts for 6000 characters, each a fraction of a millisecond."""
+    if count_tokens(shorten_middle(text, 0)) > max_tokens:
+        return None
+    low, high = 0, len(text) - 1  # the whole text is known not to fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens(shorten_middle(text, middle)) <= max_tokens:
+            low = middle
+        else:
+            high = middle - 1
+    return shorten_middle(text, low)
 
 
 def npu_export_problems(compression: Mapping[str, str]) -> list[str]:
@@ -602,6 +683,12 @@ _REPEATED_PHRASE = re.compile(r"\b([^\W\d_]\w*(?:\W+\w+){0,5}?)(?:\W+\1\b){2,}",
 # A sentence ends at . ! or ?, possibly followed by a closing quote or bracket, then white space.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"'\u201d\u2019)\]])\s+")
 _WHITESPACE = re.compile(r"\s+")
+_CONTINUED = (",", ":")  # a line ending so goes on in the next
+# A title is one sentence: it ends at . ! ? before white space, or at a CJK full stop.
+_FIRST_SENTENCE_END = re.compile(r"(?<=[.!?])\s|(?<=[\u3002\uff01\uff1f])")
+_INVISIBLE_CATEGORIES = {"Cc", "Cf", "Cs", "Cn", "Co", "Zs", "Zl", "Zp", "Mn", "Me"}
+# Letters that render blank (Hangul fillers, Braille blank): seen in "invisible" names and spam.
+_BLANK_LETTERS = {"\u115f", "\u1160", "\u3164", "\uffa0", "\u2800"}
 _OPENVINO_TRACE_LINE = re.compile(r"^Exception from \S+:\d+:?$")
 _QUOTES = "\"'`*\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
@@ -631,6 +718,12 @@ def plain_lines(raw: str) -> list[str]:
         if has_text(line):
             lines.append(line)
     return lines
+
+
+def is_visible(char: str) -> bool:
+    """False for what renders as nothing: white space, control and format characters (zero-width
+    space, joiners, BOM, soft hyphen), combining marks on their own, and the blank "letters"."""
+    return unicodedata.category(char) not in _INVISIBLE_CATEGORIES and char not in _BLANK_LETTERS
 
 
 def is_encodable(text: str) -> bool:
@@ -676,19 +769,36 @@ def cut_at_word(text: str, max_chars: int, ellipsis: str = "") -> str:
     return cut.rstrip(" ,;:-") + ellipsis
 
 
+def answer_lines(raw: str) -> list[str]:
+    """The lines a one-line answer (title, notification) may be: plain lines, each joined with
+    the next while it ends in a comma or a colon - a salutation, a lead-in or a wrapped line
+    ("Dear Daniel,", "Backup done at 03:12:") is not a whole answer."""
+    lines: list[str] = []
+    for line in plain_lines(raw):
+        if lines and lines[-1].endswith(_CONTINUED):
+            lines[-1] += " " + line
+        else:
+            lines.append(line)
+    return lines
+
+
 def clean_title(raw: str) -> str:
-    """One line, no quotes or markdown, no trailing period, at most TITLE_MAX_CHARS."""
-    lines = plain_lines(raw)
+    """The first sentence of the first answer line, no quotes or markdown, no trailing period, at
+    most TITLE_MAX_CHARS."""
+    lines = answer_lines(raw)
     if not lines:
         return ""
-    title = cut_at_word(strip_wrapping(collapse_repeats(lines[0])), TITLE_MAX_CHARS)
-    return strip_wrapping(title, trailing=" .,;:\u2026")
+    first_sentence = _FIRST_SENTENCE_END.split(lines[0], 1)[0]
+    title = cut_at_word(strip_wrapping(collapse_repeats(first_sentence)), TITLE_MAX_CHARS)
+    return strip_wrapping(title, trailing=" .,;:\u2026\u3002")
 
 
 def clean_notification(raw: str) -> str:
-    """One line of at most NOTIFICATION_MAX_CHARS; cut at a word with an ellipsis."""
-    text = strip_wrapping(collapse_repeats(" ".join(plain_lines(raw))))
-    return cut_at_word(text, NOTIFICATION_MAX_CHARS, "\u2026")
+    """The first answer line, at most NOTIFICATION_MAX_CHARS; cut at a word with an ellipsis."""
+    lines = answer_lines(raw)
+    if not lines:
+        return ""
+    return cut_at_word(strip_wrapping(collapse_repeats(lines[0])), NOTIFICATION_MAX_CHARS, "\u2026")
 
 
 def clean_summary(raw: str) -> str:
@@ -711,7 +821,8 @@ def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
     """Candidates from the model's JSON, and whether that JSON was valid.
 
     Accepts {"candidates": [...]} or a bare list; items are {"text": ...} objects or strings.
-    Invalid or truncated JSON gives ([], False): nothing is guessed from a broken document.
+    JSON cut off by the token budget keeps the items that were complete before the cut (and says
+    json_valid False); anything else that is not valid JSON gives ([], False): nothing is guessed.
     """
     text = without_reasoning(raw)
     starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
@@ -720,10 +831,87 @@ def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
     try:
         value, _ = json.JSONDecoder().raw_decode(text, min(starts))
     except (ValueError, RecursionError):
-        return [], False
+        return memory_candidates(complete_items(text, min(starts))), False
     items = value.get("candidates") if isinstance(value, dict) else value
     if not isinstance(items, list):
         return [], False
+    return memory_candidates(items), True
+
+
+_CANDIDATES_ARRAY = re.compile(r'\{\s*"candidates"\s*:\s*\[')
+_ITEM_SEPARATOR = re.compile(r"\s*,?\s*")
+
+
+def complete_items(text: str, start: int) -> list[Any]:
+    """The complete items at the head of a JSON array that was cut off: '[1, 2, {"a' -> [1, 2]."""
+    return [item for item, _ in complete_items_at(text, start)]
+
+
+def complete_items_at(text: str, start: int) -> list[tuple[Any, int]]:
+    """Each complete item of the array that opens at ``start`` ({"candidates": [ or [), with the
+    position right after it."""
+    opening = _CANDIDATES_ARRAY.match(text, start)
+    if opening is not None:
+        position = opening.end()
+    elif text.startswith("[", start):
+        position = start + 1
+    else:
+        return []
+    decoder = json.JSONDecoder()
+    items = []
+    while len(items) < MEMORY_MAX_CANDIDATES * 4:  # duplicates and placeholders are dropped later
+        position = _ITEM_SEPARATOR.match(text, position).end()  # type: ignore[union-attr]
+        try:
+            item, position = decoder.raw_decode(text, position)
+        except (ValueError, RecursionError):
+            break
+        items.append((item, position))
+    return items
+
+
+def repeat_cut(text: str) -> int | None:
+    """Where a candidates list that has started repeating an item should end: right after the
+    last new item before the first repeat; None while every item is new."""
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if not starts:
+        return None
+    seen: set[str] = set()
+    end = None
+    for item, position in complete_items_at(text, min(starts)):
+        fact = item.get("text") if isinstance(item, dict) else item
+        key = _WHITESPACE.sub(" ", fact).strip().casefold() if isinstance(fact, str) else repr(item)
+        if key in seen:
+            return end
+        seen.add(key)
+        end = position
+    return None
+
+
+def last_item_end(text: str) -> int | None:
+    """Right after the last complete item of the candidates list (or its opening bracket), where
+    a list that a loop inside its next item cut short ends; None when no list has opened."""
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if not starts:
+        return None
+    items = complete_items_at(text, min(starts))
+    if items:
+        return items[-1][1]
+    opening = _CANDIDATES_ARRAY.match(text, min(starts))
+    if opening is not None:
+        return opening.end()
+    return min(starts) + 1 if text.startswith("[", min(starts)) else None
+
+
+def close_list(raw: str, cut: int | None) -> str:
+    """The model's JSON up to ``cut``, with its list and object closed; unchanged without a cut."""
+    if cut is None:
+        return raw
+    opened_object = _CANDIDATES_ARRAY.match(raw, min(i for i in (raw.find("{"), raw.find("[")) if i >= 0))
+    return raw[:cut] + ("]}" if opened_object else "]")
+
+
+def memory_candidates(items: list[Any]) -> list[dict[str, str]]:
+    """At most MEMORY_MAX_CANDIDATES distinct, non-placeholder facts of bounded length."""
     candidates: list[dict[str, str]] = []
     seen: set[str] = set()
     for item in items:
@@ -739,12 +927,19 @@ def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
         candidates.append({"text": fact})
         if len(candidates) == MEMORY_MAX_CANDIDATES:
             break
-    return candidates, True
+    return candidates
 
 
-def clean_output(job: str, raw: str) -> CleanOutput:
+def clean_output(job: str, raw: str, stop_rule: str | None = None) -> CleanOutput:
     """Turn raw model text into the job's documented shape; EmptyOutput if nothing usable is left."""
     if job == "memory_candidate":
+        # A list a stop rule ended early is closed where it stopped being new, so that the text
+        # is the JSON the candidates come from: after the last new item before a repeated one, or
+        # after the last complete item before one that looped.
+        if stop_rule == STOP_REPEATED_ITEM:
+            raw = close_list(raw, repeat_cut(raw))
+        elif stop_rule == STOP_REPETITION:
+            raw = close_list(raw, last_item_end(raw))
         candidates, json_valid = parse_memory_candidates(raw)
         return CleanOutput(text=raw.strip(), candidates=candidates, json_valid=json_valid)
     cleaners: dict[str, Callable[[str], str]] = {
@@ -758,9 +953,152 @@ def clean_output(job: str, raw: str) -> CleanOutput:
     return CleanOutput(text=text)
 
 
+# --- Stop rules: end the generation once nothing more it writes would survive clean-up. ----------
+#
+# On the NPU every generated token costs ~50 ms of the caller's wait and of a shared device, so the
+# streamer asks after each token whether the answer is complete.  Each rule is conservative: it
+# fires only when the cleaned answer can no longer change (or only a loop would follow).
+
+
+def answer_stop(job: str, text: str) -> str | None:
+    """The name of the rule that says the answer in ``text`` is complete, or None to go on.
+    (Loops are caught on token ids by repeating_tail, which needs no decoding.)"""
+    if job == "title":
+        return STOP_LINE if line_complete(text, TITLE_MAX_CHARS) or title_sentence_finished(text) else None
+    if job == "notification":
+        return STOP_LINE if line_complete(text, NOTIFICATION_MAX_CHARS) else None
+    if job == "summary":
+        return summary_complete(text)
+    if json_complete(text):
+        return STOP_JSON
+    return STOP_REPEATED_ITEM if repeat_cut(text) is not None else None
+
+
+def repeating_tail(token_ids: Sequence[int]) -> bool:
+    """The last tokens are the same block of 1..LOOP_MAX_PERIOD_TOKENS ids, LOOP_REPEATS times in a
+    row, covering at least LOOP_MIN_TOKENS: greedy decoding has entered a loop it never leaves."""
+    count = len(token_ids)
+    for period in range(1, min(LOOP_MAX_PERIOD_TOKENS, count // LOOP_REPEATS) + 1):
+        span = max(period * LOOP_REPEATS, LOOP_MIN_TOKENS)
+        if span > count:
+            break
+        tail = token_ids[count - span :]
+        if all(tail[index] == tail[index - period] for index in range(period, span)):
+            return True
+    return False
+
+
+def line_complete(text: str, max_chars: int) -> bool:
+    """A one-line answer is complete once an answer line has ended ("Here's a title:", blank
+    lines and a line ending in a comma or colon are not one), or once the first answer line is
+    longer than max_chars: clean-up cuts it there, whatever follows."""
+    done, newline, _pending = text.rpartition("\n")
+    lines = answer_lines(done) if newline else []
+    if len(lines) > 1 or (lines and not lines[0].endswith(_CONTINUED)):  # one of them has ended
+        return True
+    answer = answer_lines(text)
+    return bool(answer) and len(answer[0]) > max_chars
+
+
+def title_sentence_finished(text: str) -> bool:
+    """A title is its first sentence (clean_title): once that has ended, nothing later counts."""
+    answer = answer_lines(text)
+    return bool(answer) and _FIRST_SENTENCE_END.search(answer[0]) is not None
+
+
+def summary_complete(text: str) -> str | None:
+    """SUMMARY_MAX_SENTENCES finished sentences, or a finished sentence written a second time."""
+    # A sentence is finished once white space follows its end mark ("costs 3." may become "3.50");
+    # plain_lines strips the white space at the end, so it is put back before the end marker.
+    follows = " " if text[-1:].isspace() else ""
+    *finished, _pending = _SENTENCE_END.split(" ".join(plain_lines(text)) + follows + "\x00")
+    seen: set[str] = set()
+    for sentence in finished:
+        key = sentence.casefold()
+        if key in seen:
+            return STOP_REPEATED_SENTENCE
+        seen.add(key)
+    return STOP_SENTENCES if len(seen) >= SUMMARY_MAX_SENTENCES else None
+
+
+def json_complete(text: str) -> bool:
+    """The model's JSON value has closed: whatever follows it is never parsed."""
+    text = without_reasoning(text)
+    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
+    if not starts or not text.rstrip().endswith(("}", "]")):
+        return False
+    try:
+        json.JSONDecoder().raw_decode(text, min(starts))
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def stop_trigger_ids(token_texts: Sequence[str]) -> dict[str, frozenset[int]]:
+    """Per job, the ids of the tokens whose text holds a character after which its stop rule may
+    change its verdict (STOP_TRIGGER_CHARS); token_texts[i] is the text of token i alone."""
+    return {
+        job: frozenset(token_id for token_id, text in enumerate(token_texts) if any(char in text for char in chars))
+        for job, chars in STOP_TRIGGER_CHARS.items()
+    }
+
+
+class StopWatch:
+    """Decides after every generated token whether the generation goes on: CANCEL (deadline or
+    vanished client), STOP (the job's answer is complete) or None.  The pipeline's streamer
+    feeds it token ids; it calls ``decode`` for the text only where a rule needs it.
+
+    Loops are found on the ids alone.  The text rules run after a trigger token (one whose text
+    holds a STOP_TRIGGER_CHARS character), on the token after it ("a sentence is finished once
+    white space follows"), and at least every STOP_CHECK_EVERY_TOKENS tokens.  One decode costs
+    about 0.5 ms whatever its length (BENCHMARKS.md); a token on the NPU about 50 ms.
+    """
+
+    def __init__(
+        self,
+        should_cancel: Callable[[], bool],
+        job: str | None,
+        decode: Callable[[list[int]], str],
+        trigger_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self._should_cancel = should_cancel
+        self._job = job  # None: no stop rules, only cancellation
+        self._decode = decode
+        self._trigger_ids = trigger_ids
+        self._recheck = False
+        self._next_check = STOP_CHECK_EVERY_TOKENS
+        self.token_ids: list[int] = []
+        self.cancelled = False
+        self.stop_rule: str | None = None
+        self.decodes = 0
+
+    def step(self, new_ids: Sequence[int]) -> str | None:
+        new_ids = [int(token_id) for token_id in new_ids]
+        self.token_ids.extend(new_ids)
+        if self._should_cancel():
+            self.cancelled = True
+            return CANCEL
+        if self._job is None:
+            return None
+        if repeating_tail(self.token_ids):
+            self.stop_rule = STOP_REPETITION
+            return STOP
+        due = self._recheck or len(self.token_ids) >= self._next_check
+        self._recheck = any(token_id in self._trigger_ids for token_id in new_ids)
+        if due or self._recheck:
+            self._next_check = len(self.token_ids) + STOP_CHECK_EVERY_TOKENS
+            self.decodes += 1
+            self.stop_rule = answer_stop(self._job, self._decode(self.token_ids))
+            if self.stop_rule is not None:
+                return STOP
+        return None
+
+
 def error_body(exc: WorkerError, request_id: str) -> dict[str, Any]:
     """The one JSON shape of every error, for HTTP and CLI alike."""
     body: dict[str, Any] = {"error": {"type": exc.type, "message": exc.message}, "request_id": request_id}
+    if exc.details is not None:
+        body["error"].update(exc.details)
     if exc.result is not None:
         body["result"] = exc.result
     return body
@@ -771,21 +1109,35 @@ def error_body(exc: WorkerError, request_id: str) -> dict[str, Any]:
 # ==================================================================================================
 
 
-class Pipeline(Protocol):
-    """The seam between the worker and a language model; tests pass hand-written fakes."""
+class PromptTokenizer(Protocol):
+    """What counting a prompt needs: the model's chat template and tokenizer."""
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str: ...
 
     def encode(self, text: str) -> Prompt: ...
 
+
+class Pipeline(PromptTokenizer, Protocol):
+    """The seam between the worker and a language model; tests pass hand-written fakes."""
+
     def generate(
-        self, prompt: Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        grammar: str | None,
+        should_stop: Callable[[], bool],
+        stop_rules: str | None = None,
     ) -> Generation:
-        """Generate greedily; poll should_stop() between tokens and end early ("cancelled") if true."""
+        """Generate greedily; poll should_stop() between tokens and end early ("cancelled") if true.
+        ``stop_rules`` names the job whose stop rules (answer_stop, repeating_tail) end the
+        generation as "stop" once its answer is complete; None: only EOS and the budget end it."""
         ...
 
 
 PipelineFactory = Callable[[Settings], Pipeline]
+# A tokenizer without the model (None where there is none to load): the CLI counts a prompt before
+# it pays for the model load.
+TokenizerFactory = Callable[[Settings], "PromptTokenizer | None"]
 
 
 class BusyCounter(Protocol):
@@ -861,68 +1213,117 @@ def pipeline_properties(settings: Settings) -> dict[str, Any]:
     return properties
 
 
+class GenAITokenizer:
+    """An openvino_genai.Tokenizer: chat template, exact token counts, decoding."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()  # calls may overlap a generation, not each other
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> str:
+        with self._lock:
+            return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    def encode(self, text: str) -> Prompt:
+        # The templated prompt, no extra special tokens: exactly what generate() will consume.
+        with self._lock:
+            encoded = self._tokenizer.encode(text, add_special_tokens=False)
+        return Prompt(text=text, token_count=int(encoded.input_ids.get_shape()[-1]), encoded=encoded)
+
+    def decode(self, token_ids: Any) -> str:
+        """Token ids (a list, or generate()'s result tensor) as text, special tokens skipped."""
+        with self._lock:
+            text = self._tokenizer.decode(token_ids)
+        return text[0] if isinstance(text, list) else text
+
+    def token_texts(self, token_ids: Sequence[int] | None = None) -> list[str]:
+        """The text of each token on its own (default: the whole vocabulary), in one batch call:
+        0.35 s for SmolLM2's 49k tokens."""
+        with self._lock:
+            if token_ids is None:
+                token_ids = range(max(self._tokenizer.get_vocab().values(), default=-1) + 1)
+            return self._tokenizer.decode([[token_id] for token_id in token_ids])
+
+
 class GenAIPipeline:
     """An openvino_genai.LLMPipeline behind the Pipeline seam."""
 
     def __init__(self, llm_pipeline: Any, genai: Any) -> None:
         self._pipeline = llm_pipeline
         self._genai = genai
-        self._tokenizer = llm_pipeline.get_tokenizer()
-        self._tokenizer_lock = threading.Lock()
-
-        class StopCheckStreamer(genai.StreamerBase):  # type: ignore[misc, name-defined]
-            """Sees token ids only.  A plain callable streamer would detokenize every token:
-            measured 150 us per token on CPU, against nothing for this one."""
-
-            def __init__(self, should_stop: Callable[[], bool]) -> None:
-                super().__init__()
-                self._should_stop = should_stop
-                self.cancelled = False
-
-            def write(self, token: Any) -> Any:
-                if self._should_stop():
-                    self.cancelled = True
-                    return genai.StreamingStatus.CANCEL
-                return genai.StreamingStatus.RUNNING
-
-            def end(self) -> None:
-                pass
-
-        self._streamer_class = StopCheckStreamer
+        self.tokenizer = GenAITokenizer(llm_pipeline.get_tokenizer())
+        self._trigger_ids = stop_trigger_ids(self.tokenizer.token_texts())
+        self._streamer_class = streamer_class(genai)
 
     def render_prompt(self, messages: list[dict[str, str]]) -> str:
-        with self._tokenizer_lock:
-            return self._tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.render_prompt(messages)
 
     def encode(self, text: str) -> Prompt:
-        # The templated prompt, no extra special tokens: exactly what generate() will consume.
-        with self._tokenizer_lock:
-            encoded = self._tokenizer.encode(text, add_special_tokens=False)
-        return Prompt(text=text, token_count=int(encoded.input_ids.get_shape()[-1]), encoded=encoded)
+        return self.tokenizer.encode(text)
+
+    def generation_config(self, max_new_tokens: int, grammar: str | None) -> Any:
+        """The model's own generation config (its stop tokens, e.g. Qwen2.5's two, and its
+        repetition penalty), made greedy and bounded: the worker's jobs are deterministic."""
+        config = self._pipeline.get_generation_config()  # a copy (0.7 us), not the pipeline's own
+        config.max_new_tokens = max_new_tokens
+        config.min_new_tokens = 0
+        config.do_sample = False
+        config.num_beams = 1  # the NPU pipeline has no beam search
+        config.num_return_sequences = 1
+        config.ignore_eos = False
+        config.echo = False
+        config.apply_chat_template = False  # the prompt is already templated
+        if grammar is not None:  # sampling runs on the host for every device, the NPU too
+            config.structured_output_config = self._genai.StructuredOutputConfig(grammar=grammar)
+        return config
 
     def generate(
-        self, prompt: Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self,
+        prompt: Prompt,
+        max_new_tokens: int,
+        grammar: str | None,
+        should_stop: Callable[[], bool],
+        stop_rules: str | None = None,
     ) -> Generation:
-        config = self._genai.GenerationConfig()
-        config.max_new_tokens = max_new_tokens
-        config.do_sample = False
-        config.apply_chat_template = False  # the prompt is already templated
-        if json_schema is not None:  # sampling runs on the host for every device, the NPU too
-            config.structured_output_config = self._genai.StructuredOutputConfig(json_schema=json_schema)
+        watch = StopWatch(should_stop, stop_rules, self.tokenizer.decode, self._trigger_ids.get(stop_rules, frozenset()))
+        streamer = self._streamer_class(watch)
         # Token ids in, token ids out (EncodedResults, with perf metrics): handing it the string
         # would tokenize the prompt a second time, which cost more than all of the worker's
         # other overhead together (bench/run.py overhead, BENCHMARKS.md).
-        streamer = self._streamer_class(should_stop)
-        results = self._pipeline.generate(prompt.encoded, config, streamer)
-        with self._tokenizer_lock:
-            text = self._tokenizer.decode(results.tokens)[0]  # skips special tokens, as generate(str) does
+        results = self._pipeline.generate(prompt.encoded, self.generation_config(max_new_tokens, grammar), streamer)
+        text = self.tokenizer.decode(results.tokens)
         metrics = results.perf_metrics
+        reason = finish_reason(results.finish_reasons[0].name if results.finish_reasons else "STOP", watch.cancelled)
         return Generation(
             text=text,
             prompt_tokens=int(metrics.get_num_input_tokens()),
             generated_tokens=int(metrics.get_num_generated_tokens()),
-            finish_reason=finish_reason(results.finish_reasons[0].name if results.finish_reasons else "STOP", streamer.cancelled),
+            finish_reason=reason,
+            stop_rule=watch.stop_rule if reason == "stop" else None,
+            token_ids=tuple(watch.token_ids),
         )
+
+
+def streamer_class(genai: Any) -> type:
+    """The streamer type, built here because its base class lives in the lazily imported module."""
+    verdicts = {None: genai.StreamingStatus.RUNNING, CANCEL: genai.StreamingStatus.CANCEL, STOP: genai.StreamingStatus.STOP}
+
+    class WorkerStreamer(genai.StreamerBase):  # type: ignore[misc, name-defined]
+        """Token ids to a StopWatch, its verdict back to GenAI.  A plain callable streamer would
+        detokenize every token (measured 150 us per token on CPU); this one decodes only where a
+        stop rule needs the text."""
+
+        def __init__(self, watch: StopWatch) -> None:
+            super().__init__()
+            self.watch = watch
+
+        def write(self, token: Any) -> Any:
+            return verdicts[self.watch.step(token if isinstance(token, list) else [token])]
+
+        def end(self) -> None:
+            pass
+
+    return WorkerStreamer
 
 
 def finish_reason(genai_reason: str, cancelled: bool) -> str:
@@ -970,6 +1371,20 @@ def load_genai_pipeline(settings: Settings) -> Pipeline:
     return GenAIPipeline(open_llm_pipeline(openvino_genai, settings), openvino_genai)
 
 
+def load_genai_tokenizer(settings: Settings) -> PromptTokenizer | None:
+    """The model's tokenizer alone, for counting a prompt before the model loads (the default
+    TokenizerFactory); None where it cannot be loaded on its own (a .gguf file, no tokenizer IR):
+    then the model load counts, and reports any real problem with the model."""
+    if not (settings.model_path / "openvino_tokenizer.xml").is_file():
+        return None
+    try:
+        import openvino_genai
+
+        return GenAITokenizer(openvino_genai.Tokenizer(str(settings.model_path)))
+    except Exception:  # noqa: BLE001 - an optimisation only: the model load decides
+        return None
+
+
 def open_llm_pipeline(genai: Any, settings: Settings) -> Any:
     """Build the LLMPipeline; a model or a setting the device refuses is a ConfigError (exit 78).
 
@@ -980,13 +1395,14 @@ def open_llm_pipeline(genai: Any, settings: Settings) -> Any:
     try:
         return genai.LLMPipeline(str(settings.model_path), settings.device, **pipeline_properties(settings))
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"could not load {settings.model_path} on {device}: {first_line(exc)}") from None
+        raise ConfigError(f"could not load {settings.model_path} on {device}: {exception_reason(exc)}") from None
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's reason, or its type.  OpenVINO's messages run to dozens of
-    lines and start with one "Exception from src/...cpp:117:" line per layer that passed it on."""
-    for line in str(exc).splitlines():
+def exception_reason(exc: BaseException) -> str:
+    """The line of an exception that says why, or its type.  OpenVINO's messages start with one
+    "Exception from src/...cpp:117:" line per layer that passed them on and end with the reason
+    ("Unsupported "GENERATE_HINT" provided: NOPE...", "Broadcast incorrect target shape...")."""
+    for line in reversed(str(exc).splitlines()):
         line = line.strip()
         if line and not _OPENVINO_TRACE_LINE.match(line):
             return line
@@ -1281,7 +1697,59 @@ def _label_value(value: str) -> str:
 # Worker: one loaded pipeline, its queue and its proof of execution
 # ==================================================================================================
 
-WARMUP_REQUEST = JobRequest(job="title", input_text="Warm-up request for the NPU worker.", max_new_tokens=4)
+# A short title proves the device; a memory_candidate compiles its grammar (1-3 s on first use, then
+# cached by the pipeline), which would otherwise fall on the first real memory job.  Only the first
+# must run: a --max-prompt-tokens too small for the memory prompt skips the second.
+WARMUP_REQUESTS = (
+    JobRequest(job="title", input_text="Warm-up request for the NPU worker.", max_new_tokens=4),
+    JobRequest(job="memory_candidate", input_text="Warm-up request for the NPU worker.", max_new_tokens=4),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What the adapters measured for one job (Worker._run); job_result turns it into the answer."""
+
+    generation: Generation
+    max_new_tokens: int
+    busy_delta_us: int | None
+    input_truncated: dict[str, int] | None
+    timing_ms: dict[str, float]
+
+
+def job_result(settings: Settings, job: str, request_id: str, measured: Measured) -> dict[str, Any]:
+    """The response body for a job that ran: proof decided, output cleaned, fields in contract order."""
+    generation = measured.generation
+    proof = settings.proof_mode
+    if proof == PROOF_VERIFIED and (measured.busy_delta_us is None or measured.busy_delta_us <= 0):
+        proof = PROOF_FAILED
+    if proof == PROOF_FAILED:
+        # A failed proof outranks any clean-up failure; the raw text is kept for diagnosis.
+        output = CleanOutput(text=generation.text.strip())
+    else:
+        output = clean_output(job, generation.text, generation.stop_rule)
+    result: dict[str, Any] = {"request_id": request_id, "job": job, "text": output.text}
+    if output.candidates is not None:
+        result["candidates"] = output.candidates
+        result["json_valid"] = output.json_valid
+    result.update(
+        {
+            "model": settings.model_name,
+            "device": settings.device,
+            "npu_busy_delta_us": measured.busy_delta_us,
+            "npu_proof": proof,
+            "tokens": {
+                "prompt": generation.prompt_tokens,
+                "generated": generation.generated_tokens,
+                "max_new_tokens": measured.max_new_tokens,
+            },
+            "finish_reason": generation.finish_reason,
+            "stop_rule": generation.stop_rule,
+            "input_truncated": measured.input_truncated,
+            "timing_ms": {name: round(value, 2) for name, value in measured.timing_ms.items()},
+        }
+    )
+    return result
 
 
 class Worker:
@@ -1305,6 +1773,7 @@ class Worker:
         self._in_flight_lock = threading.Lock()
         self._generating_since: float | None = None  # monotonic start of the running generation
         self.load_ms: float | None = None
+        self.prompt_overhead_tokens: dict[str, int] | None = None  # known once the model is loaded
 
     @property
     def ready(self) -> bool:
@@ -1338,13 +1807,26 @@ class Worker:
         """Build the pipeline under the NPU lock, then run one warm-up job (proof included)."""
         started = time.monotonic()
         with self.queue.turn(self.settings.lock_timeout_s, give_up=self._stopping.is_set):
-            self._pipeline = self._pipeline_factory(self.settings)
+            pipeline = self._pipeline_factory(self.settings)
+        # Each job's fixed part of the prompt (system prompt and chat template), for /models.
+        self.prompt_overhead_tokens = {
+            name: pipeline.encode(pipeline.render_prompt(job_messages(job, ""))).token_count for name, job in JOBS.items()
+        }
+        self._pipeline = pipeline
         self.load_ms = elapsed_ms(started)
         self.metrics.model_load_seconds = self.load_ms / 1000
         logger.info("model loaded model=%s device=%s load_ms=%.1f", self.settings.model_name, self.settings.device, self.load_ms)
         if warm_up:
-            result = self.run(WARMUP_REQUEST, request_id="warm-up", allow_before_ready=True)
-            logger.info("warm-up done generate_ms=%.1f npu_busy_delta_us=%s", result["timing_ms"]["generate"], result["npu_busy_delta_us"])
+            for request in WARMUP_REQUESTS:
+                try:
+                    result = self.run(request, request_id="warm-up", allow_before_ready=True)
+                except PromptTooLong:
+                    if request is WARMUP_REQUESTS[0]:  # the one that proves the device must run
+                        raise
+                    logger.warning("warm-up skipped job=%s: its prompt is over --max-prompt-tokens", request.job)
+                    continue
+                logger.info("warm-up done job=%s generate_ms=%.1f npu_busy_delta_us=%s",
+                            request.job, result["timing_ms"]["generate"], result["npu_busy_delta_us"])
         self._ready.set()
 
     def run(
@@ -1381,13 +1863,13 @@ class Worker:
     def _run(
         self, pipeline: Pipeline, request: JobRequest, request_id: str, started: float, client_gone: Callable[[], bool]
     ) -> dict[str, Any]:
+        """The adapters' part of a job: prompt, queue, lock, generation and counter; job_result decides."""
         job = JOBS[request.job]
         limits = self.settings.limits
         timeout_s = request.timeout_s or limits.request_timeout_s
         deadline = started + timeout_s
-        default_tokens, _ = job_token_limits(job, limits)
-        prompt = pipeline.encode(pipeline.render_prompt(job_messages(job, request.input_text)))
-        max_new_tokens = plan_max_new_tokens(prompt.token_count, request.max_new_tokens or default_tokens, limits)
+        prompt, truncation = job_prompt(pipeline, job, request, limits)
+        max_new_tokens = plan_max_new_tokens(prompt.token_count, request.max_new_tokens or job_token_limits(job, limits)[0], limits)
 
         cancelled_by: str | None = None
 
@@ -1399,6 +1881,7 @@ class Worker:
                 cancelled_by = "client"
             return cancelled_by is not None
 
+        stop_rules = job.name if self.settings.stop_rules else None
         wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
         try:
             with self.queue.turn(wait_s):
@@ -1408,7 +1891,7 @@ class Worker:
                 before_us = self._read_busy_counter()
                 generate_started = self._generating_since = time.monotonic()
                 try:
-                    generation = pipeline.generate(prompt, max_new_tokens, job.json_schema, should_stop)
+                    generation = pipeline.generate(prompt, max_new_tokens, job.grammar, should_stop, stop_rules)
                 except Exception as exc:
                     raise GenerationFailed(f"generation failed ({type(exc).__name__})") from exc
                 finally:
@@ -1423,40 +1906,14 @@ class Worker:
             if cancelled_by == "client":
                 raise ClientGone("the client closed the connection; generation cancelled")
             raise RequestTimeout(f"generation cancelled at the {timeout_s:g} s deadline")
-
-        delta_us = busy_delta_us(before_us, after_us)
-        proof = self.settings.proof_mode
-        if proof == PROOF_VERIFIED and (delta_us is None or delta_us <= 0):
-            proof = PROOF_FAILED
-        if proof == PROOF_FAILED:
-            # A failed proof outranks any clean-up failure; the raw text is kept for diagnosis.
-            output = CleanOutput(text=generation.text.strip())
-        else:
-            output = clean_output(job.name, generation.text)
-        result: dict[str, Any] = {"request_id": request_id, "job": job.name, "text": output.text}
-        if output.candidates is not None:
-            result["candidates"] = output.candidates
-            result["json_valid"] = output.json_valid
-        result.update(
-            {
-                "model": self.settings.model_name,
-                "device": self.settings.device,
-                "npu_busy_delta_us": delta_us,
-                "npu_proof": proof,
-                "tokens": {
-                    "prompt": generation.prompt_tokens,
-                    "generated": generation.generated_tokens,
-                    "max_new_tokens": max_new_tokens,
-                },
-                "finish_reason": generation.finish_reason,
-                "timing_ms": {
-                    "queue": round(queue_ms, 2),
-                    "generate": round(generate_ms, 2),
-                    "total": round(elapsed_ms(started), 2),
-                },
-            }
+        measured = Measured(
+            generation=generation,
+            max_new_tokens=max_new_tokens,
+            busy_delta_us=busy_delta_us(before_us, after_us),
+            input_truncated=truncation,
+            timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started)},
         )
-        return result
+        return job_result(self.settings, job.name, request_id, measured)
 
     def _read_busy_counter(self) -> int | None:
         if self._busy_counter is None or self.settings.proof_mode != PROOF_VERIFIED:
@@ -1466,6 +1923,31 @@ class Worker:
 
 def elapsed_ms(since: float) -> float:
     return (time.monotonic() - since) * 1000.0
+
+
+def job_prompt(
+    pipeline: PromptTokenizer, job: JobSpec, request: JobRequest, limits: Limits
+) -> tuple[Prompt, dict[str, int] | None]:
+    """The job's templated prompt, counted by the model's tokenizer, and what "truncate" dropped.
+
+    Over the limit it is PromptTooLong with how much would fit, or, with truncate, the input's
+    middle is dropped until the prompt fits, counted exactly with the same tokenizer.
+    """
+
+    def render(text: str) -> Prompt:
+        return pipeline.encode(pipeline.render_prompt(job_messages(job, text)))
+
+    prompt = render(request.input_text)
+    if prompt.token_count <= limits.max_prompt_tokens:
+        return prompt, None
+    overhead_tokens = render("").token_count
+    if request.truncate:
+        fitted = fit_input(request.input_text, lambda text: render(text).token_count, limits.max_prompt_tokens)
+        if fitted is not None:
+            shortened = render(fitted)
+            dropped_chars = len(request.input_text) - len(fitted) + len(TRUNCATION_MARKER)
+            return shortened, {"dropped_chars": dropped_chars, "dropped_tokens": prompt.token_count - shortened.token_count}
+    raise prompt_too_long(prompt.token_count, overhead_tokens, len(request.input_text), limits)
 
 
 def build_worker(settings: Settings, pipeline_factory: PipelineFactory) -> Worker:
@@ -1764,8 +2246,9 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         if len(lengths) > 1 or not length_text.isdigit() or not length_text.isascii():
             raise InvalidRequest("Content-Length is invalid or repeated")
         length = int(length_text)
-        if length > MAX_BODY_BYTES:
-            raise BodyTooLarge(f"request body has {length} bytes; the limit is {MAX_BODY_BYTES}")
+        max_bytes = self.server.settings.limits.max_body_bytes
+        if length > max_bytes:
+            raise BodyTooLarge(f"request body has {length} bytes; the limit is {max_bytes}")
         if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
             self.send_response_only(100)  # HTTP/1.0 clients must not get it (RFC 9110)
             self.end_headers()
@@ -1890,14 +2373,22 @@ def health_body(settings: Settings, worker: Worker) -> dict[str, Any]:
 
 def models_body(settings: Settings, worker: Worker) -> dict[str, Any]:
     jobs = {}
+    overheads = worker.prompt_overhead_tokens or {}
     for name, job in JOBS.items():
         default_tokens, max_tokens = job_token_limits(job, settings.limits)
-        jobs[name] = {"default_max_new_tokens": default_tokens, "max_new_tokens": max_tokens}
+        overhead = overheads.get(name)
+        jobs[name] = {
+            "default_max_new_tokens": default_tokens,
+            "max_new_tokens": max_tokens,
+            "prompt_overhead_tokens": overhead,
+            "max_input_tokens": None if overhead is None else settings.limits.max_prompt_tokens - overhead,
+        }
     return {
         "models": [{"id": settings.model_name, "device": settings.device, "ready": worker.ready}],
         "jobs": jobs,
         "limits": {
             "max_input_chars": settings.limits.max_input_chars,
+            "max_body_bytes": settings.limits.max_body_bytes,
             "max_prompt_tokens": settings.limits.max_prompt_tokens,
             "context_tokens": settings.limits.context_tokens,
             "request_timeout_s": settings.limits.request_timeout_s,
@@ -1935,6 +2426,7 @@ def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, 
             "input": {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
             "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": job_token_limits(JOBS[job], limits)[1]},
             "timeout_s": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": limits.request_timeout_s},
+            "truncate": {"type": "boolean"},
         }
 
     result = obj(
@@ -1950,9 +2442,13 @@ def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, 
             "npu_proof": {"type": "string", "enum": list(PROOF_VALUES)},
             "tokens": obj({"prompt": integer, "generated": integer, "max_new_tokens": integer}, ["prompt", "generated", "max_new_tokens"]),
             "finish_reason": {"type": "string", "enum": ["stop", "length"]},
+            "stop_rule": {"type": "string", "enum": list(STOP_RULES), "nullable": True},
+            "input_truncated": {**obj({"dropped_chars": integer, "dropped_tokens": integer}, ["dropped_chars", "dropped_tokens"]),
+                                "nullable": True},
             "timing_ms": obj({"queue": number, "generate": number, "total": number}, ["queue", "generate", "total"]),
         },
-        ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_proof", "tokens", "finish_reason", "timing_ms"],
+        ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_proof", "tokens", "finish_reason",
+         "stop_rule", "input_truncated", "timing_ms"],
     )
     error = obj(
         {"error": obj({"type": {"type": "string", "enum": error_types()}, "message": string}, ["type", "message"]),
@@ -2401,6 +2897,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
     parser.add_argument("--no-npu-proof", action="store_true",
                         help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: unavailable")
+    parser.add_argument("--no-stop-rules", action="store_true",
+                        help="generate until the model's end or the budget, without the jobs' stop rules "
+                             "(to measure what they save; see CONTRACT.md)")
     parser.add_argument("--emulate-npu", action="store_true", default=env("OV_GENAI_NPU_EMULATE") == "1",
                         help="run GenAI's NPU pipeline with every submodel compiled for the CPU (no NPU needed, "
                              "no proof: npu_proof: emulated) [OV_GENAI_NPU_EMULATE=1]")
@@ -2420,6 +2919,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     source.add_argument("--input", help="input text for --job")
     source.add_argument("--input-file", help="read the input for --job from a UTF-8 file, or - for stdin")
     parser.add_argument("--max-new-tokens", type=int, help="max_new_tokens for --job (default: the job's)")
+    parser.add_argument("--truncate", action="store_true",
+                        help="for --job: drop the middle of an input whose prompt is over the token limit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -2475,6 +2976,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         busy_path=Path(args.busy_path) if args.busy_path else None,
         npu_proof=not args.no_npu_proof,
         emulate_npu=args.emulate_npu,
+        stop_rules=not args.no_stop_rules,
         limits=limits,
         max_connections=args.max_connections,
         token=read_token_file(Path(args.token_file)) if args.token_file else None,
@@ -2502,8 +3004,9 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--lock-timeout-s must be from 0 to {MAX_LOCK_TIMEOUT_S:g}")
     if not 0 < args.request_timeout_s <= MAX_LOCK_TIMEOUT_S:
         parser.error(f"--request-timeout-s must be above 0 and at most {MAX_LOCK_TIMEOUT_S:g}")
-    if args.job is None and (args.input is not None or args.input_file is not None or args.max_new_tokens is not None):
-        parser.error("--input, --input-file and --max-new-tokens need --job")
+    if args.job is None and (args.input is not None or args.input_file is not None or args.max_new_tokens is not None
+                             or args.truncate):
+        parser.error("--input, --input-file, --max-new-tokens and --truncate need --job")
     if args.job is not None and args.input is None and args.input_file is None:
         parser.error("--job needs --input or --input-file")
 
@@ -2544,13 +3047,21 @@ def read_cli_input(args: argparse.Namespace) -> str:
         raise InvalidRequest("--input-file is not valid UTF-8") from None
 
 
-def run_cli_job(settings: Settings, args: argparse.Namespace, pipeline_factory: PipelineFactory) -> int:
+def run_cli_job(
+    settings: Settings, args: argparse.Namespace, pipeline_factory: PipelineFactory, tokenizer_factory: TokenizerFactory
+) -> int:
     request_id = uuid.uuid4().hex
     try:
         fields: dict[str, Any] = {"input": read_cli_input(args)}
         if args.max_new_tokens is not None:
             fields["max_new_tokens"] = args.max_new_tokens
+        if args.truncate:
+            fields["truncate"] = True
         request = validate_job_request(fields, settings.limits, job=args.job)
+        if may_exceed_prompt_limit(JOBS[request.job], request.input_text, settings.limits):
+            tokenizer = tokenizer_factory(settings)
+            if tokenizer is not None:  # a prompt over the limit is refused before the model load
+                job_prompt(tokenizer, JOBS[request.job], request, settings.limits)
         worker = build_worker(settings, pipeline_factory)
         worker.load(warm_up=False)  # one job: a warm-up would only double the cost
         body = worker.run(request, request_id)
@@ -2562,20 +3073,20 @@ def run_cli_job(settings: Settings, args: argparse.Namespace, pipeline_factory: 
     return code
 
 
-def batch_lines(stream: Any) -> Iterator[bytes | None]:
-    """Lines of at most MAX_BODY_BYTES; a longer one is skipped unread and yielded as None."""
-    while line := stream.readline(MAX_BODY_BYTES + 1):
-        if len(line) > MAX_BODY_BYTES and not line.endswith(b"\n"):
-            while (rest := stream.readline(MAX_BODY_BYTES)) and not rest.endswith(b"\n"):
+def batch_lines(stream: Any, max_bytes: int) -> Iterator[bytes | None]:
+    """Lines of at most max_bytes; a longer one is skipped unread and yielded as None."""
+    while line := stream.readline(max_bytes + 1):
+        if len(line) > max_bytes and not line.endswith(b"\n"):
+            while (rest := stream.readline(max_bytes)) and not rest.endswith(b"\n"):
                 pass
             yield None
         else:
             yield line
 
 
-def batch_record(line: bytes | None) -> dict[str, Any]:
+def batch_record(line: bytes | None, max_bytes: int) -> dict[str, Any]:
     if line is None:
-        raise BodyTooLarge(f"line is longer than {MAX_BODY_BYTES} bytes")
+        raise BodyTooLarge(f"line is longer than {max_bytes} bytes")
     return parse_json_body(line)
 
 
@@ -2598,13 +3109,14 @@ def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory
     proof_failed = False
     with stream:
         worker.load(warm_up=False)
-        for number, line in enumerate(batch_lines(stream), start=1):
+        max_bytes = settings.limits.max_body_bytes
+        for number, line in enumerate(batch_lines(stream, max_bytes), start=1):
             if line is not None and not line.strip():
                 continue
             request_id = uuid.uuid4().hex
             item_id = None
             try:
-                record = batch_record(line)
+                record = batch_record(line, max_bytes)
                 item_id = batch_item_id(record)  # before validation: an error line still has its id
                 body = worker.run(validate_job_request(record, settings.limits), request_id)
             except WorkerError as exc:
@@ -2627,7 +3139,12 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format=stamp + "%(levelname)s %(message)s", stream=sys.stderr)
 
 
-def main(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory = load_genai_pipeline) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    pipeline_factory: PipelineFactory = load_genai_pipeline,
+    tokenizer_factory: TokenizerFactory = load_genai_tokenizer,
+) -> int:
     """Entry point for the CLI and the daemon; returns the exit code (CONTRACT.md, "Exit codes")."""
     environ = os.environ
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -2644,7 +3161,7 @@ def main(argv: Sequence[str] | None = None, *, pipeline_factory: PipelineFactory
         if args.doctor:
             return run_doctor(settings)
         if args.job is not None:
-            return run_cli_job(settings, args, pipeline_factory)
+            return run_cli_job(settings, args, pipeline_factory, tokenizer_factory)
         if args.batch is not None:
             return run_batch(settings, args.batch, pipeline_factory)
         check_loopback(settings.host)

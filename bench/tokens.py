@@ -45,7 +45,6 @@ Standard library and openvino_genai only; openvino_genai is imported when the mo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import os
@@ -217,6 +216,7 @@ def make_record(
         "generated_tokens": generated,
         "max_new_tokens": max_new_tokens,
         "finish_reason": generation.finish_reason if generation is not None else None,
+        "stop_rule": generation.stop_rule if generation is not None else None,
         "kept_tokens": kept_tokens,
         "discarded_tokens": max(0, generated - kept_tokens),
         "oracle_stop_tokens": oracle_stop_tokens,
@@ -267,6 +267,7 @@ def aggregate_job(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "stop_eos_tokens": sum(1 for r in generated if r["finish_reason"] == "stop"),
         "finish_reasons": dict(sorted(Counter(r["finish_reason"] for r in generated).items())),
         "finish_length": sum(1 for r in generated if r["finish_reason"] == "length"),
+        "stop_rules": dict(sorted(Counter(r.get("stop_rule") for r in generated if r.get("stop_rule")).items())),
         "shape_violations": sum(1 for r in answered if r["shape_violations"]),
         "shape_violations_by_type": dict(sorted(violations.items())),
         "patterns": dict(sorted(Counter(p for r in generated for p in r["patterns"]).items())),
@@ -322,10 +323,15 @@ class RecordingPipeline:
         return self.inner.encode(text)
 
     def generate(
-        self, prompt: worker.Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self,
+        prompt: worker.Prompt,
+        max_new_tokens: int,
+        grammar: str | None,
+        should_stop: Callable[[], bool],
+        stop_rules: str | None = None,
     ) -> worker.Generation:
         self.last_max_new_tokens = max_new_tokens
-        generation = self.inner.generate(prompt, max_new_tokens, json_schema, should_stop)
+        generation = self.inner.generate(prompt, max_new_tokens, grammar, should_stop, stop_rules)
         self.last_generation = generation
         return generation
 
@@ -334,12 +340,11 @@ class RecordingPipeline:
         return self.inner.encode(text).token_count if text else 0
 
     def decoder(self) -> Callable[[list[int]], str] | None:
-        """Token ids -> text with the model's tokenizer, if the wrapped pipeline exposes one.
-        GenAIPipeline keeps it private; the bench only reads it, for the oracle-stop estimate."""
-        tokenizer = getattr(self.inner, "_tokenizer", None)
+        """Token ids -> text with the model's tokenizer, if the wrapped pipeline has one."""
+        tokenizer = getattr(self.inner, "tokenizer", None)
         if tokenizer is None:
             return None
-        return lambda ids: tokenizer.decode([ids])[0] if ids else ""
+        return lambda ids: tokenizer.decode(ids) if ids else ""
 
 
 def oracle_stop_tokens(
@@ -366,42 +371,34 @@ def oracle_stop_tokens(
     return None
 
 
-def has_emulate_npu_setting() -> bool:
-    return "emulate_npu" in {field.name for field in dataclasses.fields(worker.Settings)}
-
-
-def emulated_npu_pipeline(settings: worker.Settings) -> worker.Pipeline:
-    """GenAI's NPU pipeline on a machine without an NPU: NPUW with every submodel on the CPU plugin
-    (shared/notes/npu-emulation.md).  It mirrors what today's worker does on the NPU, structured
-    output off.  Once worker.py has ``Settings(emulate_npu=True)``, ``make_settings`` sets that field
-    and this function is no longer used; delete it then."""
-    import openvino_genai  # lazily: --help and the pure tests must not pay for it
-
-    worker.check_model_path(settings.model_path, "NPU")
-    if settings.cache_dir is not None:
-        settings.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    llm = openvino_genai.LLMPipeline(
-        str(settings.model_path), "NPU", NPUW_DEVICES="CPU", **worker.pipeline_properties(settings)
-    )
-    return worker.GenAIPipeline(llm, openvino_genai, structured_output=False)
-
-
 def make_settings(model: Path, device: str, emulate_npu: bool, cache_dir: Path | None, lock_path: Path,
-                  npu_proof: bool) -> worker.Settings:
+                  npu_proof: bool, stop_rules: bool) -> worker.Settings:
     """The worker's settings for this run; an emulated NPU has no busy counter, so no proof."""
-    extra: dict[str, Any] = {}
     if emulate_npu:
-        device, npu_proof = "NPU", False
-        if has_emulate_npu_setting():
-            extra["emulate_npu"] = True
+        device, npu_proof = "NPU", True  # npu_proof is moot: emulation never claims it
     return worker.Settings(model_path=model, device=device, cache_dir=cache_dir, lock_path=lock_path,
-                           npu_proof=npu_proof, **extra)
+                           npu_proof=npu_proof, emulate_npu=emulate_npu, stop_rules=stop_rules)
 
 
-def base_factory(emulate_npu: bool) -> worker.PipelineFactory:
-    if emulate_npu and not has_emulate_npu_setting():
-        return emulated_npu_pipeline
-    return worker.load_genai_pipeline
+def with_repetition_penalty(factory: worker.PipelineFactory, penalty: float | None) -> worker.PipelineFactory:
+    """The worker's pipeline with the model's repetition_penalty replaced (None: the model's own),
+    to measure whether a penalty helps the loops the stop rules catch."""
+    if penalty is None:
+        return factory
+
+    def build(settings: worker.Settings) -> worker.Pipeline:
+        pipeline = factory(settings)
+        base = pipeline.generation_config  # type: ignore[attr-defined]
+
+        def generation_config(max_new_tokens: int, grammar: str | None) -> Any:
+            config = base(max_new_tokens, grammar)
+            config.repetition_penalty = penalty
+            return config
+
+        pipeline.generation_config = generation_config  # type: ignore[attr-defined]
+        return pipeline
+
+    return build
 
 
 # ==================================================================================================
@@ -419,6 +416,8 @@ def bench_tokens(
     cache_dir: Path | None = None,
     lock_path: Path | None = None,
     npu_proof: bool = True,
+    stop_rules: bool = True,
+    repetition_penalty: float | None = None,
     oracle: bool = True,
     progress: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
@@ -429,9 +428,9 @@ def bench_tokens(
             # gets a private one, so that a bench on the CPU never waits for (or blocks) an NPU job.
             real_npu = device == "NPU" and not emulate_npu
             lock_path = worker.default_lock_path(os.environ) if real_npu else Path(workdir) / worker.LOCK_FILE_NAME
-        settings = make_settings(model, device, emulate_npu, cache_dir, lock_path, npu_proof)
+        settings = make_settings(model, device, emulate_npu, cache_dir, lock_path, npu_proof, stop_rules)
         recorders: list[RecordingPipeline] = []
-        factory = base_factory(emulate_npu)
+        factory = with_repetition_penalty(worker.load_genai_pipeline, repetition_penalty)
 
         def recording_factory(settings: worker.Settings) -> worker.Pipeline:
             recorder = RecordingPipeline(factory(settings))
@@ -482,10 +481,9 @@ def bench_tokens(
             "model": str(model),
             "device": settings.device,
             "emulate_npu": emulate_npu,
-            "emulation": ("Settings.emulate_npu" if has_emulate_npu_setting() else "bench factory (NPUW_DEVICES=CPU)")
-            if emulate_npu else None,
-            # Whether the JSON schema reached the sampler (today's worker: CPU only).
-            "structured_output": getattr(recorder.inner, "_structured_output", None),
+            "stop_rules": stop_rules,
+            "repetition_penalty": repetition_penalty,
+            "budgets": {job: worker.JOBS[job].default_max_new_tokens for job in jobs},
             "jobs": list(jobs),
             "inputs": len(inputs),
             "load_s": round(load_s, 2),
@@ -535,13 +533,14 @@ def render(aggregates: dict[str, Any]) -> str:
             data["oracle_savable_pct"],
             data["shape_violations"],
             data["errors"],
+            ", ".join(f"{rule} {count}" for rule, count in data["stop_rules"].items()) or "-",
             data["json_valid_pct"],
             data["with_candidate_pct"],
         ])
     overall = aggregates["overall"]
     return "\n".join([
         table(["job", "n", "generated", "max_new", "kept", "discarded %", "length", "oracle-savable %",
-               "shape viol.", "errors", "json_valid %", ">=1 cand. %"], rows),
+               "shape viol.", "errors", "stop rules", "json_valid %", ">=1 cand. %"], rows),
         "",
         f"overall: {overall['generated_tokens']} tokens generated, {overall['discarded_tokens']} discarded "
         f"({fmt(overall['discarded_pct'])}%): {overall['npu_decode_s_discarded']} s of NPU decode at "
@@ -586,6 +585,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inputs", type=Path, default=DEFAULT_INPUTS, help="JSON Lines inputs (default %(default)s)")
     parser.add_argument("--ids", nargs="+", help="run only these input ids (a documented subset)")
     parser.add_argument("--cache-dir", type=Path, help="compiled-model cache (default: none)")
+    parser.add_argument("--no-stop-rules", action="store_true",
+                        help="generate to EOS or the budget, as worker.py --no-stop-rules (the 'before' of the rules)")
+    parser.add_argument("--repetition-penalty", type=float,
+                        help="replace the model's repetition_penalty (default: the model's own, from its config)")
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle-stop estimate")
     parser.add_argument("--json", type=Path, help="write meta, aggregates and every record here")
     parser.add_argument("--quiet", action="store_true", help="no per-job progress on stderr")
@@ -605,8 +608,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         results = bench_tokens(
             model, args.device, emulate_npu=args.emulate_npu, jobs=args.jobs, inputs=inputs,
-            cache_dir=args.cache_dir, npu_proof=not args.no_npu_proof, oracle=not args.no_oracle,
-            progress=progress,
+            cache_dir=args.cache_dir, npu_proof=not args.no_npu_proof, stop_rules=not args.no_stop_rules,
+            repetition_penalty=args.repetition_penalty, oracle=not args.no_oracle, progress=progress,
         )
     except worker.WorkerError as exc:  # the model would not load: nothing was measured
         print(f"bench/tokens.py: {exc.type}: {exc.message}", file=sys.stderr)

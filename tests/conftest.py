@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import threading
 import time
@@ -59,25 +60,39 @@ class FakeNpuPipeline:
         return worker.Prompt(text=text, token_count=self.count_tokens(text))
 
     def generate(
-        self, prompt: worker.Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]
+        self,
+        prompt: worker.Prompt,
+        max_new_tokens: int,
+        grammar: str | None,
+        should_stop: Callable[[], bool],
+        stop_rules: str | None = None,
     ) -> worker.Generation:
+        """A token is a word with the white space before it, run through the worker's own StopWatch
+        (cancellation and stop rules) as the real streamer does."""
         prompt_tokens = prompt.token_count
-        self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "json_schema": json_schema})
+        self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "grammar": grammar})
         if self.fail_with is not None:
             raise self.fail_with
         if self.busy_file is not None:
             busy = int(self.busy_file.read_text())
             self.busy_file.write_text(str(busy + self.busy_increment_us))
-        words = self.reply.split()
-        generated = min(len(words), max_new_tokens)
-        finish = "stop" if generated == len(words) else "length"
+        tokens = re.findall(r"\s*\S+", self.reply)
+        ids = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+        triggers = frozenset(index for token, index in ids.items() if stop_rules and set(token) & set(worker.STOP_TRIGGER_CHARS[stop_rules]))
+        pieces = {index: token for token, index in ids.items()}
+        watch = worker.StopWatch(should_stop, stop_rules, lambda token_ids: "".join(pieces[i] for i in token_ids), triggers)
+        generated, finish = min(len(tokens), max_new_tokens), "stop"
+        if generated < len(tokens):
+            finish = "length"
         for index in range(generated):  # the streamer is asked after every token, as in GenAI
             time.sleep(self.seconds_per_token)
-            if should_stop():
-                generated, finish = index + 1, "cancelled"
+            verdict = watch.step([ids[tokens[index]]])
+            if verdict is not None:
+                generated, finish = index + 1, "cancelled" if verdict == worker.CANCEL else "stop"
                 break
         return worker.Generation(
-            text=" ".join(words[:generated]), prompt_tokens=prompt_tokens, generated_tokens=generated, finish_reason=finish
+            text="".join(tokens[:generated]).strip(), prompt_tokens=prompt_tokens, generated_tokens=generated,
+            finish_reason=finish, stop_rule=watch.stop_rule if finish == "stop" else None,
         )
 
 

@@ -23,10 +23,10 @@ CONTRACT = Path(worker.__file__).resolve().parent / "CONTRACT.md"
 MARKER = "ZqXMarker7731"
 
 JOB_DEFAULTS = {  # CONTRACT.md, Jobs: default / max max_new_tokens
-    "title": (24, 64),
-    "summary": (160, 256),
-    "notification": (48, 96),
-    "memory_candidate": (192, 256),
+    "title": (40, 64),
+    "summary": (192, 256),
+    "notification": (64, 96),
+    "memory_candidate": (200, 256),
 }
 
 
@@ -125,6 +125,10 @@ def test_clean_title_removes_decoration(raw: str) -> None:
         param("Fast worker fast worker fast worker fast worker", "Fast worker", id="runaway-phrase-mixed-case"),
         param("Version 2.1 of the Worker.", "Version 2.1 of the Worker", id="inner-period-kept"),
         param("Worker: Design Notes", "Worker: Design Notes", id="inner-colon-kept"),
+        param("Backup finished. Two files were skipped.", "Backup finished", id="first-sentence-only"),
+        param("Is it ready? Yes, it is.", "Is it ready?", id="first-question-only"),
+        param("\u79fb\u884c\u3057\u307e\u3059\u3002\u5348\u524d9\u6642", "\u79fb\u884c\u3057\u307e\u3059",
+              id="cjk-first-sentence"),
     ],
 )
 def test_clean_title_examples(raw: str, expected: str) -> None:
@@ -341,7 +345,8 @@ def test_clean_notification_up_to_limit_is_unchanged(length: int) -> None:
         param(LONG_WORDS + " " + LONG_WORDS.upper(), True, id="words"),
         param(text_of_length(141), True, id="141-chars"),
         param(DISTINCT_WORDS, True, id="far-over"),
-        param(LONG_WORDS + "\n" + DISTINCT_WORDS.replace(" ", "\n"), True, id="many-lines"),
+        # Only the first answer line is the notification; the lines after it are never joined on.
+        param(LONG_WORDS + " " + LONG_WORDS.upper() + "\n" + DISTINCT_WORDS.replace(" ", "\n"), True, id="many-lines"),
         # No space in the second half of the limit: a hard cut (CONTRACT: "cut at a word" is best effort).
         param("Backup " + "x" * 200, False, id="one-huge-word"),
     ],
@@ -352,7 +357,7 @@ def test_clean_notification_long_output_is_cut_with_ellipsis(raw: str, at_word: 
     assert text.endswith("\u2026")
     assert "\n" not in text
     body = text[:-1]
-    source = " ".join(worker.plain_lines(raw))
+    source = worker.answer_lines(raw)[0]
     assert source.startswith(body)
     if at_word:
         assert source[len(body)] == " "
@@ -530,8 +535,15 @@ MEMORY_CASES = [
     param("{candidates: [Prefers tea]}", [], False, id="invalid-json"),
     param("{'candidates': [{'text': 'Prefers tea'}]}", [], False, id="single-quoted-json"),
     param('{"candidates": [{"text": "Lives in Lis', [], False, id="truncated-mid-string"),
-    param('{"candidates": [{"text": "Prefers tea over coffee"}, ', [], False, id="truncated-mid-array"),
-    param('{"candidates": [{"text": "Prefers tea over coffee"}]', [], False, id="truncated-before-last-brace"),
+    # Cut off by the token budget: the items complete before the cut are kept, json_valid says the cut.
+    param('{"candidates": [{"text": "Prefers tea over coffee"}, ', [TEA], False, id="truncated-mid-array"),
+    param('{"candidates": [{"text": "Prefers tea over coffee"}]', [TEA], False, id="truncated-before-last-brace"),
+    param('{"candidates":[{"text":"Prefers tea over coffee"},{"text":"Lives in Lis', [TEA], False, id="truncated-compact"),
+    param('[{"text": "Prefers tea over coffee"}, {"text": "Lives in Lisbon since last spring"}', [TEA, LISBON], False,
+          id="truncated-bare-list"),
+    param('{"candidates": [{"text": "Prefers tea over coffee"} {"text": "Lives in Lisbon since last spring"}', [TEA, LISBON],
+          False, id="truncated-missing-comma"),
+    param('{"other": 1, "candidates": [{"text": "Prefers tea over coffee"}', [], False, id="truncated-other-key-first"),
     param('{"candidates": "x"}', [], False, id="candidates-is-string"),
     param('{"candidates": {"text": "x"}}', [], False, id="candidates-is-object"),
     param('{"facts": [{"text": "Prefers tea"}]}', [], False, id="no-candidates-key"),
@@ -797,10 +809,10 @@ def test_validate_job_request_max_new_tokens_range(job: str, fixed: bool) -> Non
 
 # Expected (default, maximum) per job for a --max-new-tokens-limit, written out by hand.
 TOKEN_LIMIT_TABLE = {
-    256: {"title": (24, 64), "summary": (160, 256), "notification": (48, 96), "memory_candidate": (192, 256)},
-    1000: {"title": (24, 64), "summary": (160, 256), "notification": (48, 96), "memory_candidate": (192, 256)},
-    100: {"title": (24, 64), "summary": (100, 100), "notification": (48, 96), "memory_candidate": (100, 100)},
-    50: {"title": (24, 50), "summary": (50, 50), "notification": (48, 50), "memory_candidate": (50, 50)},
+    256: {"title": (40, 64), "summary": (192, 256), "notification": (64, 96), "memory_candidate": (200, 256)},
+    1000: {"title": (40, 64), "summary": (192, 256), "notification": (64, 96), "memory_candidate": (200, 256)},
+    100: {"title": (40, 64), "summary": (100, 100), "notification": (64, 96), "memory_candidate": (100, 100)},
+    50: {"title": (40, 50), "summary": (50, 50), "notification": (50, 50), "memory_candidate": (50, 50)},
     1: {"title": (1, 1), "summary": (1, 1), "notification": (1, 1), "memory_candidate": (1, 1)},
 }
 
@@ -837,7 +849,7 @@ def test_documented_limit_defaults() -> None:
     assert limits.max_prompt_tokens == 1024
     assert limits.min_response_tokens == 256
     assert limits.context_tokens == 1280
-    assert worker.MAX_BODY_BYTES == 65536
+    assert limits.max_body_bytes == 12 * 6000 + 4096 == 76096
     assert worker.DEFAULT_QUEUE_DEPTH == 8
     assert worker.DEFAULT_LOCK_TIMEOUT_S == 60
     assert worker.CONNECTION_TIMEOUT_S == 10
@@ -874,13 +886,46 @@ def test_plan_max_new_tokens(limits: worker.Limits, prompt: int, requested: int,
         param(worker.Limits(max_prompt_tokens=100, min_response_tokens=10), 101, id="custom-plus-one"),
     ],
 )
-def test_plan_max_new_tokens_prompt_too_long(limits: worker.Limits, prompt: int) -> None:
-    with pytest.raises(worker.PromptTooLong) as info:
-        worker.plan_max_new_tokens(prompt, 24, limits)
-    assert info.value.status == 413
-    assert info.value.type == "prompt_too_long"
-    assert str(prompt) in info.value.message
-    assert str(limits.max_prompt_tokens) in info.value.message
+def test_prompt_too_long_says_by_how_much_and_what_would_fit(limits: worker.Limits, prompt: int) -> None:
+    error = worker.prompt_too_long(prompt, 40, 5000, limits)
+    assert (error.status, error.type) == (413, "prompt_too_long")
+    over = prompt - limits.max_prompt_tokens
+    fits = 5000 * (limits.max_prompt_tokens - 40) // (prompt - 40)
+    assert error.message == (
+        f"prompt has {prompt} tokens; the limit is {limits.max_prompt_tokens}: the input is {over} tokens over, "
+        f'about {fits} of its 5000 characters would fit (or send "truncate": true)'
+    )
+    assert error.details == {"prompt_tokens": prompt, "max_prompt_tokens": limits.max_prompt_tokens,
+                             "over_tokens": over, "fits_chars_estimate": fits}
+    body = worker.error_body(error, "r1")
+    assert body["error"]["over_tokens"] == over and body["error"]["type"] == "prompt_too_long"
+
+
+@pytest.mark.parametrize("kept, expected", [
+    (10, "abcdefghij"), (99, "abcdefghij"), (4, "ab\n[\u2026]\nij"), (3, "ab\n[\u2026]\nj"), (0, "\n[\u2026]\n"),
+])
+def test_shorten_middle_keeps_the_start_and_the_end(kept: int, expected: str) -> None:
+    assert worker.shorten_middle("abcdefghij", kept) == expected
+
+
+def test_fit_input_finds_the_longest_input_that_fits_by_the_counter_it_is_given() -> None:
+    text = "".join(chr(ord("a") + index % 26) for index in range(6000))
+    calls: list[str] = []
+
+    def count(candidate: str) -> int:  # a prompt of 50 tokens plus one token per 3 characters
+        calls.append(candidate)
+        return 50 + len(candidate) // 3
+
+    fitted = worker.fit_input(text, count, 1024)
+    assert fitted is not None and count(fitted) <= 1024
+    kept = len(fitted) - len(worker.TRUNCATION_MARKER)
+    assert count(worker.shorten_middle(text, kept + 1)) > 1024  # one more character would not fit
+    assert fitted.startswith(text[: kept - kept // 2]) and fitted.endswith(text[-(kept // 2):])
+    assert len(calls) < 20  # bisection, not a scan
+
+
+def test_fit_input_gives_none_when_not_even_the_marker_fits() -> None:
+    assert worker.fit_input("x" * 100, lambda candidate: 2000, 1024) is None
 
 
 def test_plan_max_new_tokens_never_clamps_with_defaults() -> None:

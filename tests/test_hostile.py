@@ -604,7 +604,7 @@ def test_8_a_duplicated_identical_content_length_is_400_as_documented(fake_serve
 # --- 9: body over the cap --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("length", [worker.MAX_BODY_BYTES + 1, 1_000_000_000, 10**30])
+@pytest.mark.parametrize("length", [worker.Limits().max_body_bytes + 1, 1_000_000_000, 10**30])
 def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(fake_server: worker.WorkerHTTPServer, length: int) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
@@ -614,7 +614,7 @@ def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(fa
         reply = conn.reply()  # the promised body never comes: an answer at all proves nothing was waited for
         assert time.monotonic() - started < 2
         body = assert_error(reply, 413, "body_too_large")
-        assert str(worker.MAX_BODY_BYTES) in body["error"]["message"]
+        assert str(worker.Limits().max_body_bytes) in body["error"]["message"]
         assert reply.header("Connection") == "close" and conn.closed_within(3)
     assert generate_calls(fake_server) == calls
     assert_serves(fake_server)
@@ -622,7 +622,7 @@ def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(fa
 
 def test_9_a_body_of_exactly_the_cap_is_read(fake_server: worker.WorkerHTTPServer) -> None:
     port = fake_server.server_port
-    body = b'{"job": "title", "input": "x"}'.ljust(worker.MAX_BODY_BYTES, b" ")
+    body = b'{"job": "title", "input": "x"}'.ljust(worker.Limits().max_body_bytes, b" ")
     reply, closed = exchange(port, request(port, "POST", "/v1/worker/generate", body=body), timeout=30)
     assert reply.status == 200 and not closed
 
@@ -1079,8 +1079,8 @@ def test_17_a_job_whose_deadline_passed_before_its_turn_never_reaches_the_pipeli
 # --- 18-19: hostile JSON ---------------------------------------------------------------------------
 
 HOSTILE_BODIES: dict[str, tuple[bytes, int, str]] = {
-    "deep-array": (b"[" * worker.MAX_BODY_BYTES, 400, "invalid_json"),
-    "deep-object": (b'{"a":' * (worker.MAX_BODY_BYTES // 5), 400, "invalid_json"),
+    "deep-array": (b"[" * worker.Limits().max_body_bytes, 400, "invalid_json"),
+    "deep-object": (b'{"a":' * (worker.Limits().max_body_bytes // 5), 400, "invalid_json"),
     "deep-inside-input": (b'{"job": "title", "input": ' + b"[" * 60_000 + b"]" * 60 + b"}", 400, "invalid_json"),
     "100k-brackets": (b"[" * 100_000, 413, "body_too_large"),  # over the body cap before it is parsed
     "nan": (b'{"job": "title", "input": "x", "timeout_s": NaN}', 400, "invalid_json"),

@@ -100,10 +100,31 @@ def test_models_lists_model_jobs_and_limits(start_server: Callable[..., worker.W
     assert status == 200
     assert body["models"] == [{"id": "tiny-chatml-ov", "device": "CPU", "ready": True}]
     assert list(body["jobs"]) == ["title", "summary", "notification", "memory_candidate"]
-    assert body["jobs"]["title"] == {"default_max_new_tokens": 24, "max_new_tokens": 64}
-    assert body["limits"] == {
-        "max_input_chars": 6000, "max_prompt_tokens": 1024, "context_tokens": 1280, "request_timeout_s": 120.0, "queue_depth": 8
+    fake = FakeNpuPipeline(cpu_settings(Path("/unused")))  # its tokens are words
+    overhead = fake.encode(fake.render_prompt(worker.job_messages(worker.JOBS["title"], ""))).token_count
+    assert body["jobs"]["title"] == {
+        "default_max_new_tokens": worker.JOBS["title"].default_max_new_tokens, "max_new_tokens": 64,
+        "prompt_overhead_tokens": overhead, "max_input_tokens": 1024 - overhead,
     }
+    assert body["limits"] == {
+        "max_input_chars": 6000, "max_body_bytes": 76096, "max_prompt_tokens": 1024, "context_tokens": 1280,
+        "request_timeout_s": 120.0, "queue_depth": 8,
+    }
+
+
+def test_models_says_null_overheads_while_the_model_loads(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+    status, _, body = call(start_server(load=False), "GET", "/models")
+    assert status == 200
+    assert {job["prompt_overhead_tokens"] for job in body["jobs"].values()} == {None}
+    assert {job["max_input_tokens"] for job in body["jobs"].values()} == {None}
+
+
+def test_an_input_at_the_limit_fits_the_body_cap_even_fully_escaped(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+    """6000 emoji escaped by json.dumps are 72 KB of \\ud83d\\ude00: a body that must be accepted."""
+    body = json.dumps({"job": "title", "input": "\U0001f600" * 6000, "max_new_tokens": 4})
+    assert len(body) > 72_000
+    status, _, answer = call(start_server(), "POST", "/v1/worker/generate", body.encode())
+    assert status == 200, answer  # the fake counts words, so the prompt fits; never body_too_large
 
 
 @pytest.mark.parametrize("job", list(worker.JOBS))

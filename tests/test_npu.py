@@ -26,7 +26,8 @@ def test_positive_delta_is_reported_as_verified(npu_settings: worker.Settings, b
     npu_worker = make_worker(npu_settings, pipeline)
     result = npu_worker.run(worker.JobRequest("title", "Kanban task asks for a worker."), "r1")
     assert (result["device"], result["npu_busy_delta_us"], result["npu_proof"]) == ("NPU", 2650, "verified")
-    assert int(busy_file.read_text()) == 1_000_000 + 2 * 2650  # warm-up and job both ran
+    # Both warm-ups (title, memory_candidate) and the job advanced the counter.
+    assert int(busy_file.read_text()) == 1_000_000 + (len(worker.WARMUP_REQUESTS) + 1) * 2650
 
 
 def test_zero_delta_fails_loudly_with_the_measurements(npu_settings: worker.Settings, busy_file: Path) -> None:
@@ -63,7 +64,7 @@ def test_npu_memory_candidates_ask_for_the_schema_and_validate_the_json(npu_sett
     pipeline = FakeNpuPipeline(npu_settings, busy_file=busy_file, reply='{"candidates": [{"text": "Lives in Lisbon"}]}')
     result = make_worker(npu_settings, pipeline).run(worker.JobRequest("memory_candidate", "I live in Lisbon."), "r1")
     assert result["candidates"] == [{"text": "Lives in Lisbon"}] and result["json_valid"] is True
-    assert pipeline.calls[-1]["json_schema"] == worker.MEMORY_JSON_SCHEMA  # on the NPU as on the CPU
+    assert pipeline.calls[-1]["grammar"] == worker.MEMORY_GRAMMAR  # on the NPU as on the CPU
 
 
 # --- through the CLI entry points ----------------------------------------------------------------

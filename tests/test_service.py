@@ -51,6 +51,8 @@ from conftest import cpu_settings
 from conftest import ir_header
 from conftest import worker_env
 
+WARM_UPS = len(worker.WARMUP_REQUESTS)  # generations before a worker turns ready
+
 Response = tuple[int, http.client.HTTPMessage, Any]
 T = TypeVar("T")
 
@@ -127,11 +129,12 @@ class RecordingPipeline(FakeNpuPipeline):
         self.started = 0
         self.generations: list[worker.Generation] = []
 
-    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]) -> worker.Generation:
+    def generate(self, prompt: str, max_new_tokens: int, grammar: str | None, should_stop: Callable[[], bool],
+                 stop_rules: str | None = None) -> worker.Generation:
         with self.changed:
             self.started += 1
             self.changed.notify_all()
-        generation = super().generate(prompt, max_new_tokens, json_schema, should_stop)
+        generation = super().generate(prompt, max_new_tokens, grammar, should_stop, stop_rules)
         with self.changed:
             self.generations.append(generation)
             self.changed.notify_all()
@@ -413,7 +416,7 @@ def test_daemon_reports_loading_then_ready_after_warm_up_then_watchdog_then_stop
             status, _, health = call(port, "GET", "/healthz")
             assert (status, health["status"], health["ready"]) == (200, "ok", True)
             metrics = scrape(port)
-            assert metrics.value("npu_worker_generate_duration_seconds_count") == 1
+            assert metrics.value("npu_worker_generate_duration_seconds_count") == WARM_UPS
             assert metrics.value("npu_worker_ready") == 1
             assert not [labels for labels, _ in metrics.series("npu_worker_requests_total") if labels["endpoint"] == GENERATE]
 
@@ -467,11 +470,12 @@ class HungPrefillPipeline(FakeNpuPipeline):
         self.hanging = threading.Event()
         self.release = threading.Event()
 
-    def generate(self, prompt: str, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]) -> worker.Generation:
+    def generate(self, prompt: str, max_new_tokens: int, grammar: str | None, should_stop: Callable[[], bool],
+                 stop_rules: str | None = None) -> worker.Generation:
         if self.hang.is_set():
             self.hanging.set()
             self.release.wait(30)
-        return super().generate(prompt, max_new_tokens, json_schema, should_stop)
+        return super().generate(prompt, max_new_tokens, grammar, should_stop, stop_rules)
 
 
 def test_watchdog_stops_pinging_while_a_generation_is_stuck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -549,7 +553,7 @@ def test_sigterm_answers_every_accepted_job_refuses_new_ones_and_exits_0(tmp_pat
         answers.append((time.monotonic(), status, body))
 
     with notify_socket(f"@npu-worker-test-{uuid.uuid4().hex}") as listener, \
-            running_daemon(tmp_path, NOTIFY_SOCKET=listener.address) as daemon:
+            running_daemon(tmp_path, "--no-stop-rules", NOTIFY_SOCKET=listener.address) as daemon:  # 256 tokens each
         port = daemon.wait_listening()
         listener.until(lambda fields: "READY=1" in fields, DAEMON_START_TIMEOUT_S)
         pool = ThreadPoolExecutor(jobs)
@@ -630,7 +634,7 @@ def test_deadline_cancels_the_generation_and_frees_the_npu(start_server: Callabl
     assert_error(response, 504, "timeout")
     assert elapsed_s < 1.0  # the full generation would take 2.56 s
     assert lock_is_free(server.settings.lock_path)
-    cancelled = pipeline.generations[1]  # [0] is the warm-up
+    cancelled = pipeline.generations[WARM_UPS]  # the warm-ups came first
     assert cancelled.finish_reason == "cancelled" and cancelled.generated_tokens < 100
 
     status, _, body = call(server.server_port, "POST", GENERATE, {"job": "title", "input": "x", "max_new_tokens": 3})
@@ -646,13 +650,13 @@ def disconnect_mid_generation(server: worker.WorkerHTTPServer, pipeline: Recordi
             b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        pipeline.wait_for(lambda: pipeline.started == 2)  # [0] was the warm-up: generating now
+        pipeline.wait_for(lambda: pipeline.started == WARM_UPS + 1)  # after the warm-ups: generating now
     finally:
         client.close()
     closed_at = time.monotonic()
-    pipeline.wait_for(lambda: len(pipeline.generations) == 2)
+    pipeline.wait_for(lambda: len(pipeline.generations) == WARM_UPS + 1)
     assert time.monotonic() - closed_at < 1.0  # the rest of the 256 tokens would take over 1.5 s
-    return pipeline.generations[1]
+    return pipeline.generations[WARM_UPS]
 
 
 def test_a_client_that_disconnects_cancels_its_generation(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
@@ -685,15 +689,15 @@ def test_queue_wait_counts_toward_the_deadline(start_server: Callable[..., worke
     port = server.server_port
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(call, port, "POST", GENERATE, {"job": "summary", "input": "x", "max_new_tokens": 150})
-        pipeline.wait_for(lambda: pipeline.started == 2)  # the slow job holds the NPU for 1.5 s
+        pipeline.wait_for(lambda: pipeline.started == WARM_UPS + 1)  # the slow job holds the NPU for 1.5 s
         started = time.monotonic()
         response = call(port, "POST", GENERATE, {"job": "title", "input": "y", "timeout_s": 0.2})
         elapsed_s = time.monotonic() - started
         assert_error(response, 504, "timeout")
         assert "deadline" in response[2]["error"]["message"]
         assert 0.2 <= elapsed_s < 1.0
-        assert len(pipeline.generations) == 1  # answered while the slow job still ran...
-        assert pipeline.started == 2  # ...and the timed-out job never reached the pipeline
+        assert len(pipeline.generations) == WARM_UPS  # answered while the slow job still ran...
+        assert pipeline.started == WARM_UPS + 1  # ...and the timed-out job never reached the pipeline
         assert slow.result(timeout=HTTP_TIMEOUT_S)[0] == 200
 
 
@@ -722,23 +726,25 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
     assert requests_total(metrics, "<other>", "", 404) == 1
     assert sum(value for _, value in metrics.series("npu_worker_requests_total")) == 5
 
-    # The warm-up is a job too: counted independently from what the fake is given.
-    warm_up_prompt = pipeline.count_tokens(
-        pipeline.render_prompt(worker.job_messages(worker.JOBS["title"], worker.WARMUP_REQUEST.input_text))
+    # The warm-ups are jobs too: counted independently from what the fake is given.
+    warm_up_prompt = sum(
+        pipeline.count_tokens(pipeline.render_prompt(worker.job_messages(worker.JOBS[request.job], request.input_text)))
+        for request in worker.WARMUP_REQUESTS
     )
-    warm_up_generated = min(len(LONG_REPLY.split()), worker.WARMUP_REQUEST.max_new_tokens or 0)
+    warm_up_generated = sum(min(len(LONG_REPLY.split()), request.max_new_tokens or 0) for request in worker.WARMUP_REQUESTS)
     assert metrics.value("npu_worker_prompt_tokens_total") == sum(r["tokens"]["prompt"] for r in results) + warm_up_prompt
     assert metrics.value("npu_worker_generated_tokens_total") == sum(r["tokens"]["generated"] for r in results) + warm_up_generated
     assert [r["tokens"]["generated"] for r in results] == [1, 2, 10]
-    assert len(pipeline.generations) == 4
+    warm_ups = len(worker.WARMUP_REQUESTS)
+    assert len(pipeline.generations) == 3 + warm_ups
 
     _, generate_count = assert_histogram_consistent(metrics, "npu_worker_generate_duration_seconds")
-    assert generate_count == 4  # three jobs and the warm-up
+    assert generate_count == 3 + warm_ups  # three jobs and the warm-ups
     buckets = dict(assert_histogram_consistent(metrics, "npu_worker_generate_duration_seconds")[0])
-    assert buckets["0.025"] == 0 and buckets["2.5"] == 4  # every call slept 0.03 s per token, 0.3 s at most
+    assert buckets["0.025"] == 0 and buckets["2.5"] == 3 + warm_ups  # every call slept 0.03 s per token, 0.3 s at most
     assert metrics.value("npu_worker_generate_duration_seconds_sum") >= 0.03 * (1 + 2 + 10 + warm_up_generated)
-    assert assert_histogram_consistent(metrics, "npu_worker_queue_wait_seconds")[1] == 4
-    assert assert_histogram_consistent(metrics, "npu_worker_lock_wait_seconds")[1] == 5  # + the model load
+    assert assert_histogram_consistent(metrics, "npu_worker_queue_wait_seconds")[1] == 3 + warm_ups
+    assert assert_histogram_consistent(metrics, "npu_worker_lock_wait_seconds")[1] == 3 + warm_ups + 1  # + the model load
     assert assert_histogram_consistent(metrics, "npu_worker_request_duration_seconds")[1] == 5
 
     (build_labels, build_value), = metrics.series("npu_worker_build_info")
@@ -776,7 +782,7 @@ def test_metrics_add_up_npu_busy_time_and_count_proof_failures(
 
     settle(server)
     metrics = scrape(port)
-    assert metrics.value("npu_worker_npu_busy_microseconds_total") == sum(deltas) + 1500  # + the warm-up
+    assert metrics.value("npu_worker_npu_busy_microseconds_total") == sum(deltas) + 1500 * WARM_UPS  # + the warm-ups
     assert metrics.value("npu_worker_npu_busy_microseconds_total") == int(busy_file.read_text()) - initial_us
     assert metrics.value("npu_worker_npu_proof_failures_total") == 1
     assert requests_total(metrics, GENERATE, "title", 502) == 1
@@ -1133,7 +1139,7 @@ BAD_BATCH_LINES = (
     ("[1, 2, 3]", "invalid_json"),
     (json.dumps({"job": "poem", "input": "x"}), "invalid_request"),
     (json.dumps({"job": "title", "input": "x" * 6001}), "input_too_long"),
-    (json.dumps({"job": "title", "input": "y" * 70_000}), "body_too_large"),
+    (json.dumps({"job": "title", "input": "y" * 80_000}), "body_too_large"),
     (json.dumps({"job": "summary", "input": PROMPT_TOO_LONG_INPUT}), "prompt_too_long"),
     (json.dumps({"id": [1], "job": "title", "input": "x"}), "invalid_request"),
     (json.dumps({"id": True, "job": "title", "input": "x"}), "invalid_request"),
@@ -1214,12 +1220,13 @@ def test_batch_from_stdin_with_only_good_lines_exits_0(tmp_path: Path) -> None:
 class ProofOnlyWithoutMarker(FakeNpuPipeline):
     """The busy counter does not move for a prompt that says NO-NPU."""
 
-    def generate(self, prompt: worker.Prompt, max_new_tokens: int, json_schema: str | None, should_stop: Callable[[], bool]) -> worker.Generation:
+    def generate(self, prompt: worker.Prompt, max_new_tokens: int, grammar: str | None, should_stop: Callable[[], bool],
+                 stop_rules: str | None = None) -> worker.Generation:
         increment_us = self.busy_increment_us
         if "NO-NPU" in prompt.text:
             self.busy_increment_us = 0
         try:
-            return super().generate(prompt, max_new_tokens, json_schema, should_stop)
+            return super().generate(prompt, max_new_tokens, grammar, should_stop, stop_rules)
         finally:
             self.busy_increment_us = increment_us
 

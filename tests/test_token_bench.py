@@ -181,7 +181,7 @@ def test_real_run_on_tiny_model_cpu(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 0
     data = json.loads(out.read_text(encoding="utf-8"))
     check_run(data, jobs)
-    assert data["meta"]["device"] == "CPU" and data["meta"]["structured_output"] is True
+    assert data["meta"]["device"] == "CPU" and data["meta"]["stop_rules"] is True
     printed = capsys.readouterr().out
     assert "memory_candidate" in printed and "discarded %" in printed
 
@@ -194,4 +194,14 @@ def test_real_run_on_tiny_model_emulated_npu(tmp_path: Path) -> None:
     data = json.loads(out.read_text(encoding="utf-8"))
     check_run(data, ["title"])
     assert data["meta"]["device"] == "NPU" and data["meta"]["emulate_npu"] is True
-    assert data["meta"]["structured_output"] is False  # what today's worker does on the NPU
+    assert data["meta"]["budgets"] == {"title": worker.JOBS["title"].default_max_new_tokens}
+
+
+def test_without_stop_rules_every_generation_ends_at_eos_or_the_budget(tmp_path: Path) -> None:
+    out = tmp_path / "tokens.json"
+    code = tokens.main(["--model", str(TINY_MODEL), "--no-stop-rules", "--inputs", str(write_inputs(tmp_path / "in.jsonl")),
+                        "--jobs", "summary", "--json", str(out), "--quiet", "--no-oracle"])
+    assert code == 0
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["meta"]["stop_rules"] is False
+    assert all(record["stop_rule"] is None for record in data["records"])
