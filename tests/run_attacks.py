@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from typing import Sequence
@@ -148,10 +149,18 @@ def log_window(log_path: Path, start: int, end: int) -> dict[str, Any]:
         "bytes": len(data),
         "lines": len(lines),
         "unhealthy_lines": sum(1 for line in lines if "unhealthy" in line),
+        "unhealthy_messages": sorted({line.split("unhealthy", 1)[1] for line in lines if "unhealthy" in line}),
         "connection_cap_lines": sum(1 for line in lines if "too many open connections" in line),
         "error_lines": sum(1 for line in lines if " ERROR " in f" {line} "),
         "first_unhealthy": next((line for line in lines if "unhealthy" in line), None),
+        "answers": dict(sorted(Counter(_answer(line) for line in lines if " status=" in line).items())),
     }
+
+
+def _answer(line: str) -> str:
+    """``path status error`` of one logfmt request line."""
+    fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+    return " ".join(fields[name] for name in ("method", "path", "status", "error") if name in fields)
 
 
 def wait_recovered(port: int, timeout_s: float = RECOVERY_TIMEOUT_S) -> float | None:
@@ -172,6 +181,7 @@ def run_scenario(name: str, options: Options, workdir: Path, worker_py: Path = W
         log_start = daemon.log_size()
         cpu_start = daemon.cpu_s()
         started = time.monotonic()
+        client_cpu_start = time.process_time()
         attack = None
         if attack_class is not None:
             attack = attack_class(HOST, daemon.port, connections=options.connections, interval_s=options.interval_s)
@@ -187,8 +197,11 @@ def run_scenario(name: str, options: Options, workdir: Path, worker_py: Path = W
                 attack.stop()
         attack_s = time.monotonic() - started
         cpu_s = daemon.cpu_s() - cpu_start
+        client_cpu_s = time.process_time() - client_cpu_start
         log_end = daemon.log_size()
         recovery_s = wait_recovered(daemon.port)
+        time.sleep(1.0)  # let threads of the closed attack connections finish and log
+        after_stop = log_window(daemon.log_path, log_end, daemon.log_size())
         return {
             "scenario": name,
             "port": daemon.port,
@@ -196,7 +209,11 @@ def run_scenario(name: str, options: Options, workdir: Path, worker_py: Path = W
             "probes": prober.summary(),
             "attack": attack.stats().as_dict() if attack is not None else None,
             "log": log_window(daemon.log_path, log_start, log_end),
+            # Requests the daemon answered after the attacker closed its sockets: a half-sent
+            # head that EOF ends is parsed as complete by http.client.parse_headers.
+            "log_after_stop": after_stop,
             "daemon_cpu_s": round(cpu_s, 1),
+            "client_cpu_s": round(client_cpu_s, 1),  # this process: the attack and the prober
             "daemon_threads_at_end": threads,
             "livez_recovery_s": recovery_s,
             "still_running": daemon.process.poll() is None,
@@ -215,7 +232,7 @@ def render(results: Sequence[dict[str, Any]]) -> str:
     """A Markdown table, one row per scenario; probe cells are 200/503/other of n."""
     header = (
         "| scenario | livez 200/503/other | healthz 200/503/other | jobs 200/503/other | livez p50/max ms "
-        "| log bytes | log lines | unhealthy | cap-refusal lines | attack opened/closed/refused | daemon CPU s "
+        "| log bytes | log lines | unhealthy | cap-refusal lines | attack opened/closed/refused | daemon/client CPU s "
         "| threads | livez recovery s |"
     )
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -228,16 +245,18 @@ def render(results: Sequence[dict[str, Any]]) -> str:
             f"| {result['scenario']} | {_cell(probes['livez'])} | {_cell(probes['healthz'])} | {_cell(probes['job'])} "
             f"| {livez_latency['p50']}/{livez_latency['max']} | {result['log']['bytes']} | {result['log']['lines']} "
             f"| {result['log']['unhealthy_lines']} | {result['log']['connection_cap_lines']} | {attack_text} "
-            f"| {result['daemon_cpu_s']} | {result['daemon_threads_at_end']} | {result['livez_recovery_s']} |"
+            f"| {result['daemon_cpu_s']}/{result['client_cpu_s']} | {result['daemon_threads_at_end']} | {result['livez_recovery_s']} |"
         )
     details = []
     for result in results:
         for target, probes in result["probes"].items():
-            details.append(f"{result['scenario']:9} {target:8} {json.dumps(probes['outcomes'])}")
+            details.append(f"{result['scenario']:9} {target:8} {json.dumps(probes['details'])}")
         if result["attack"] is not None:
             details.append(f"{result['scenario']:9} attack   {json.dumps(result['attack'])}")
+        details.append(f"{result['scenario']:9} logged   {json.dumps(result['log']['answers'])}")
         if result["log"]["first_unhealthy"]:
             details.append(f"{result['scenario']:9} log      {result['log']['first_unhealthy']}")
+        details.append(f"{result['scenario']:9} after    {json.dumps(result['log_after_stop']['answers'])}")
     return "\n".join(rows) + "\n\n" + "\n".join(details)
 
 

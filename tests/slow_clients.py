@@ -405,6 +405,9 @@ class ProbeResult:
     latency_s: float
     status: int | None  # None: no HTTP answer
     error: str | None  # exception class name when status is None
+    # What answered: the JSON body's error type or status field ("busy", "alive", ...), with
+    # "+nodate" when the answer had no Date header (bytes written outside http.server's handler).
+    detail: str | None = None
 
     @property
     def outcome(self) -> str:
@@ -426,14 +429,29 @@ def probe_once(host: str, port: int, target: str, timeout_s: float, token: str |
     try:
         connection.request(method, path, body=body, headers=headers)
         response = connection.getresponse()
-        response.read()
+        payload = response.read()
         status: int | None = response.status
         error = None
+        detail = _detail(payload) + ("" if response.getheader("Date") else "+nodate")
     except (OSError, http.client.HTTPException) as exc:
-        status, error = None, type(exc).__name__
+        status, error, detail = None, type(exc).__name__, None
     finally:
         connection.close()
-    return ProbeResult(target, started, time.monotonic() - started, status, error)
+    return ProbeResult(target, started, time.monotonic() - started, status, error, detail)
+
+
+def _detail(payload: bytes) -> str:
+    """The error type, or the status field, of a JSON answer; "?" for anything else."""
+    try:
+        document = json.loads(payload)
+    except ValueError:
+        return "?"
+    if not isinstance(document, dict):
+        return "?"
+    error = document.get("error")
+    if isinstance(error, dict) and isinstance(error.get("type"), str):
+        return error["type"]
+    return str(document.get("status", "?"))
 
 
 class Prober:
@@ -516,6 +534,7 @@ def summarize_probes(results: Sequence[ProbeResult], targets: Sequence[str] = PR
             "n": len(mine),
             "ok": sum(1 for result in mine if result.status == 200),
             "outcomes": dict(sorted(Counter(result.outcome for result in mine).items())),
+            "details": dict(sorted(Counter(f"{result.outcome} {result.detail}" for result in mine).items())),
             "latency_ms": {
                 "p50": round(statistics.median(latencies), 1) if latencies else None,
                 "p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1) if latencies else None,
