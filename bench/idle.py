@@ -78,7 +78,9 @@ def sample_threads(pid: int) -> dict[int, ThreadSample]:
     return samples
 
 
-def wakeups_between(before: dict[int, ThreadSample], after: dict[int, ThreadSample], seconds: float) -> list[ThreadWakeups]:
+def wakeups_between(
+    before: dict[int, ThreadSample], after: dict[int, ThreadSample], seconds: float
+) -> list[ThreadWakeups]:
     """Per thread: how often it ran between two samples, most frequent first."""
     rows = []
     for tid in sorted(set(before) | set(after)):
@@ -150,7 +152,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows = idle_wakeups(daemon.pid, args.seconds)
     print(render(rows, args.seconds))
     if args.json is not None:
-        document = {"seconds": args.seconds, "threads": [dataclasses.asdict(row) for row in rows], "by_name": by_name(rows)}
+        document = {
+            "seconds": args.seconds,
+            "threads": [dataclasses.asdict(row) for row in rows],
+            "by_name": by_name(rows),
+        }
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
     return 0
 

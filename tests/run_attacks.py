@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import http.client
 import json
 import os
 import signal
@@ -225,7 +224,8 @@ def run_scenario(name: str, options: Options, workdir: Path, worker_py: Path = W
 
 def _cell(probes: dict[str, Any]) -> str:
     other = {k: v for k, v in probes["outcomes"].items() if k not in ("200", "503")}
-    return f"{probes['outcomes'].get('200', 0)}/{probes['outcomes'].get('503', 0)}/{sum(other.values())} of {probes['n']}"
+    outcomes = probes["outcomes"]
+    return f"{outcomes.get('200', 0)}/{outcomes.get('503', 0)}/{sum(other.values())} of {probes['n']}"
 
 
 def render(results: Sequence[dict[str, Any]]) -> str:
@@ -245,7 +245,8 @@ def render(results: Sequence[dict[str, Any]]) -> str:
             f"| {result['scenario']} | {_cell(probes['livez'])} | {_cell(probes['healthz'])} | {_cell(probes['job'])} "
             f"| {livez_latency['p50']}/{livez_latency['max']} | {result['log']['bytes']} | {result['log']['lines']} "
             f"| {result['log']['unhealthy_lines']} | {result['log']['connection_cap_lines']} | {attack_text} "
-            f"| {result['daemon_cpu_s']}/{result['client_cpu_s']} | {result['daemon_threads_at_end']} | {result['livez_recovery_s']} |"
+            f"| {result['daemon_cpu_s']}/{result['client_cpu_s']} | {result['daemon_threads_at_end']} "
+            f"| {result['livez_recovery_s']} |"
         )
     details = []
     for result in results:
@@ -267,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--interval", type=float, default=5.0, help="seconds between an attacker's sends (default 5)")
     parser.add_argument("--ramp", type=float, default=2.0, help="seconds of attack before probing starts (default 2)")
     parser.add_argument("--probe-interval", type=float, default=1.0, help="seconds between probes per target")
-    parser.add_argument("--probe-timeout", type=float, default=5.0, help="timeout of each probe (default 5, as the watchdog)")
+    parser.add_argument("--probe-timeout", type=float, default=5.0,
+                        help="timeout of each probe (default 5, as the watchdog's self-check)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
     parser.add_argument("--worker", type=Path, default=WORKER_PY, help="worker.py to run (default: this checkout's)")
     parser.add_argument("--json", type=Path, help="write the results here as JSON")

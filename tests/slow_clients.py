@@ -525,7 +525,9 @@ class Prober:
         return summarize_probes(results, self.targets)
 
 
-def summarize_probes(results: Sequence[ProbeResult], targets: Sequence[str] = PROBE_TARGETS) -> dict[str, dict[str, Any]]:
+def summarize_probes(
+    results: Sequence[ProbeResult], targets: Sequence[str] = PROBE_TARGETS
+) -> dict[str, dict[str, Any]]:
     summary: dict[str, dict[str, Any]] = {}
     for target in targets:
         mine = [result for result in results if result.target == target]
