@@ -100,9 +100,7 @@ def main(
         load_ms = npu_worker.load_ms
         result = npu_worker.run(request, request_id)
     except worker.WorkerError as exc:
-        print(json.dumps(worker.error_body(exc, request_id), ensure_ascii=False, indent=2))
-        print(f"smoke_llm_npu.py: {exc.type}: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        return worker.report_cli_error(exc, request_id=request_id, prog="smoke_llm_npu.py")
     report = {
         "text": result["text"],
         "timing_ms": {

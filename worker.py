@@ -37,18 +37,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import email.utils
 import errno
 import fcntl
 import functools
 import glob
 import hmac
-import http.client
+import http
 import importlib.util
+import io
 import json
 import logging
 import os
 import re
 import select
+import selectors
 import signal
 import socket
 import socketserver
@@ -59,6 +62,7 @@ import time
 import unicodedata
 import uuid
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from collections import deque
 from http.server import BaseHTTPRequestHandler
 from http.server import ThreadingHTTPServer
@@ -70,7 +74,7 @@ from typing import Mapping
 from typing import Protocol
 from typing import Sequence
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 logger = logging.getLogger("openvino_genai_npu_worker")
 
@@ -97,6 +101,7 @@ MAX_LOCK_TIMEOUT_S = 3600.0
 LOCK_POLL_INTERVAL_S = 0.01
 
 DEFAULT_REQUEST_TIMEOUT_S = 120.0  # per job, queue wait included; a request may ask for less
+# Requests in service at once (each has a thread); health checks have HEALTH_SLOTS beside them.
 DEFAULT_MAX_CONNECTIONS = 64
 
 # The request body cap follows from the input limit: one character (code point) is at most 12
@@ -104,16 +109,31 @@ DEFAULT_MAX_CONNECTIONS = 64
 # emoji), plus room for the other fields.  6000 characters: 76096 bytes.
 JSON_BYTES_PER_CHAR = 12
 BODY_OVERHEAD_BYTES = 4096
-# Per-connection socket timeout: a client that stops sending is dropped after this long.
-CONNECTION_TIMEOUT_S = 10.0
-# Connections beyond --max-connections get this many extra slots that answer health checks only,
-# with a short timeout, so that a flood of idle connections cannot blind the monitoring.
-HEALTH_ONLY_CONNECTIONS = 16
-HEALTH_ONLY_TIMEOUT_S = 2.0
+# Slow clients.  One thread (the gate) reads every request whole before a handler thread is given
+# to it, so a connection that trickles costs a buffer, never a slot.  Its head must arrive within
+# HEAD_DEADLINE_S of its first byte and its body within BODY_DEADLINE_S of the head's end - whole,
+# not per read, so that a byte every few seconds cannot hold it (408 then).  Real clients send a
+# head and a 76 KB body over loopback in under 5 ms, on a loaded 2-core machine in under 50 ms
+# (tests/test_slowloris.py measures it); the deadlines leave a hundred times that.
+HEAD_DEADLINE_S = 5.0
+BODY_DEADLINE_S = 10.0
+IDLE_TIMEOUT_S = 10.0  # a kept-alive connection with no request started in it
+# Connections the gate holds at once; past it, the one that has waited longest is dropped (503).
+MAX_PENDING_CONNECTIONS = 256
+HEALTH_SLOTS = 8  # /livez and /healthz answered at once, beside --max-connections
+WRITE_TIMEOUT_S = 10.0  # a client that does not read its answer loses it
+MAX_REQUEST_LINE_BYTES = 65536
+MAX_HEADER_LINE_BYTES = 65536
+MAX_HEADER_FIELDS = 99
+MAX_HEAD_BYTES = 128 * 1024
+# Refused connections are logged as one line per second with their count, not one each.
+REFUSAL_LOG_INTERVAL_S = 1.0
 RETRY_AFTER_BUSY_S = 2
 RETRY_AFTER_LOADING_S = 5
 # How often a running generation looks at its client socket to notice a disconnect.
 CLIENT_CHECK_INTERVAL_S = 0.05
+# An end of stream this soon after a request is a half-close (answered), not a disconnect.
+HALF_CLOSE_WINDOW_S = 0.1
 # A generation still running this long after its deadline is stuck (prefill cannot be cancelled).
 STUCK_GRACE_S = 30.0
 # While the model loads, systemd's start timeout is pushed back this far, every few seconds, for
@@ -122,7 +142,10 @@ STUCK_GRACE_S = 30.0
 LOAD_EXTEND_S = 30
 LOAD_PROGRESS_INTERVAL_S = 10.0
 MAX_LOAD_EXTEND_S = 1800.0
-HEALTH_CHECK_INTERVAL_S = 10.0
+# Generations that fail in a row before liveness fails: a lost device (ZE_RESULT_ERROR_DEVICE_LOST
+# on Meteor Lake and Panther Lake hosts) fails every generation, a bad request at most one.
+DEVICE_LOST_FAILURES = 3
+DEVICE_LOST_MARKERS = ("DEVICE_LOST", "device lost", "device is lost")
 DRAIN_MARGIN_S = 5.0
 
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
@@ -203,8 +226,10 @@ EXIT_BUSY = 75
 EXIT_CONFIG = 78
 
 # ==================================================================================================
-# Errors: every failure is a WorkerError; its class says the HTTP status, the error type and the
-# CLI exit code.  They become responses and exit codes in one place: error_body() and main().
+# Errors: every failure is a WorkerError; its class says the HTTP status, the error type, the CLI
+# exit code and the headers its response needs.  They become responses in one place
+# (WorkerRequestHandler.send_worker_error, which the gate shares) and exit codes in one
+# (report_cli_error).
 # ==================================================================================================
 
 
@@ -213,6 +238,9 @@ class WorkerError(Exception):
     type = "internal_error"
     exit_code = EXIT_FAILED
     retry_after_s: int | None = None
+    # A fault of the worker (a bug, the model, the device), not of the request: only these
+    # become /healthz last_error and count towards a lost device.
+    server_fault = True
 
     def __init__(
         self, message: str, *, result: dict[str, Any] | None = None, details: dict[str, Any] | None = None
@@ -222,44 +250,57 @@ class WorkerError(Exception):
         self.result = result  # measured fields that still belong in the error body
         self.details = details  # numbers a client can act on (prompt_too_long: how much fits)
 
+    def response_headers(self) -> dict[str, str]:
+        """The headers an HTTP answer with this error carries (besides the ones every answer has)."""
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
-class InvalidRequest(WorkerError):
+
+class ClientError(WorkerError):
+    """Something about the request; the worker is fine."""
+
+    server_fault = False
+
+
+class InvalidRequest(ClientError):
     status, type, exit_code = 400, "invalid_request", EXIT_USAGE
 
 
-class InvalidJson(WorkerError):
+class InvalidJson(ClientError):
     status, type, exit_code = 400, "invalid_json", EXIT_USAGE
 
 
-class NotFound(WorkerError):
+class NotFound(ClientError):
     status, type, exit_code = 404, "not_found", EXIT_USAGE
 
 
-class MethodNotAllowed(WorkerError):
+class MethodNotAllowed(ClientError):
     status, type, exit_code = 405, "method_not_allowed", EXIT_USAGE
 
     def __init__(self, message: str, *, allow: Sequence[str]) -> None:
         super().__init__(message)
         self.allow = allow
 
+    def response_headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
-class LengthRequired(WorkerError):
+
+class LengthRequired(ClientError):
     status, type, exit_code = 411, "length_required", EXIT_USAGE
 
 
-class BodyTooLarge(WorkerError):
+class BodyTooLarge(ClientError):
     status, type, exit_code = 413, "body_too_large", EXIT_USAGE
 
 
-class InputTooLong(WorkerError):
+class InputTooLong(ClientError):
     status, type, exit_code = 413, "input_too_long", EXIT_USAGE
 
 
-class PromptTooLong(WorkerError):
+class PromptTooLong(ClientError):
     status, type, exit_code = 413, "prompt_too_long", EXIT_USAGE
 
 
-class UnsupportedMediaType(WorkerError):
+class UnsupportedMediaType(ClientError):
     status, type, exit_code = 415, "unsupported_media_type", EXIT_USAGE
 
 
@@ -275,31 +316,38 @@ class NpuProofFailed(WorkerError):
     status, type, exit_code = 502, "npu_proof_failed", EXIT_PROOF_FAILED
 
 
-class Unauthorized(WorkerError):
+class Unauthorized(ClientError):
     status, type, exit_code = 401, "unauthorized", EXIT_USAGE
 
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
 
-class Forbidden(WorkerError):
+
+class Forbidden(ClientError):
     status, type, exit_code = 403, "forbidden", EXIT_USAGE
 
 
-class Busy(WorkerError):
+class Busy(ClientError):
+    """Load, not a fault: the queue is full, the NPU lock is held, or too many connections."""
+
     status, type, exit_code, retry_after_s = 503, "busy", EXIT_BUSY, RETRY_AFTER_BUSY_S
 
 
-class Loading(WorkerError):
+class Loading(ClientError):
     status, type, exit_code, retry_after_s = 503, "loading", EXIT_BUSY, RETRY_AFTER_LOADING_S
 
 
-class ShuttingDown(WorkerError):
+class ShuttingDown(ClientError):
     status, type, exit_code, retry_after_s = 503, "shutting_down", EXIT_BUSY, RETRY_AFTER_LOADING_S
 
 
-class RequestTimeout(WorkerError):
+class RequestTimeout(ClientError):
+    """The deadline the client chose (timeout_s) or accepted (--request-timeout-s) passed."""
+
     status, type, exit_code = 504, "timeout", EXIT_FAILED
 
 
-class ClientGone(WorkerError):
+class ClientGone(ClientError):
     """The client closed its connection; its generation was cancelled and nobody gets an answer."""
 
     status, type, exit_code = 499, "client_closed_request", EXIT_FAILED
@@ -311,20 +359,21 @@ class ConfigError(WorkerError):
     status, type, exit_code = 500, "configuration", EXIT_CONFIG
 
 
-class ProtocolError(WorkerError):
-    """An HTTP-level failure detected by http.server itself (bad request line, huge headers...)."""
+class ProtocolError(ClientError):
+    """A request that is not acceptable HTTP (RFC 9112), found before any handler runs."""
 
     exit_code = EXIT_USAGE
     TYPES = {
         400: "bad_request",
+        408: "request_timeout",
         414: "uri_too_long",
         431: "headers_too_large",
         501: "not_implemented",
         505: "http_version_not_supported",
     }
 
-    def __init__(self, status: int) -> None:
-        super().__init__(f"HTTP error {status}")
+    def __init__(self, status: int, message: str | None = None) -> None:
+        super().__init__(message or f"HTTP error {status}")
         self.status = status
         self.type = self.TYPES.get(status, "bad_request")
 
@@ -575,6 +624,103 @@ def validate_input_text(value: Any, limits: Limits) -> str:
     if not is_encodable(value):  # lone surrogates such as "\ud800" survive json.loads
         raise InvalidRequest("'input' is not valid Unicode text")
     return value
+
+
+# --- Request heads: RFC 9112, strictly, before http.server sees them. ------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Head:
+    """A request head that passed parse_head: its request line and its fields, canonical."""
+
+    method: str
+    target: str  # origin-form: /path?query (an absolute-form target is turned into this)
+    version: str  # HTTP/1.0 or HTTP/1.1
+    fields: tuple[tuple[str, str], ...]  # (name as sent, value without the OWS around it)
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+    def get_all(self, name: str) -> list[str]:
+        return [value for field, value in self.fields if field.lower() == name.lower()]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def canonical(self) -> bytes:
+        """The head as http.server should read it: one form for every way of writing it."""
+        lines = [f"{self.method} {self.target} {self.version}", *(f"{name}: {value}" for name, value in self.fields)]
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_VERSION = re.compile(r"HTTP/(\d)\.(\d)")
+_ABSOLUTE_TARGET = re.compile(r"http://([^/?#\s]+)([^#\s]*)", re.IGNORECASE)
+
+
+def head_end(data: bytes | bytearray) -> int | None:
+    """Where the head in ``data`` ends (just after its empty line), or None while it is not all
+    there.  Lines end in CRLF or in a bare LF (RFC 9112, 2.2); empty lines before the request
+    line are skipped, as the RFC asks."""
+    start = len(data) - len(bytes(data).lstrip(b"\r\n"))
+    ends = [data.find(mark, start) + len(mark) for mark in (b"\n\r\n", b"\n\n") if data.find(mark, start) >= 0]
+    return min(ends) if ends else None
+
+
+def parse_head(data: bytes) -> Head:
+    """A request head (up to and with its empty line) as a Head, or ProtocolError.
+
+    Strict where RFC 9112 says reject: white space before a field's colon (5.1), a line without a
+    colon or a name that is not a token, obs-fold (5.2), NUL, CR or other control characters in a
+    value (RFC 9110, 5.5), too many fields, an HTTP version other than 1.0 and 1.1.  Lenient where
+    it says accept: optional white space around a value, a bare LF as line end, an absolute-form
+    target (3.2.2; its authority then replaces Host).  http.server alone reads a malformed line
+    as the end of the head, so every field after it - an Origin, say - went unseen.
+    """
+    text = data.decode("latin-1").lstrip("\r\n")
+    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    while lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise ProtocolError(400, "empty request")
+    request_line, field_lines = lines[0], lines[1:]
+    if len(request_line) > MAX_REQUEST_LINE_BYTES:
+        raise ProtocolError(414, "request line too long")
+    parts = request_line.split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1]:
+        raise ProtocolError(400, "malformed request line")
+    method, target, version = parts
+    match = _VERSION.fullmatch(version)
+    if match is None:
+        raise ProtocolError(400, "malformed HTTP version")
+    if match.group(1) != "1":
+        raise ProtocolError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+    if len(field_lines) > MAX_HEADER_FIELDS:
+        raise ProtocolError(431, f"more than {MAX_HEADER_FIELDS} header fields")
+    fields = []
+    for line in field_lines:
+        if len(line) > MAX_HEADER_LINE_BYTES:
+            raise ProtocolError(431, "header line too long")
+        if line[:1] in (" ", "\t"):
+            raise ProtocolError(400, "obsolete line folding in a header field")
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise ProtocolError(400, "malformed header field (no colon, white space before it, or a bad name)")
+        value = value.strip(" \t")
+        if any((ord(char) < 0x20 and char != "\t") or ord(char) == 0x7F for char in value):
+            raise ProtocolError(400, "control character in a header field value")
+        fields.append((name, value))
+    absolute = _ABSOLUTE_TARGET.fullmatch(target)
+    if absolute is not None:  # the authority of the target is the host (RFC 9112, 3.2.2)
+        target = absolute.group(2) or "/"
+        if not target.startswith("/"):  # "http://host?q" has an empty path
+            target = "/" + target
+        fields = [(name, value) for name, value in fields if name.lower() != "host"] + [("Host", absolute.group(1))]
+    elif not target.startswith("/") and not (method == "OPTIONS" and target == "*"):
+        raise ProtocolError(400, "the request target must be a path or an http:// URL")
+    return Head(method=method, target=target, version=version, fields=tuple(fields))
 
 
 def plan_max_new_tokens(prompt_tokens: int, requested: int, limits: Limits) -> int:
@@ -1092,6 +1238,20 @@ class StopWatch:
             if self.stop_rule is not None:
                 return STOP
         return None
+
+
+_LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
+
+
+def logfmt(fields: Mapping[str, Any]) -> str:
+    """key=value pairs; a value with a space, a quote, an equals sign or nothing is quoted."""
+    parts = []
+    for key, value in fields.items():
+        text = "null" if value is None else str(value)
+        if not _LOGFMT_BARE.fullmatch(text):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 def error_body(exc: WorkerError, request_id: str) -> dict[str, Any]:
@@ -1620,20 +1780,25 @@ class Metrics:
         self.generated_tokens = 0
         self.npu_busy_us = 0
         self.proof_failures = 0
+        self.refusals: Counter[str] = Counter()
         self.model_load_seconds: float | None = None
-        self.last_error: str | None = None  # type of the last 5xx answer
+        self.last_error: str | None = None  # type of the last answer that was the worker's fault
 
     def observe_request(
-        self, endpoint: str, job: str | None, status: int, duration_s: float | None, error_type: str | None
+        self, endpoint: str, job: str | None, status: int, duration_s: float | None, error: WorkerError | None
     ) -> None:
-        """duration_s is None for http.server's own errors, which do not know when they started."""
+        """duration_s is None for a refusal that came before any request byte (an idle eviction)."""
         with self._lock:
             key = (endpoint, job or "", status)
             self.requests[key] = self.requests.get(key, 0) + 1
             if duration_s is not None:
                 self.request_seconds.observe(duration_s)
-            if status >= 500 and error_type is not None:
-                self.last_error = error_type
+            if error is not None and error.server_fault:  # never a client's doing (a 501, its own timeout_s)
+                self.last_error = error.type
+
+    def observe_refusal(self, reason: str) -> None:
+        with self._lock:
+            self.refusals[reason] += 1
 
     def observe_job(self, result: Mapping[str, Any]) -> None:
         with self._lock:
@@ -1663,6 +1828,9 @@ class Metrics:
                 f'npu_worker_requests_total{{endpoint="{endpoint}",job="{job}",status="{status}"}} {count}'
                 for (endpoint, job, status), count in sorted(self.requests.items())
             ])
+            family("npu_worker_refusals_total", "counter", "Requests the gate answered itself, by reason.", [
+                f'npu_worker_refusals_total{{reason="{reason}"}} {count}' for reason, count in sorted(self.refusals.items())
+            ])
             for name, help_text in (
                 ("queue_waiting", "Jobs waiting for the NPU."),
                 ("jobs_in_flight", "Jobs accepted and not yet answered."),
@@ -1679,7 +1847,7 @@ class Metrics:
             for name, value, help_text in (
                 ("prompt_tokens_total", self.prompt_tokens, "Prompt tokens of completed jobs."),
                 ("generated_tokens_total", self.generated_tokens, "Generated tokens of completed jobs."),
-                ("npu_busy_microseconds_total", self.npu_busy_us, "Sum of positive NPU busy-time deltas."),
+                ("npu_busy_seconds_total", self.npu_busy_us / 1e6, "Sum of positive NPU busy-time deltas."),
                 ("npu_proof_failures_total", self.proof_failures, "Jobs whose NPU busy delta was not positive."),
             ):
                 family(f"npu_worker_{name}", "counter", help_text, [f"npu_worker_{name} {value}"])
@@ -1774,6 +1942,8 @@ class Worker:
         self._generating_since: float | None = None  # monotonic start of the running generation
         self.load_ms: float | None = None
         self.prompt_overhead_tokens: dict[str, int] | None = None  # known once the model is loaded
+        self._failures_in_a_row = 0
+        self._device_lost = False
 
     @property
     def ready(self) -> bool:
@@ -1797,11 +1967,23 @@ class Worker:
         self._stopping.set()
 
     def health_problem(self) -> str | None:
-        """Why this worker cannot be trusted to answer, or None."""
+        """Why this worker cannot be trusted to answer, or None: /livez and the watchdog fail on
+        it, so that systemd restarts the process."""
         since = self._generating_since  # a model load may take as long as it needs: not checked
         if since is not None and time.monotonic() - since > self.settings.limits.request_timeout_s + STUCK_GRACE_S:
             return f"a generation has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
+        if self._device_lost:
+            return "the device reports it is lost (DEVICE_LOST): a restart is needed"
+        if self._failures_in_a_row >= DEVICE_LOST_FAILURES:
+            return f"the last {self._failures_in_a_row} generations failed: the device may be lost"
         return None
+
+    def _count_failure(self, cause: BaseException | None) -> None:
+        """A failed generation.  A lost NPU (ZE_RESULT_ERROR_DEVICE_LOST) fails every generation
+        from then on; only a new process gets a working device again."""
+        self._failures_in_a_row += 1
+        if cause is not None and any(marker.lower() in str(cause).lower() for marker in DEVICE_LOST_MARKERS):
+            self._device_lost = True
 
     def load(self, *, warm_up: bool = True) -> None:
         """Build the pipeline under the NPU lock, then run one warm-up job (proof included)."""
@@ -1815,7 +1997,8 @@ class Worker:
         self._pipeline = pipeline
         self.load_ms = elapsed_ms(started)
         self.metrics.model_load_seconds = self.load_ms / 1000
-        logger.info("model loaded model=%s device=%s load_ms=%.1f", self.settings.model_name, self.settings.device, self.load_ms)
+        logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name, "device": self.settings.device,
+                            "load_ms": f"{self.load_ms:.1f}"}))
         if warm_up:
             for request in WARMUP_REQUESTS:
                 try:
@@ -1823,10 +2006,11 @@ class Worker:
                 except PromptTooLong:
                     if request is WARMUP_REQUESTS[0]:  # the one that proves the device must run
                         raise
-                    logger.warning("warm-up skipped job=%s: its prompt is over --max-prompt-tokens", request.job)
+                    logger.warning(logfmt({"event": "warm_up_skipped", "job": request.job,
+                                           "reason": "its prompt is over --max-prompt-tokens"}))
                     continue
-                logger.info("warm-up done job=%s generate_ms=%.1f npu_busy_delta_us=%s",
-                            request.job, result["timing_ms"]["generate"], result["npu_busy_delta_us"])
+                logger.info(logfmt({"event": "warm_up_done", "job": request.job, "generate_ms": result["timing_ms"]["generate"],
+                                    "npu_busy_delta_us": result["npu_busy_delta_us"]}))
         self._ready.set()
 
     def run(
@@ -1836,9 +2020,13 @@ class Worker:
         *,
         client_gone: Callable[[], bool] = lambda: False,
         allow_before_ready: bool = False,
+        received_at: float | None = None,
     ) -> dict[str, Any]:
-        """Run one validated job; returns the response body or raises a WorkerError."""
-        started = time.monotonic()
+        """Run one validated job; returns the response body or raises a WorkerError.
+
+        ``received_at`` (monotonic) is when the request's first byte arrived: its deadline and
+        timing_ms count from there, as CONTRACT.md says, so a slow body counts too."""
+        started = time.monotonic() if received_at is None else received_at
         if self._stopping.is_set():
             raise ShuttingDown("the worker is shutting down")
         pipeline = self._pipeline
@@ -1848,9 +2036,13 @@ class Worker:
             self._in_flight += 1
         try:
             result = self._run(pipeline, request, request_id, started, client_gone)
+        except GenerationFailed as exc:
+            self._count_failure(exc.__cause__)
+            raise
         finally:
             with self._in_flight_lock:
                 self._in_flight -= 1
+        self._failures_in_a_row = 0
         self.metrics.observe_job(result)
         if result["npu_proof"] == PROOF_FAILED:
             raise NpuProofFailed(
@@ -1984,11 +2176,11 @@ class SystemdNotifier:
             try:
                 sock.sendto("\n".join(fields).encode("utf-8"), self._address)
             except OSError as exc:
-                logger.warning("sd_notify failed: %s", exc.strerror)
+                logger.warning(logfmt({"event": "sd_notify_failed", "error": exc.strerror}))
 
 
 # ==================================================================================================
-# HTTP
+# HTTP: access rules, the one response format, logfmt
 # ==================================================================================================
 
 JOB_ENDPOINTS: dict[str, str | None] = {
@@ -1999,16 +2191,205 @@ JOB_ENDPOINTS: dict[str, str | None] = {
 HEALTH_ENDPOINTS = ("/livez", "/healthz")
 GET_ENDPOINTS = (*HEALTH_ENDPOINTS, "/models", "/metrics", "/openapi.json")
 LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
+# Methods this server knows (RFC 9110); any other is 501, a known one on the wrong path 405.
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+JSON_CONTENT_TYPE = "application/json"
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SERVER_NAME = "openvino-genai-npu-worker"  # no Python version: nothing to advertise
+
+
+def endpoint_of(path: str) -> str:
+    """The path as a metrics and log label: a known endpoint or "<other>" (paths are input)."""
+    return path if path in GET_ENDPOINTS or path in JOB_ENDPOINTS else "<other>"
+
+
+def is_health_check(head: Head) -> bool:
+    return head.method in ("GET", "HEAD") and head.path in HEALTH_ENDPOINTS
+
+
+def check_access(head: Head, allowed_hosts: set[str], token: str | None) -> None:
+    """Checked before any body is read: DNS rebinding, cross-site browsers, other local users."""
+    hosts = head.get_all("Host")
+    if len(hosts) != 1 or hosts[0].lower() not in allowed_hosts:
+        raise Forbidden("the Host header must name this worker on loopback (127.0.0.1, localhost or [::1])")
+    if head.get("Origin") is not None:
+        raise Forbidden("requests from web pages (with an Origin header) are not accepted")
+    if (head.get("Sec-Fetch-Site") or "").lower() in ("cross-site", "same-site"):
+        raise Forbidden("cross-site requests are not accepted")
+    if token is not None and head.path != "/livez":
+        scheme, _, supplied = (head.get("Authorization") or "").partition(" ")
+        # The scheme name is case-insensitive (RFC 9110); the token is compared in constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            supplied.strip().encode("latin-1", "replace"), token.encode("latin-1", "replace")
+        ):
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+
+
+def checks_before_body(head: Head, allowed_hosts: set[str], token: str | None, max_body_bytes: int) -> int:
+    """Everything decided from the head alone - access, method and path, media type, framing -
+    and the body length to read, or the WorkerError the request is answered with instead (then
+    nothing more of it is read, and no "100 Continue" is sent).  The gate decides with this
+    whether to read a body at all; the handler raises the same error from the same rules."""
+    if head.method not in KNOWN_METHODS:  # what this server can do at all, before who asks
+        raise ProtocolError(501, "this method is not implemented")
+    check_access(head, allowed_hosts, token)
+    if head.path in GET_ENDPOINTS:
+        require_method(head.method, ("GET", "HEAD"))
+    elif head.path in JOB_ENDPOINTS:
+        require_method(head.method, ("POST",))
+    else:
+        raise NotFound("no such endpoint; see CONTRACT.md")
+    if head.method == "POST":
+        media_type = (head.get("Content-Type") or "").split(";")[0].strip().lower()
+        if media_type != JSON_CONTENT_TYPE:
+            raise UnsupportedMediaType("Content-Type must be application/json")
+    lengths = head.get_all("Content-Length")
+    if head.get("Transfer-Encoding") is not None:
+        if lengths:  # the classic request-smuggling ambiguity
+            raise InvalidRequest("Content-Length and Transfer-Encoding together are not accepted")
+        raise LengthRequired("chunked bodies are not accepted; send Content-Length")
+    if not lengths:
+        if head.method == "POST":
+            raise LengthRequired("Content-Length is required")
+        return 0
+    if len(lengths) > 1 or not lengths[0].isdigit() or not lengths[0].isascii():
+        raise InvalidRequest("Content-Length is invalid or repeated")
+    length = int(lengths[0])
+    if length > max_body_bytes:
+        raise BodyTooLarge(f"request body has {length} bytes; the limit is {max_body_bytes}")
+    return length
+
+
+def require_method(method: str, allowed: Sequence[str]) -> None:
+    if method not in allowed:
+        raise MethodNotAllowed(f"use {' or '.join(allowed)} for this endpoint", allow=allowed)
+
+
+def http_response(
+    status: int,
+    payload: bytes,
+    *,
+    request_id: str,
+    content_type: str = JSON_CONTENT_TYPE,
+    headers: Mapping[str, str] | None = None,
+    connection: str | None = None,
+    head_only: bool = False,
+) -> bytes:
+    """Every answer the worker gives, from a handler thread or from the gate: one format, one
+    set of headers.  ``connection`` is "close", "keep-alive" (HTTP/1.0 clients need to hear it)
+    or None (HTTP/1.1's default, persistent).  HEAD answers have the GET's length, no content."""
+    phrase = "Client Closed Request" if status == ClientGone.status else http.HTTPStatus(status).phrase
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"Server: {SERVER_NAME}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(payload)}",
+        "Cache-Control: no-store",
+        "X-Content-Type-Options: nosniff",
+        f"X-Request-Id: {request_id}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
+    if connection is not None:
+        lines.append(f"Connection: {connection}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else payload)
+
+
+def json_payload(body: Any) -> bytes:
+    # "replace": a bug that lets a lone surrogate through must still yield a response.
+    return (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8", "replace")
+
+
+class RefusalLog:
+    """Refusals made by the gate, logged at most once per REFUSAL_LOG_INTERVAL_S as one logfmt
+    line per reason with a count: an attack used to write one line per refused connection
+    (17 MB in 42 s), which would also crowd out, under journald's rate limit, the lines that
+    matter."""
+
+    def __init__(self) -> None:
+        self._counts: Counter[tuple[str, int]] = Counter()
+        self._next_flush = 0.0
+
+    def note(self, reason: str, status: int, now: float) -> None:
+        self._counts[(reason, status)] += 1
+        if now >= self._next_flush:
+            self.flush(now)
+
+    def flush(self, now: float) -> None:
+        for (reason, status), count in sorted(self._counts.items()):
+            logger.warning(logfmt({"refused": count, "reason": reason, "status": status}))
+        self._counts.clear()
+        self._next_flush = now + REFUSAL_LOG_INTERVAL_S
+
+    @property
+    def flush_due(self) -> float | None:
+        """When the gate must wake to log what it has counted, or None with nothing counted."""
+        return self._next_flush if self._counts else None
+
+
+# ==================================================================================================
+# HTTP: the gate - one thread reads every request whole, handler threads answer complete ones
+# ==================================================================================================
+
+
+@dataclasses.dataclass
+class Connection:
+    """A client connection while the gate holds it: what arrived of its current request."""
+
+    sock: socket.socket
+    address: Any
+    buffer: bytearray = dataclasses.field(default_factory=bytearray)
+    started: float | None = None  # monotonic time of the current request's first byte
+    deadline: float = 0.0  # when the gate gives up on it (idle, head or body)
+    head: Head | None = None  # set once the head is complete and parsed
+    head_size: int = 0
+    body_size: int = 0  # body bytes to read; -1: none, the handler refuses before reading
+    continue_sent: bool = False
+    eof: bool = False  # the client has shut down its sending side (or closed)
+    keep_alive: bool = False  # set by the handler: the answered connection goes back to the gate
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A complete request, handed from the gate to a handler thread."""
+
+    head: Head
+    body: bytes
+    body_unread: bool  # refused before the announced body was read: the connection must close
+    received_at: float  # monotonic time of its first byte: deadlines count from here
+    half_closed: bool  # the client had shut down its sending side once it sent it all
+
+
+def peer_has_shut_down(sock: socket.socket) -> bool:
+    """Whether the client's end of the stream (a FIN) is already here: one non-blocking peek."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 class WorkerHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer whose accept loop is the gate.
+
+    The gate is one thread with one selector over the listening socket and every connection that
+    has no request in service: it reads each request whole, against deadlines for the head and the
+    body as a whole, and only then starts a handler thread for it, a health check beside the
+    --max-connections job slots.  Slow or idle clients therefore cost a buffer and a selector
+    entry, never a thread or a slot, and /livez and /healthz answer through any such attack.
+    After its answer a kept-alive connection comes back to the gate.  Refusals the gate makes
+    itself (deadlines, malformed heads, no free slot, too many connections) are answered in the
+    one response format, counted in /metrics and logged once a second.  The gate sleeps until the
+    next deadline, or indefinitely when nothing is pending.
+    """
+
     daemon_threads = True
     # SO_REUSEADDR only lets us rebind past TIME_WAIT; it never shares a port with a live listener.
     # SO_REUSEPORT (allow_reuse_port) would, so it stays off.
     allow_reuse_address = True
     allow_reuse_port = False
-    # socketserver's default backlog of 5 drops connection attempts in a burst before the
-    # connection cap can answer them with 503.
+    # socketserver's default backlog of 5 drops connection attempts in a burst.
     request_queue_size = 128
 
     def __init__(self, settings: Settings, worker: Worker) -> None:
@@ -2016,9 +2397,19 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         self.worker = worker
         self.address_family = socket.AF_INET6 if settings.host == "::1" else socket.AF_INET
         host = "127.0.0.1" if settings.host == "localhost" else settings.host
-        self._connections = 0
+        self._lock = threading.Condition()
         self._active_requests = 0
-        self._count_lock = threading.Condition()
+        self._in_service = {"health": 0, "jobs": 0}
+        self._pending: dict[socket.socket, Connection] = {}  # gate thread only
+        self._dispatched: dict[socket.socket, tuple[Connection, Request]] = {}
+        self._returned: deque[Connection] = deque()
+        self._pings: list[threading.Event] = []
+        self._gate_stop = False
+        self._gate_done = threading.Event()
+        self._refusals = RefusalLog()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
         super().__init__((host, settings.port), WorkerRequestHandler)
         # Exact Host values: anything else is a browser tricked by DNS rebinding, or a mistake.
         self.allowed_hosts = {f"{name}{port}" for name in LOOPBACK_HOST_HEADERS for port in ("", f":{self.server_port}")}
@@ -2028,246 +2419,414 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._count_lock:
-            self._connections += 1
-            over_capacity = self._connections > self.settings.max_connections + HEALTH_ONLY_CONNECTIONS
-        if over_capacity:  # answered from the accept loop: no thread, no read
-            request_id = uuid.uuid4().hex
-            body = (json.dumps(error_body(Busy("too many open connections"), request_id)) + "\n").encode()
+    @property
+    def base_url(self) -> str:
+        """Where this server listens, as a client writes it (http://[::1]:PORT on IPv6)."""
+        host = self.server_address[0]
+        return f"http://{'[' + host + ']' if ':' in host else host}:{self.server_port}"
+
+    # --- the gate loop -------------------------------------------------------------------------
+
+    def serve_forever(self, poll_interval: float | None = None) -> None:
+        """Run the gate until shutdown(); ``poll_interval`` is ignored: the gate sleeps until its
+        next deadline and is woken through a socket pair for anything else."""
+        with selectors.DefaultSelector() as selector:
+            self._selector = selector
+            selector.register(self.socket, selectors.EVENT_READ, "listen")
+            selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
             try:
-                request.settimeout(0.1)
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\nRetry-After: %d\r\nX-Request-Id: %s\r\nConnection: close\r\n\r\n%s"
-                    % (len(body), RETRY_AFTER_BUSY_S, request_id.encode(), body)
-                )
-            except OSError:
-                pass
-            logger.info("request_id=%s status=503 error=busy (too many open connections)", request_id)
-            self.shutdown_request(request)
-            self._connection_closed()
-            return
-        super().process_request(request, client_address)
+                while not self._gate_stop:
+                    for key, _ in selector.select(self._gate_timeout()):
+                        now = time.monotonic()
+                        if key.data == "listen":
+                            self._accept(now)
+                        elif key.data == "wake":
+                            self._drain_wake()
+                        else:
+                            self._receive(key.data, now)
+                    now = time.monotonic()
+                    self._take_back_returned(now)
+                    self._expire(now)
+                    if self._refusals.flush_due is not None and now >= self._refusals.flush_due:
+                        self._refusals.flush(now)
+            finally:
+                for connection in list(self._pending.values()):
+                    self._close(connection)
+                self._gate_done.set()
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
+    def shutdown(self) -> None:
+        """Stop the gate and wait for it; requests in service still finish (see drain)."""
+        self._gate_stop = True
+        self._wake()
+        self._gate_done.wait()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_reader.close()
+        self._wake_writer.close()
+
+    def _gate_timeout(self) -> float | None:
+        wake_at = [connection.deadline for connection in self._pending.values()]
+        if self._refusals.flush_due is not None:
+            wake_at.append(self._refusals.flush_due)
+        return max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
+
+    def _wake(self) -> None:
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._connection_closed()
+            self._wake_writer.send(b"w")
+        except (BlockingIOError, OSError):
+            pass  # already full of wake-ups, or closed at exit: either way the gate will look
 
-    def _connection_closed(self) -> None:
-        with self._count_lock:
-            self._connections -= 1
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_reader.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            pings, self._pings = self._pings, []
+        for ping in pings:
+            ping.set()
+
+    def ping(self) -> threading.Event:
+        """Ask the gate for a turn; the event is set once it has taken one.  It needs no
+        connection and no slot, so no client can starve it (the watchdog's self-check)."""
+        ping = threading.Event()
+        with self._lock:
+            self._pings.append(ping)
+        self._wake()
+        return ping
+
+    def _accept(self, now: float) -> None:
+        try:
+            sock, address = self.socket.accept()
+        except BlockingIOError:
+            return
+        except OSError as exc:  # out of file descriptors: make room, let the client retry
+            if exc.errno in (errno.EMFILE, errno.ENFILE) and self._pending:
+                self._evict(now)
+            return
+        sock.setblocking(False)
+        if len(self._pending) >= MAX_PENDING_CONNECTIONS:
+            self._evict(now)
+        connection = Connection(sock=sock, address=address, deadline=now + IDLE_TIMEOUT_S)
+        self._pending[sock] = connection
+        self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _evict(self, now: float) -> None:
+        """Make room: an idle kept-alive connection if there is one, else the request that has
+        been arriving longest.  An attacker's connections are the oldest; a real client's
+        request is complete before it could be the oldest."""
+        idle = [connection for connection in self._pending.values() if connection.started is None]
+        if idle:
+            self._close(min(idle, key=lambda connection: connection.deadline))
+        else:
+            oldest = min(self._pending.values(), key=lambda connection: connection.started or now)
+            self._refuse(oldest, Busy("too many connections; the slowest was dropped"), "evicted", now)
+
+    def _receive(self, connection: Connection, now: float) -> None:
+        try:
+            data = connection.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._close(connection)
+            return
+        if not data:
+            connection.eof = True
+        elif connection.started is None:
+            connection.started = now
+            connection.deadline = now + HEAD_DEADLINE_S
+        connection.buffer += data
+        self._advance(connection, now)
+
+    def _advance(self, connection: Connection, now: float) -> None:
+        """Move a connection's request on: parse a complete head, decide about the body,
+        dispatch a complete request, or refuse."""
+        if connection.head is None:
+            end = head_end(connection.buffer)
+            if end is None:
+                if connection.eof:
+                    if connection.buffer.strip(b"\r\n"):
+                        self._refuse(connection, ProtocolError(400, "the request ended before its head did"), "incomplete", now)
+                    else:
+                        self._close(connection)
+                elif len(connection.buffer) > MAX_HEAD_BYTES or (
+                    b"\n" not in connection.buffer and len(connection.buffer) > MAX_REQUEST_LINE_BYTES + 2
+                ):
+                    status = 431 if b"\n" in connection.buffer else 414
+                    self._refuse(connection, ProtocolError(status, "request head too large"), "head_too_large", now)
+                return
+            try:
+                connection.head = parse_head(bytes(connection.buffer[:end]))
+            except ProtocolError as exc:
+                self._refuse(connection, exc, "malformed_head", now)
+                return
+            connection.head_size = end
+            try:
+                connection.body_size = checks_before_body(
+                    connection.head, self.allowed_hosts, self.settings.token, self.settings.limits.max_body_bytes
+                )
+            except WorkerError:
+                connection.body_size = -1  # the handler answers with that error; nothing more is read
+            connection.deadline = now + BODY_DEADLINE_S
+        head = connection.head
+        if connection.body_size > 0 and not connection.continue_sent and (head.get("Expect") or "").lower() == "100-continue":
+            connection.continue_sent = True
+            if head.version == "HTTP/1.1":  # HTTP/1.0 clients must not get it (RFC 9110)
+                self._send_quietly(connection.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+        available = len(connection.buffer) - connection.head_size
+        if connection.body_size > 0 and available < connection.body_size:
+            if connection.eof:
+                self._refuse(connection, InvalidRequest("request body is shorter than Content-Length"), "incomplete", now)
+            return
+        self._dispatch(connection, now)
+
+    def _dispatch(self, connection: Connection, now: float) -> None:
+        head = connection.head
+        assert head is not None and connection.started is not None
+        kind = "health" if is_health_check(head) else "jobs"
+        with self._lock:
+            capacity = HEALTH_SLOTS if kind == "health" else self.settings.max_connections
+            free = self._in_service[kind] < capacity
+            if free:
+                self._in_service[kind] += 1
+        if not free:
+            self._refuse(connection, Busy(f"too many requests in service ({capacity})"), f"no_{kind}_slot", now)
+            return
+        end = connection.head_size + max(0, connection.body_size)
+        if not connection.eof and len(connection.buffer) == end:
+            connection.eof = peer_has_shut_down(connection.sock)  # a FIN right behind the request
+        request = Request(
+            head=head,
+            body=bytes(connection.buffer[connection.head_size : end]),
+            body_unread=connection.body_size < 0,
+            received_at=connection.started,
+            half_closed=connection.eof,
+        )
+        del connection.buffer[:end]
+        connection.head, connection.started, connection.continue_sent = None, None, False
+        self._selector.unregister(connection.sock)
+        del self._pending[connection.sock]
+        with self._lock:
+            self._dispatched[connection.sock] = (connection, request)
+        connection.sock.setblocking(True)
+        self.process_request(connection.sock, connection.address)  # ThreadingMixIn: a handler thread
+
+    def request_for(self, sock: socket.socket) -> Request:
+        with self._lock:
+            return self._dispatched[sock][1]
+
+    def answered(self, sock: socket.socket, *, keep_alive: bool) -> None:
+        """The handler is done; shutdown_request, called next, acts on keep_alive."""
+        with self._lock:
+            self._dispatched[sock][0].keep_alive = keep_alive
+
+    def shutdown_request(self, request: Any) -> None:
+        """After a handler: a kept-alive connection goes back to the gate, any other is closed."""
+        with self._lock:
+            connection, handled = self._dispatched.pop(request)
+            self._in_service["health" if is_health_check(handled.head) else "jobs"] -= 1
+            keep = connection.keep_alive and not self._gate_stop and not handled.half_closed
+            if keep:
+                self._returned.append(connection)
+        if keep:
+            self._wake()
+        else:
+            super().shutdown_request(request)  # shutdown(SHUT_WR), then close
+
+    def _take_back_returned(self, now: float) -> None:
+        with self._lock:
+            returned, self._returned = list(self._returned), deque()
+        for connection in returned:
+            connection.sock.setblocking(False)
+            connection.keep_alive = False
+            connection.deadline = now + IDLE_TIMEOUT_S
+            self._pending[connection.sock] = connection
+            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
+            if connection.buffer:  # the next request arrived with the last one (pipelining)
+                connection.started = now
+                connection.deadline = now + HEAD_DEADLINE_S
+                self._advance(connection, now)
+
+    def _expire(self, now: float) -> None:
+        for connection in [connection for connection in self._pending.values() if connection.deadline <= now]:
+            if connection.started is None:
+                self._close(connection)  # idle: closing a kept-alive connection needs no answer
+            elif connection.head is None:
+                self._refuse(connection, ProtocolError(408, f"the request head did not arrive within {HEAD_DEADLINE_S:g} s"),
+                             "head_deadline", now)
+            else:
+                self._refuse(connection, ProtocolError(408, f"the request body did not arrive within {BODY_DEADLINE_S:g} s"),
+                             "body_deadline", now)
+
+    def _refuse(self, connection: Connection, error: WorkerError, reason: str, now: float) -> None:
+        """Answer a request the gate will not hand on, in the one response format, and count it."""
+        request_id = uuid.uuid4().hex
+        path = connection.head.path if connection.head is not None else ""
+        # Counted and logged before the answer leaves, as a handler's answers are.
+        duration_s = now - connection.started if connection.started is not None else None
+        self.worker.metrics.observe_request(endpoint_of(path), None, error.status, duration_s, error)
+        self.worker.metrics.observe_refusal(reason)
+        self._refusals.note(reason, error.status, now)
+        payload = json_payload(error_body(error, request_id))
+        head_only = connection.head is not None and connection.head.method == "HEAD"
+        self._send_quietly(connection.sock, http_response(
+            error.status, payload, request_id=request_id, headers=error.response_headers(), connection="close",
+            head_only=head_only,
+        ))
+        self._close(connection)
+
+    def _send_quietly(self, sock: socket.socket, data: bytes) -> None:
+        """One send on a non-blocking socket: a small answer fits any socket buffer; a client
+        that has not read the last one loses this one rather than stall the gate."""
+        try:
+            sock.send(data)
+        except OSError:
+            pass
+
+    def _close(self, connection: Connection) -> None:
+        if self._pending.pop(connection.sock, None) is not None:
+            self._selector.unregister(connection.sock)
+        try:
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        connection.sock.close()
+
+    # --- requests in service --------------------------------------------------------------------
 
     @property
-    def health_only(self) -> bool:
-        """True while more connections are open than --max-connections allows for jobs."""
-        with self._count_lock:
-            return self._connections > self.settings.max_connections
+    def open_connections(self) -> int:
+        """Client connections open right now: held by the gate or in service."""
+        with self._lock:
+            return len(self._pending) + len(self._dispatched)
 
     @contextlib.contextmanager
     def active_request(self) -> Iterator[None]:
-        with self._count_lock:
+        with self._lock:
             self._active_requests += 1
         try:
             yield
         finally:
-            with self._count_lock:
+            with self._lock:
                 self._active_requests -= 1
-                self._count_lock.notify_all()
+                self._lock.notify_all()
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every request being handled has been answered."""
-        with self._count_lock:
-            return self._count_lock.wait_for(lambda: self._active_requests == 0, timeout_s)
+        with self._lock:
+            return self._lock.wait_for(lambda: self._active_requests == 0, timeout_s)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # The stock version prints a traceback, whose frames can hold request data.
-        logger.error("connection error %s", sys.exc_info()[0].__name__)
+        logger.error(logfmt({"event": "connection_error", "error": sys.exc_info()[0].__name__}))
+
+
+# ==================================================================================================
+# HTTP: the handler - one complete request, in a thread of its own
+# ==================================================================================================
 
 
 class WorkerRequestHandler(BaseHTTPRequestHandler):
+    """Answers the one request the gate read for it; every answer, error or not, leaves through
+    send_body or send_worker_error, and both build it with http_response."""
+
     server: WorkerHTTPServer
     protocol_version = "HTTP/1.1"  # keep-alive
-    server_version = "openvino-genai-npu-worker"
-    sys_version = ""  # do not advertise the Python version
-    timeout = CONNECTION_TIMEOUT_S
-    disable_nagle_algorithm = True
-    # Buffered writes: status line, headers and body leave in one send when the request is done
-    # (http.server flushes after every request), not in two small packets.
-    wbufsize = -1
+    server_version = SERVER_NAME
+    sys_version = ""
 
     def setup(self) -> None:
-        self.health_only = self.server.health_only
-        if self.health_only:
-            self.timeout = HEALTH_ONLY_TIMEOUT_S
-        super().setup()
+        self.connection = self.request
+        self.connection.settimeout(WRITE_TIMEOUT_S)  # a client that does not read loses its answer
+        self.pending = self.server.request_for(self.request)
+        # http.server parses the canonical head (parse_head) and nothing else: the body is here too.
+        self.rfile = io.BytesIO(self.pending.head.canonical() + self.pending.body)
+        self.wfile = io.BytesIO()  # unused: answers leave in one sendall (http_response)
         self._last_client_check = 0.0
+        self._dispatched_at = time.monotonic()
+        self.half_closed = self.pending.half_closed
+        self.request_id = uuid.uuid4().hex
 
-    def do_GET(self) -> None:
-        self._handle("GET")
+    def handle(self) -> None:
+        """One request: the gate takes a kept-alive connection back for the next one."""
+        self.close_connection = True
+        self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
+        if self.parse_request():  # sets command, path, headers, close_connection (Connection:)
+            with self.server.active_request():
+                self._handle_request()
+        self.server.answered(self.request, keep_alive=not self.close_connection)
 
-    def do_POST(self) -> None:
-        self._handle("POST")
+    def finish(self) -> None:
+        pass  # nothing is buffered: the answer has left
 
-    def do_PUT(self) -> None:
-        self._handle("PUT")
+    def handle_expect_100(self) -> bool:
+        return True  # the gate said "100 Continue" once the checks before the body had passed
 
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
-
-    def do_OPTIONS(self) -> None:
-        self._handle("OPTIONS")  # never with CORS headers: browsers get no permission from us
-
-    def _handle(self, method: str) -> None:
-        with self.server.active_request():
-            self._handle_request(method)
-
-    def _handle_request(self, method: str) -> None:
-        """Route one request; every failure becomes a JSON error here and nowhere else."""
-        started = time.monotonic()
-        request_id = uuid.uuid4().hex
-        self._body_read = False
-        path = self.path.split("?", 1)[0]
-        endpoint = path if path in GET_ENDPOINTS or path in JOB_ENDPOINTS else "<other>"  # paths are input
-        job: str | None = None
+    def _handle_request(self) -> None:
+        """Route one request; every failure becomes a JSON error in send_worker_error."""
+        head = self.pending.head
+        method, path = head.method, head.path
+        endpoint, job = endpoint_of(path), None
         headers: dict[str, str] = {}
-        content_type = "application/json"
+        content_type = JSON_CONTENT_TYPE
+        settings = self.server.settings
+        self.body_consumed = False
         try:
-            self._check_access(path)
-            if self.health_only and path not in HEALTH_ENDPOINTS:
-                raise Busy("too many open connections")
+            checks_before_body(head, self.server.allowed_hosts, settings.token, settings.limits.max_body_bytes)
             if path in GET_ENDPOINTS:
-                self._require_method(method, "GET")
-                status, body = self._get(path)
-                if path == "/healthz" and status == 503:
-                    headers["Retry-After"] = str(RETRY_AFTER_LOADING_S)
+                status, body, headers = self._get(path)
                 if path == "/metrics":
-                    content_type = "text/plain; version=0.0.4; charset=utf-8"
-            elif path in JOB_ENDPOINTS:
-                self._require_method(method, "POST")
-                request = validate_job_request(
-                    self._read_json_body(), self.server.settings.limits, job=JOB_ENDPOINTS[path]
-                )
-                job = request.job
-                status, body = 200, self.server.worker.run(request, request_id, client_gone=self._client_gone)
+                    content_type = METRICS_CONTENT_TYPE
             else:
-                raise NotFound("no such endpoint; see CONTRACT.md")
-        except ClientGone:
-            self.close_connection = True  # nobody is listening: log it, answer nothing
-            self._log_request(request_id, method, endpoint, ClientGone.status, job, {"error": {"type": ClientGone.type}}, started)
+                self.body_consumed = True
+                request = validate_job_request(parse_json_body(self.pending.body), settings.limits, job=JOB_ENDPOINTS[path])
+                job = request.job
+                body = self.server.worker.run(
+                    request, self.request_id, client_gone=self._client_gone, received_at=self.pending.received_at
+                )
+                status = 200
+        except ClientGone as exc:
+            self.close_connection = True  # nobody is listening: count it and log it, answer nothing
+            self._record(method, endpoint, exc.status, job, {"error": {"type": exc.type}}, exc)
             return
         except WorkerError as exc:
-            status, body = exc.status, error_body(exc, request_id)
-            if exc.retry_after_s is not None:
-                headers["Retry-After"] = str(exc.retry_after_s)
-            if isinstance(exc, MethodNotAllowed):
-                headers["Allow"] = ", ".join(exc.allow)
-            if isinstance(exc, Unauthorized):
-                headers["WWW-Authenticate"] = "Bearer"
-            if exc.__cause__ is not None:
-                logger.error("request_id=%s failed: %s", request_id, type(exc.__cause__).__name__)
+            self.send_worker_error(exc, endpoint=endpoint, job=job)
+            return
         except Exception as exc:  # a bug: answer 500 JSON, log the type only (messages may hold input)
-            logger.error("request_id=%s internal error: %s", request_id, type(exc).__name__)
-            status, body = 500, error_body(WorkerError("internal error"), request_id)
-        announced_body = self.headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in self.headers
-        if not self._body_read and (status >= 400 or announced_body):
-            # An unread body must not be parsed as the next request; a request refused before its
-            # body was read (Host, Origin, token, framing) also loses its connection.
-            self.close_connection = True
-        # Logged and counted before the answer leaves: a client that reads /metrics or the log right
-        # after its answer finds its own request there.
-        self._log_request(request_id, method, endpoint, status, job, body, started)
-        self._send(status, body, headers, request_id, content_type)
+            logger.error(logfmt({"request_id": self.request_id, "event": "internal_error", "error": type(exc).__name__}))
+            self.send_worker_error(WorkerError("internal error"), endpoint=endpoint, job=job)
+            return
+        self.send_body(status, body, headers, content_type=content_type, endpoint=endpoint, job=job)
 
-    def _check_access(self, path: str) -> None:
-        """Checked before any body is read: DNS rebinding, cross-site browsers, other local users."""
-        hosts = self.headers.get_all("Host") or []
-        if len(hosts) != 1 or hosts[0].lower() not in self.server.allowed_hosts:
-            raise Forbidden("the Host header must name this worker on loopback (127.0.0.1, localhost or [::1])")
-        if self.headers.get("Origin") is not None:
-            raise Forbidden("requests from web pages (with an Origin header) are not accepted")
-        if (self.headers.get("Sec-Fetch-Site") or "").lower() in ("cross-site", "same-site"):
-            raise Forbidden("cross-site requests are not accepted")
-        token = self.server.settings.token
-        if token is not None and path != "/livez":
-            scheme, _, supplied = (self.headers.get("Authorization") or "").strip().partition(" ")
-            # The scheme name is case-insensitive (RFC 9110); the token is compared in constant time.
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                supplied.strip().encode("latin-1", "replace"), token.encode("latin-1", "replace")
-            ):
-                raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-
-    def _require_method(self, method: str, allowed: str) -> None:
-        if method != allowed:
-            raise MethodNotAllowed(f"use {allowed} for this endpoint", allow=[allowed])
-
-    def _get(self, path: str) -> tuple[int, Any]:
+    def _get(self, path: str) -> tuple[int, Any, dict[str, str]]:
         worker = self.server.worker
         settings = self.server.settings
         if path == "/livez":
             problem = worker.health_problem()
-            return (503 if problem else 200), {"status": "unhealthy" if problem else "alive", "problem": problem}
+            return (503 if problem else 200), {"status": "unhealthy" if problem else "alive", "problem": problem}, {}
         if path == "/healthz":
-            return (200 if worker.ready else 503), health_body(settings, worker)
+            if worker.ready:
+                return 200, health_body(settings, worker), {}
+            return 503, health_body(settings, worker), {"Retry-After": str(RETRY_AFTER_LOADING_S)}
         if path == "/metrics":
-            versions = genai_versions()
-            return 200, worker.metrics.render(
-                build_info={  # Prometheus label names allow no "-"
-                    "worker": versions["worker"],
-                    "openvino": versions["openvino"],
-                    "openvino_genai": versions["openvino-genai"],
-                    "device": settings.device,
-                    "model": settings.model_name,
-                    "npu_proof": settings.proof_mode,
-                },
-                gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
-            )
+            return 200, metrics_text(settings, worker), {}
         if path == "/openapi.json":
-            return 200, openapi_document(settings, port=self.server.server_port)
-        return 200, models_body(settings, worker)
-
-    def _read_json_body(self) -> dict[str, Any]:
-        media_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
-        if media_type != "application/json":
-            raise UnsupportedMediaType("Content-Type must be application/json")
-        lengths = self.headers.get_all("Content-Length") or []
-        if self.headers.get("Transfer-Encoding") is not None:
-            if lengths:  # the classic request-smuggling ambiguity
-                raise InvalidRequest("Content-Length and Transfer-Encoding together are not accepted")
-            raise LengthRequired("chunked bodies are not accepted; send Content-Length")
-        if not lengths:
-            raise LengthRequired("Content-Length is required")
-        length_text = lengths[0]
-        if len(lengths) > 1 or not length_text.isdigit() or not length_text.isascii():
-            raise InvalidRequest("Content-Length is invalid or repeated")
-        length = int(length_text)
-        max_bytes = self.server.settings.limits.max_body_bytes
-        if length > max_bytes:
-            raise BodyTooLarge(f"request body has {length} bytes; the limit is {max_bytes}")
-        if (self.headers.get("Expect") or "").lower() == "100-continue" and self.request_version == "HTTP/1.1":
-            self.send_response_only(100)  # HTTP/1.0 clients must not get it (RFC 9110)
-            self.end_headers()
-            self.wfile.flush()  # the client waits for this before it sends the body
-        try:
-            body = self.rfile.read(length)
-        except TimeoutError:
-            body = b""
-        if len(body) < length:
-            raise InvalidRequest("request body is shorter than Content-Length, or stalled")
-        self._body_read = True
-        return parse_json_body(body)
-
-    def handle_expect_100(self) -> bool:
-        # The stock handler says "100 Continue" before any check; _read_json_body says it after.
-        return True
+            return 200, openapi_document(settings, base_url=self.server.base_url), {}
+        return 200, models_body(settings, worker), {}
 
     def _client_gone(self) -> bool:
-        """Called between generated tokens: has the client closed its connection?"""
+        """Called between generated tokens: has the client closed its connection?
+
+        From here a half-close (the client shut down its sending side and still reads) looks
+        exactly like a close.  Scripted clients (nc -N, some shells) half-close right after they
+        send, so an end of stream that came with the request, or within HALF_CLOSE_WINDOW_S of
+        it, is a half-close: answered, never cancelled.  One that comes later is a client that
+        gave up waiting: its generation is cancelled.
+        """
+        if self.half_closed:
+            return False
         now = time.monotonic()
         if now - self._last_client_check < CLIENT_CHECK_INTERVAL_S:
             return False
@@ -2275,75 +2834,115 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         try:
             readable, _, _ = select.select([self.connection], [], [], 0)
             # Readable with nothing to read is an orderly close; a pipelined request is data.
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            gone = bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
+        if gone and now - self._dispatched_at < HALF_CLOSE_WINDOW_S:
+            self.half_closed = True
+            return False
+        return gone
 
-    def _send(self, status: int, body: Any, headers: Mapping[str, str], request_id: str, content_type: str) -> None:
-        if isinstance(body, str):
-            payload = body.encode("utf-8")
-        else:
-            # "replace": a bug that lets a lone surrogate through must still yield a response.
-            payload = (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8", "replace")
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("X-Request-Id", request_id)
-        for name, value in headers.items():
-            self.send_header(name, value)
+    # --- the only two ways out ------------------------------------------------------------------
+
+    def send_worker_error(self, exc: WorkerError, *, endpoint: str = "<other>", job: str | None = None) -> None:
+        """Any WorkerError as an answer: its status, its type, its headers (Retry-After, Allow,
+        WWW-Authenticate); the cause's type in the log, never its message."""
+        if exc.__cause__ is not None:
+            logger.error(logfmt({"request_id": self.request_id, "event": "failed", "error": type(exc.__cause__).__name__}))
+        self.send_body(exc.status, error_body(exc, self.request_id), exc.response_headers(), endpoint=endpoint, job=job, error=exc)
+
+    def send_body(
+        self,
+        status: int,
+        body: Any,
+        headers: Mapping[str, str],
+        *,
+        content_type: str = JSON_CONTENT_TYPE,
+        endpoint: str,
+        job: str | None,
+        error: WorkerError | None = None,
+    ) -> None:
+        head = self.pending.head
+        announced_body = head.get("Content-Length") not in (None, "0") or head.get("Transfer-Encoding") is not None
+        if not getattr(self, "body_consumed", False) and (status >= 400 or announced_body):
+            # A request refused before its body was used (Host, Origin, token, framing) loses its
+            # connection, and so does one whose body the endpoint did not want (a GET with one).
+            self.close_connection = True
+        if self.half_closed:
+            self.close_connection = True  # it can send no next request
+        connection = None
         if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+            connection = "close"
+        elif self.request_version == "HTTP/1.0":
+            connection = "keep-alive"  # it asked (parse_request kept it open only then): say so
+        payload = body.encode("utf-8") if isinstance(body, str) else json_payload(body)
+        # Counted and logged before the answer leaves: a client that reads /metrics or the log
+        # right after its answer finds its own request there.
+        self._record(self.pending.head.method, endpoint, status, job, body, error)
+        data = http_response(status, payload, request_id=self.request_id, content_type=content_type, headers=headers,
+                             connection=connection, head_only=self.pending.head.method == "HEAD")
+        try:
+            self.connection.sendall(data)
+        except OSError:
+            self.close_connection = True  # gone, or not reading: the answer is lost either way
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (bad request line, headers too large...) as JSON.
-
-        The stock page echoes the request line; ours has a fixed message per status.
-        """
+        """http.server's own errors (it re-parses the canonical head, so this is rare), as ours.
+        The stock page echoes the request line; ours has a fixed message per status."""
         self.close_connection = True
         if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # so that a status line is written at all
-        error = ProtocolError(code)
-        request_id = uuid.uuid4().hex
-        self.server.worker.metrics.observe_request("<other>", None, code, None, error.type)
-        logger.info("request_id=%s path=<other> status=%d error=%s", request_id, code, error.type)
-        self._send(code, error_body(error, request_id), {}, request_id, "application/json")
+            self.request_version = "HTTP/1.0"
+        self.send_worker_error(ProtocolError(code))
 
     def version_string(self) -> str:
         return self.server_version  # the stock one appends the Python version
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _log_request writes one line per request, without the request line
+        pass  # _record writes one line per request, without the request line
 
     def log_message(self, format: str, *args: Any) -> None:
-        # Stock callers pass the request line, headers and exception messages as args: drop them.
-        pass
+        # Through logging, without the arguments: stock callers pass the request line, headers
+        # and exception messages, which are input.
+        logger.warning(logfmt({"event": "http_server", "message": format}))
 
-    def _log_request(
-        self, request_id: str, method: str, endpoint: str, status: int, job: str | None, body: Any, started: float
+    def _record(
+        self, method: str, endpoint: str, status: int, job: str | None, body: Any, error: WorkerError | None
     ) -> None:
-        """One logfmt line per request: ids, sizes, counts and timings - never input or output text."""
-        duration_s = time.monotonic() - started
-        error_type = body["error"]["type"] if isinstance(body, dict) and "error" in body else None
-        self.server.worker.metrics.observe_request(endpoint, job, status, duration_s, error_type)
-        fields = [f"request_id={request_id}", f"method={method}", f"path={endpoint}", f"status={status}"]
+        """One logfmt line per request and its metrics: ids, sizes, counts and timings - never
+        input or output text."""
+        duration_s = time.monotonic() - self.pending.received_at
+        self.server.worker.metrics.observe_request(endpoint, job, status, duration_s, error)
+        fields: dict[str, Any] = {"request_id": self.request_id, "method": method if method in KNOWN_METHODS else "<other>",
+                                  "path": endpoint, "status": status}
         if job is not None:
-            fields.append(f"job={job}")
+            fields["job"] = job
         result = body.get("result", body) if isinstance(body, dict) else {}
         if isinstance(result.get("tokens"), dict):
-            fields.append(f"prompt_tokens={result['tokens']['prompt']}")
-            fields.append(f"generated_tokens={result['tokens']['generated']}")
-            fields.append(f"queue_ms={result['timing_ms']['queue']}")
-            fields.append(f"generate_ms={result['timing_ms']['generate']}")
-            fields.append(f"npu_busy_delta_us={result['npu_busy_delta_us']}")
-        if error_type is not None:
-            fields.append(f"error={error_type}")
-        fields.append(f"total_ms={duration_s * 1000:.1f}")
-        logger.info(" ".join(fields))
+            fields["prompt_tokens"] = result["tokens"]["prompt"]
+            fields["generated_tokens"] = result["tokens"]["generated"]
+            fields["stop_rule"] = result.get("stop_rule")
+            fields["queue_ms"] = result["timing_ms"]["queue"]
+            fields["generate_ms"] = result["timing_ms"]["generate"]
+            fields["npu_busy_delta_us"] = result["npu_busy_delta_us"]
+        if isinstance(body, dict) and "error" in body:
+            fields["error"] = body["error"]["type"]
+        fields["total_ms"] = f"{duration_s * 1000:.1f}"
+        logger.info(logfmt(fields))
+
+
+def metrics_text(settings: Settings, worker: Worker) -> str:
+    versions = genai_versions()
+    return worker.metrics.render(
+        build_info={  # Prometheus label names allow no "-"
+            "worker": versions["worker"],
+            "openvino": versions["openvino"],
+            "openvino_genai": versions["openvino-genai"],
+            "device": settings.device,
+            "model": settings.model_name,
+            "npu_proof": settings.proof_mode,
+        },
+        gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
+    )
 
 
 # ==================================================================================================
@@ -2410,7 +3009,7 @@ def error_types() -> list[str]:
     return sorted(types)
 
 
-def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, Any]:
+def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}") -> dict[str, Any]:
     """The API as OpenAPI 3.0, built from the same constants the worker enforces."""
     limits = settings.limits
 
@@ -2488,7 +3087,7 @@ def openapi_document(settings: Settings, port: int = DEFAULT_PORT) -> dict[str, 
     document: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "openvino-genai-npu-worker", "version": __version__, "description": "See CONTRACT.md."},
-        "servers": [{"url": f"http://127.0.0.1:{port}"}],
+        "servers": [{"url": base_url}],  # the address actually bound
         "paths": {
             "/livez": {"get": {"summary": "liveness", "security": [], "responses": {
                 "200": json_response(obj({"status": string, "problem": nullable_string}, ["status", "problem"])),
@@ -2565,27 +3164,24 @@ def load_with_progress(worker: Worker, notifier: SystemdNotifier, stop: threadin
         raise failure[0]
 
 
-def liveness_problem(server: WorkerHTTPServer) -> str | None:
-    """Ask our own /livez over loopback: proves the accept loop and a handler thread still work."""
-    host = "::1" if server.address_family == socket.AF_INET6 else "127.0.0.1"
-    connection = http.client.HTTPConnection(host, server.server_port, timeout=5)
-    try:
-        connection.request("GET", "/livez", headers={"Host": f"127.0.0.1:{server.server_port}"})
-        response = connection.getresponse()
-        body = json.loads(response.read())
-        return None if response.status == 200 else str(body.get("problem"))
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        return f"/livez did not answer ({type(exc).__name__})"
-    finally:
-        connection.close()
+def self_check(server: WorkerHTTPServer, worker: Worker, previous_ping: threading.Event | None) -> tuple[str | None, threading.Event]:
+    """The watchdog's check, from inside: the worker is not stuck or lost, and the gate, which
+    reads every request, took the turn asked of it at the previous check (a ping through its
+    socket pair: no connection, no slot, so no client can starve it).  Not waiting for this
+    check's own ping keeps an idle check to about four context switches (BENCHMARKS.md, "Idle");
+    a dead gate is still found one interval later, within systemd's WatchdogSec."""
+    problem = worker.health_problem()
+    if problem is None and previous_ping is not None and not previous_ping.is_set():
+        problem = "the HTTP gate did not take a turn since the last check"
+    return problem, server.ping()
 
 
 def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: SystemdNotifier) -> int:
     """Bind first (so /healthz answers 503 while loading), load and warm up, serve until stop."""
     server = bind_server(settings, worker)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="accept", daemon=True).start()
-    logger.info("listening on http://%s:%d/ (loading %s on %s, npu_proof=%s)", settings.host, server.server_port,
-                settings.model_name, settings.device, settings.proof_mode)
+    threading.Thread(target=server.serve_forever, name="gate", daemon=True).start()
+    logger.info(logfmt({"event": "listening", "url": server.base_url + "/", "model": settings.model_name,
+                        "device": settings.device, "npu_proof": settings.proof_mode}))
     try:
         try:
             load_with_progress(worker, notifier, stop)
@@ -2593,24 +3189,26 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
             return EXIT_OK  # SIGTERM while waiting for the lock: a clean stop, not a failure
         if not stop.is_set():
             notifier.notify("READY=1", f"STATUS=ready: {settings.model_name} on {settings.device}")
-            logger.info("ready")
-        interval_s = notifier.watchdog_interval_s or HEALTH_CHECK_INTERVAL_S
-        while not stop.wait(interval_s):
-            problem = worker.health_problem() or liveness_problem(server)
+            logger.info(logfmt({"event": "ready"}))
+        # Only a systemd watchdog needs the self-check; without one the main thread sleeps until
+        # told to stop (an idle daemon does not wake up: BENCHMARKS.md, "Idle").
+        ping: threading.Event | None = None
+        while not stop.wait(notifier.watchdog_interval_s):
+            problem, ping = self_check(server, worker, ping)
             if problem is None:
                 notifier.notify("WATCHDOG=1")
             else:  # no WATCHDOG=1: systemd restarts us once WatchdogSec passes
-                logger.error("unhealthy: %s", problem)
+                logger.error(logfmt({"event": "unhealthy", "problem": problem}))
                 notifier.notify(f"STATUS=unhealthy: {problem}")
     finally:
         notifier.notify("STOPPING=1", "STATUS=stopping: answering accepted requests")
         worker.begin_shutdown()
         # Every accepted job ends by its deadline, so this wait is bounded by it.
         if not server.drain(settings.limits.request_timeout_s + DRAIN_MARGIN_S):
-            logger.error("stopping with requests still unanswered")
+            logger.error(logfmt({"event": "stopping", "problem": "requests still unanswered"}))
         server.shutdown()
         server.server_close()
-    logger.info("stopped")
+    logger.info(logfmt({"event": "stopped"}))
     return EXIT_OK
 
 
@@ -3065,12 +3663,19 @@ def run_cli_job(
         worker = build_worker(settings, pipeline_factory)
         worker.load(warm_up=False)  # one job: a warm-up would only double the cost
         body = worker.run(request, request_id)
-        code = EXIT_OK
     except WorkerError as exc:
-        body, code = error_body(exc, request_id), exc.exit_code
-        print(f"worker.py: {exc.type}: {exc.message}", file=sys.stderr)
+        return report_cli_error(exc, request_id=request_id)
     print(json.dumps(body, ensure_ascii=False, indent=2))
-    return code
+    return EXIT_OK
+
+
+def report_cli_error(exc: WorkerError, *, request_id: str | None = None, prog: str = "worker.py") -> int:
+    """Every CLI error, one way: one line on stderr, the JSON error body on stdout when a job
+    was asked for (``request_id``), and the exit code of its class (CONTRACT.md, "Exit codes")."""
+    if request_id is not None:
+        print(json.dumps(error_body(exc, request_id), ensure_ascii=False, indent=2))
+    print(f"{prog}: {exc.type}: {exc.message}", file=sys.stderr)
+    return exc.exit_code
 
 
 def batch_lines(stream: Any, max_bytes: int) -> Iterator[bytes | None]:
@@ -3170,8 +3775,7 @@ def main(
             signal.signal(signum, lambda *_: stop.set())
         return serve(settings, build_worker(settings, pipeline_factory), stop, SystemdNotifier(environ))
     except WorkerError as exc:
-        print(f"worker.py: {exc.type}: {exc.message}", file=sys.stderr)
-        return exc.exit_code
+        return report_cli_error(exc)
     except KeyboardInterrupt:  # Ctrl-C in a one-shot, batch or doctor run (the daemon handles SIGINT)
         print("worker.py: interrupted", file=sys.stderr)
         return 130

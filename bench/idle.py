@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import tempfile
 import time
@@ -135,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=bench.DEFAULT_MODEL, help="model (default: the tiny test model)")
     parser.add_argument("--device", choices=("CPU", "NPU"), default="CPU", help="device (default CPU)")
     parser.add_argument("--no-npu-proof", action="store_true", help="NPU on a kernel without the busy counter")
+    parser.add_argument("--watchdog-s", type=float,
+                        help="run as under systemd with WatchdogSec= this (the self-check every half of it)")
     parser.add_argument("--json", type=Path, help="write the rows here as JSON")
     return parser
 
@@ -145,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = bench.RunConfig(
             model=args.model.resolve(), device=args.device, cache_dir=None, lock_file=None,
             max_prompt_tokens=bench.worker.DEFAULT_MAX_PROMPT_TOKENS, no_npu_proof=args.no_npu_proof,
-            workdir=Path(workdir), plan=bench.Plan(),
+            emulate_npu=False, workdir=Path(workdir), plan=bench.Plan(),
         )
+        if args.watchdog_s is not None:  # as systemd sets it: the self-check runs every half of it
+            os.environ["WATCHDOG_USEC"] = str(int(args.watchdog_s * 1_000_000))
         with bench.Daemon(config, "idle") as daemon:
             time.sleep(args.settle)
             rows = idle_wakeups(daemon.pid, args.seconds)

@@ -142,7 +142,7 @@ def serve_in_thread(settings: worker.Settings, factory: worker.PipelineFactory, 
     if load:
         built.load()
     server = worker.WorkerHTTPServer(settings, built)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
 

@@ -197,7 +197,7 @@ def test_405_method_not_allowed_with_allow(start_server: Callable[..., worker.Wo
     response = call(server, "GET", "/v1/worker/generate")
     assert_error(response, 405, "method_not_allowed")
     assert response[1]["Allow"] == "POST"
-    assert call(server, "POST", "/healthz", {})[1]["Allow"] == "GET"
+    assert call(server, "POST", "/healthz", {})[1]["Allow"] == "GET, HEAD"
 
 
 def test_411_length_required_without_content_length_or_when_chunked(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:

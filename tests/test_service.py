@@ -64,6 +64,8 @@ METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GENERATE = "/v1/worker/generate"
 # 500 words in sentences of four: a summary of any length keeps whole sentences.
 LONG_REPLY = " ".join(f"Sentence number {index} here." for index in range(125))
+# No sentence, no line, no loop: no stop rule ends it before max_new_tokens.
+UNENDING_REPLY = " ".join(f"token{index}" for index in range(600))
 # About 900 prompt tokens for the tiny model's tokenizer: a real 256-token summary then takes ~0.4 s.
 LONG_INPUT = " ".join(f"word{index} is here." for index in range(90))
 # Over 1024 prompt tokens for the tiny model, under 6000 characters.
@@ -316,7 +318,7 @@ class Daemon:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.log.append(line)
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
+            match = re.search(r"event=listening url=http://127\.0\.0\.1:(\d+)/", line)
             if match:
                 self.port = int(match.group(1))
                 self._listening.set()
@@ -527,14 +529,21 @@ def test_watchdog_stops_pinging_while_a_generation_is_stuck(tmp_path: Path, monk
     assert outcome == [worker.EXIT_OK]
 
 
-def test_liveness_problem_is_none_on_a_healthy_server_and_named_on_a_dead_one(
+def test_the_self_check_is_none_on_a_healthy_server_and_named_on_a_dead_gate(
     start_server: Callable[..., worker.WorkerHTTPServer],
 ) -> None:
     server = start_server()
-    assert worker.liveness_problem(server) is None
-    dead = worker.WorkerHTTPServer(server.settings, server.worker)
-    dead.server_close()  # bound once, closed: nothing answers on its port
-    assert worker.liveness_problem(dead) == "/livez did not answer (ConnectionRefusedError)"
+    problem, ping = worker.self_check(server, server.worker, None)
+    assert problem is None and ping.wait(5)  # the gate took the turn asked of it
+    assert worker.self_check(server, server.worker, ping)[0] is None
+    dead = worker.WorkerHTTPServer(server.settings, server.worker)  # bound, but its gate never runs
+    try:
+        problem, ping = worker.self_check(dead, server.worker, None)
+        assert problem is None  # nothing asked of it yet
+        assert not ping.wait(0.3)
+        assert worker.self_check(dead, server.worker, ping)[0] == "the HTTP gate did not take a turn since the last check"
+    finally:
+        dead.server_close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -626,7 +635,7 @@ def test_sigterm_answers_every_accepted_job_refuses_new_ones_and_exits_0(tmp_pat
 
 
 def test_deadline_cancels_the_generation_and_frees_the_npu(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=LONG_REPLY, seconds_per_token=0.01)
+    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)
     started = time.monotonic()
     response = call(server.server_port, "POST", GENERATE, {"job": "summary", "input": "x", "max_new_tokens": 256, "timeout_s": 0.2})
@@ -651,6 +660,9 @@ def disconnect_mid_generation(server: worker.WorkerHTTPServer, pipeline: Recordi
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
         pipeline.wait_for(lambda: pipeline.started == WARM_UPS + 1)  # after the warm-ups: generating now
+        # A close right behind the request would be a half-close (answered); one later, a client
+        # that gave up waiting (its generation is cancelled).
+        time.sleep(worker.HALF_CLOSE_WINDOW_S * 3)
     finally:
         client.close()
     closed_at = time.monotonic()
@@ -660,7 +672,7 @@ def disconnect_mid_generation(server: worker.WorkerHTTPServer, pipeline: Recordi
 
 
 def test_a_client_that_disconnects_cancels_its_generation(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=LONG_REPLY, seconds_per_token=0.01)
+    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)
     gone = disconnect_mid_generation(server, pipeline)
     assert gone.finish_reason == "cancelled" and gone.generated_tokens < 100, gone
@@ -673,7 +685,7 @@ def test_a_client_that_disconnects_cancels_its_generation(start_server: Callable
 def test_a_client_that_disconnects_is_logged_as_499(
     start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=LONG_REPLY, seconds_per_token=0.01)
+    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)
     with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"):
         disconnect_mid_generation(server, pipeline)
@@ -684,7 +696,7 @@ def test_a_client_that_disconnects_is_logged_as_499(
 
 
 def test_queue_wait_counts_toward_the_deadline(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=LONG_REPLY, seconds_per_token=0.01)
+    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)  # lock_timeout_s 5: a 503 busy would need 5 s of waiting
     port = server.server_port
     with ThreadPoolExecutor(1) as pool:
@@ -713,7 +725,8 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
     port = server.server_port
     results = []
     for max_new_tokens, text in ((1, "short"), (2, "a longer input text"), (10, "the longest input of all three here")):
-        status, _, body = call(port, "POST", GENERATE, {"job": "title", "input": text, "max_new_tokens": max_new_tokens})
+        # A summary: the reply's sentences keep it going past 10 tokens (a title would stop at one).
+        status, _, body = call(port, "POST", GENERATE, {"job": "summary", "input": text, "max_new_tokens": max_new_tokens})
         assert status == 200
         results.append(body)
     assert_error(call(port, "POST", GENERATE, {"job": "title"}), 400, "invalid_request")
@@ -721,7 +734,7 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
 
     settle(server)
     metrics = scrape(port)
-    assert requests_total(metrics, GENERATE, "title", 200) == 3
+    assert requests_total(metrics, GENERATE, "summary", 200) == 3
     assert requests_total(metrics, GENERATE, "", 400) == 1
     assert requests_total(metrics, "<other>", "", 404) == 1
     assert sum(value for _, value in metrics.series("npu_worker_requests_total")) == 5
@@ -753,12 +766,13 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
     assert metrics.value("npu_worker_ready") == 1
     assert metrics.value("npu_worker_queue_waiting") == 0 and metrics.value("npu_worker_jobs_in_flight") == 0
     assert metrics.value("npu_worker_model_load_seconds") >= 0
-    assert metrics.value("npu_worker_npu_busy_microseconds_total") == 0  # CPU: nothing to prove
+    assert metrics.value("npu_worker_npu_busy_seconds_total") == 0  # CPU: nothing to prove
     assert {name: kind for name, kind in metrics.types.items() if name.endswith("_total")} == {
         "npu_worker_requests_total": "counter",
         "npu_worker_prompt_tokens_total": "counter",
         "npu_worker_generated_tokens_total": "counter",
-        "npu_worker_npu_busy_microseconds_total": "counter",
+        "npu_worker_refusals_total": "counter",
+        "npu_worker_npu_busy_seconds_total": "counter",
         "npu_worker_npu_proof_failures_total": "counter",
     }
 
@@ -782,8 +796,9 @@ def test_metrics_add_up_npu_busy_time_and_count_proof_failures(
 
     settle(server)
     metrics = scrape(port)
-    assert metrics.value("npu_worker_npu_busy_microseconds_total") == sum(deltas) + 1500 * WARM_UPS  # + the warm-ups
-    assert metrics.value("npu_worker_npu_busy_microseconds_total") == int(busy_file.read_text()) - initial_us
+    busy_s = metrics.value("npu_worker_npu_busy_seconds_total")  # base units: seconds (promtool)
+    assert busy_s == pytest.approx((sum(deltas) + 1500 * WARM_UPS) / 1e6)  # + the warm-ups
+    assert busy_s == pytest.approx((int(busy_file.read_text()) - initial_us) / 1e6)
     assert metrics.value("npu_worker_npu_proof_failures_total") == 1
     assert requests_total(metrics, GENERATE, "title", 502) == 1
     (build_labels, _), = metrics.series("npu_worker_build_info")
@@ -1198,7 +1213,7 @@ def test_batch_of_100_jobs_reports_every_line_in_order_with_one_model_load(tmp_p
     assert [int(done) for done, _ in progress] == list(range(1, 101))
     assert progress[-1] == ("100", str(len(BAD_BATCH_LINES)))
     assert f"batch: finished: 100 jobs, {len(BAD_BATCH_LINES)} failed" in completed.stderr
-    assert completed.stderr.count("model loaded") == 1
+    assert completed.stderr.count("event=model_loaded") == 1
 
 
 @needs_tiny_model

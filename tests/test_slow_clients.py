@@ -32,13 +32,13 @@ def test_slow_head_holds_its_connections_and_closes_them_all_on_exit(
 ) -> None:
     server = start_server()
     with SlowHeadAttack("127.0.0.1", server.server_port, connections=5, interval_s=0.2) as attack:
-        assert wait_for(lambda: server._connections == 5, 5), server._connections
+        assert wait_for(lambda: server.open_connections == 5, 5), server.open_connections
         assert wait_for(lambda: attack.stats().bytes_sent > 5 * 60, 5)  # preambles and drips
         stats = attack.stats()
         assert (stats.opened, stats.open_now, stats.refused, stats.errors) == (5, 5, 0, 0)
         assert not stats.responses  # the head never ends, so nothing is answered
     assert attack.stats().open_now == 0
-    assert wait_for(lambda: server._connections == 0, 5), server._connections
+    assert wait_for(lambda: server.open_connections == 0, 5), server.open_connections
 
 
 def test_slow_body_reopens_what_the_server_closes(
@@ -49,10 +49,10 @@ def test_slow_body_reopens_what_the_server_closes(
     # Drips slower than the server's read timeout: every connection is dropped and reopened.
     with SlowBodyAttack("127.0.0.1", server.server_port, connections=3, interval_s=2.0) as attack:
         assert wait_for(lambda: attack.stats().opened >= 6, 10), attack.stats()
-        assert wait_for(lambda: server._connections == 3, 5)
+        assert wait_for(lambda: server.open_connections == 3, 5)
     stats = attack.stats()
     assert stats.closed_by_server + sum(stats.responses.values()) >= 3
-    assert wait_for(lambda: server._connections == 0, 5)
+    assert wait_for(lambda: server.open_connections == 0, 5)
 
 
 def test_prober_records_every_target_with_its_status(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Measure what slow clients do to a real worker daemon: probes, log volume, watchdog verdicts.
 
-    python tests/run_attacks.py [--seconds 40] [--connections 200] [--interval 5]
-                                [--scenarios control,slow-head,slow-body] [--json OUT] [--logs DIR]
+    python bench/attacks.py [--seconds 40] [--connections 200] [--interval 5]
+                            [--scenarios control,slow-head,slow-body] [--json OUT] [--logs DIR]
 
 Each scenario gets a fresh daemon (``python worker.py`` on the tiny model on CPU, a private lock
 file and cache, a free port, stderr to a file), waits until ``/healthz`` says 200, then:
@@ -12,7 +12,7 @@ file and cache, a free port, stderr to a file), waits until ``/healthz`` says 20
    once per ``--probe-interval``) and runs both for ``--seconds``;
 3. stops the attack and times how long ``/livez`` takes to answer 200 again;
 4. reads what the daemon logged while the attack ran: bytes, lines, watchdog ``unhealthy``
-   lines, connection-cap refusals, ERROR lines; and its CPU time and thread count.
+   lines, refusal lines, ERROR lines; and its CPU time and thread count.
 
 The table goes to stdout, the numbers as JSON to ``--json`` if given.  Standard library only;
 worker.py is run, never imported, so the same script measures the worker before and after a
@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 from typing import Sequence
 
-TESTS_DIR = Path(__file__).resolve().parent
-REPO = TESTS_DIR.parent
-sys.path.insert(0, str(TESTS_DIR))
+REPO = Path(__file__).resolve().parent.parent
+TESTS_DIR = REPO / "tests"
+sys.path.insert(0, str(TESTS_DIR))  # the attack tools live beside the tests that use them
 
 from slow_clients import Prober  # noqa: E402
 from slow_clients import SlowBodyAttack  # noqa: E402
@@ -149,7 +149,8 @@ def log_window(log_path: Path, start: int, end: int) -> dict[str, Any]:
         "lines": len(lines),
         "unhealthy_lines": sum(1 for line in lines if "unhealthy" in line),
         "unhealthy_messages": sorted({line.split("unhealthy", 1)[1] for line in lines if "unhealthy" in line}),
-        "connection_cap_lines": sum(1 for line in lines if "too many open connections" in line),
+        # Refusal lines: one per refused connection before the gate, one per reason and second since.
+        "connection_cap_lines": sum(1 for line in lines if "too many open connections" in line or " refused=" in line),
         "error_lines": sum(1 for line in lines if " ERROR " in f" {line} "),
         "first_unhealthy": next((line for line in lines if "unhealthy" in line), None),
         "answers": dict(sorted(Counter(_answer(line) for line in lines if " status=" in line).items())),
