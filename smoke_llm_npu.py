@@ -109,14 +109,27 @@ def main(
             "total": round(worker.elapsed_ms(started), 2),
         },
         "npu_busy_delta_us": result["npu_busy_delta_us"],
+        "npu_busy_ratio": result["npu_busy_ratio"],
         "npu_proof": result["npu_proof"],
+        "npu_evidence": result["npu_evidence"],
         "device": settings.device,
         "model": settings.model_name,
         "tokens": result["tokens"],
         "versions": worker.genai_versions(),
     }
     print(json.dumps(report, ensure_ascii=False, indent=2))
+    if result["npu_busy_ratio"] is not None:
+        print(floor_hint(result["npu_busy_ratio"]), file=sys.stderr)
     return worker.EXIT_OK
+
+
+def floor_hint(ratio: float) -> str:
+    """How to choose --min-busy-ratio from a measured ratio: no hardware figure backs a default."""
+    return (
+        f"smoke_llm_npu.py: the NPU was busy for {ratio:g} of the generation's time. To make the worker fail "
+        f"jobs the NPU did not really run, pass --min-busy-ratio below what your host shows: run this a few "
+        f"times while the NPU is otherwise idle and take about half the lowest ratio (here {ratio / 2:.2f})."
+    )
 
 
 if __name__ == "__main__":

@@ -149,6 +149,11 @@ DEVICE_LOST_MARKERS = ("DEVICE_LOST", "device lost", "device is lost")
 DRAIN_MARGIN_S = 5.0
 
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
+# The accel character devices (include/drm/drm_accel.h: ACCEL_MAJOR); an fd on one is an NPU fd.
+ACCEL_MAJOR = 261
+ACCEL_DEVICE_DIR = "/dev/accel/"
+IVPU_DRIVER_NAME = "intel_vpu"  # fdinfo's drm-driver (Linux >= 6.19 prints memory keys for ivpu)
+RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5)
 LOCK_DIR_NAME = "openvino-genai-npu-worker"
 LOCK_FILE_NAME = "npu.lock"
 GENAI_MODEL_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -415,6 +420,7 @@ class Settings:
     queue_depth: int = DEFAULT_QUEUE_DEPTH
     busy_path: Path | None = None  # None: discover under /sys/class/accel
     npu_proof: bool = True  # False only with --no-npu-proof (kernels < 6.11 have no counter)
+    min_busy_ratio: float | None = None  # --min-busy-ratio: a floor on busy delta / generation time
     emulate_npu: bool = False  # device NPU through NPUW on the CPU: no NPU, no counter, no proof
     stop_rules: bool = True  # False: generate to EOS or the budget (bench/ compares the two)
     limits: Limits = Limits()
@@ -796,10 +802,73 @@ def npu_export_problems(compression: Mapping[str, str]) -> list[str]:
     return problems
 
 
+# --- NPU evidence: what the kernel's counter and fdinfo can and cannot say about a job ---------
+
+
 def busy_delta_us(before_us: int | None, after_us: int | None) -> int | None:
     if before_us is None or after_us is None:
         return None
     return after_us - before_us
+
+
+def busy_ratio(delta_us: int | None, generate_ms: float) -> float | None:
+    """Busy time over the generation's wall time.  The counter is device-wide time with at least
+    one job submitted, so the ratio says how much of our generation the NPU had work - ours, or
+    another process's that ignores the lock - not how hard it computed."""
+    if delta_us is None or generate_ms <= 0:
+        return None
+    return round(delta_us / (generate_ms * 1000.0), 3)
+
+
+def proof_problem(before_us: int | None, after_us: int | None, ratio: float | None, min_ratio: float | None) -> str | None:
+    """Why a verified NPU job's counter does not prove it ran there, or None: the user's rule
+    (the counter must advance) and, only if asked for, a floor on the ratio."""
+    delta_us = busy_delta_us(before_us, after_us)
+    if delta_us is None:
+        return "the NPU busy counter was not read"
+    if delta_us < 0:
+        return (f"the NPU busy counter went backwards ({before_us} -> {after_us} us): the intel_vpu driver was "
+                "reloaded or the device reset during the job")
+    if delta_us == 0:
+        return "the NPU busy counter did not advance (delta 0 us): the job did not run on the NPU, or the counter is broken"
+    if min_ratio is not None and ratio is not None and ratio < min_ratio:
+        return (f"the NPU was busy for {ratio:g} of the generation's time, below --min-busy-ratio {min_ratio:g}: "
+                "the job may not have run on the NPU")
+    return None
+
+
+def parse_fdinfo(text: str) -> dict[str, str]:
+    """/proc/PID/fdinfo/FD as fields: "key:\tvalue" lines (fs/proc/fd.c, drm_show_fdinfo)."""
+    fields = {}
+    for line in text.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields[key.strip()] = value.strip()
+    return fields
+
+
+def fdinfo_bytes(value: str | None) -> int | None:
+    """A DRM fdinfo size ("0", "1536", "4 KiB", "2 MiB": drm_fdinfo_print_size) in bytes."""
+    if value is None:
+        return None
+    number, _, unit = value.partition(" ")
+    factor = {"": 1, "KiB": 1024, "MiB": 1024 * 1024}.get(unit)
+    return int(number) * factor if number.isdigit() and factor is not None else None
+
+
+def npu_evidence(own_fds: Sequence[Mapping[str, str]] | None, other_holders: int | None, uninspectable: int | None) -> dict[str, Any]:
+    """Per-process evidence for one job, from what /proc showed when it ended (null where the
+    kernel or permissions do not tell).  There is no per-process NPU busy time in the kernel:
+    this says who held the device, not who used it."""
+    ivpu = [fields for fields in own_fds or () if fields.get("drm-driver") == IVPU_DRIVER_NAME]
+    resident = [fdinfo_bytes(fields.get("drm-resident-memory", "0")) for fields in ivpu]
+    return {
+        "holds_device": None if own_fds is None else bool(own_fds),
+        # Linux >= 6.19 prints ivpu memory in fdinfo; older kernels print no drm keys at all.
+        "resident_bytes": sum(value or 0 for value in resident) if ivpu else None,
+        "other_holders": other_holders,
+        "uninspectable_processes": uninspectable,
+    }
 
 
 # --- Output clean-up: whatever the model emits becomes the documented shape. ---------------------
@@ -1602,6 +1671,73 @@ def find_busy_counter(explicit: Path | None, pattern: str = BUSY_COUNTER_GLOB) -
     return counter
 
 
+class AccelHolders:
+    """Which processes hold an NPU (accel) device open, read from /proc: this one, with what
+    fdinfo says of its memory (Linux >= 6.19), and the others this user may inspect.  A process
+    of another user can only be counted as uninspectable (/proc/PID/fd needs ptrace-read
+    access); kernel threads hold no files and are skipped.  ``proc_root`` is /proc, or a
+    synthetic tree in tests.  One scan reads a small file per process and lists the fds of
+    this user's processes: milliseconds, at the end of a job that took seconds."""
+
+    def __init__(self, proc_root: Path = Path("/proc"), pid: int | None = None) -> None:
+        self.proc_root = proc_root
+        self.pid = os.getpid() if pid is None else pid
+
+    def evidence(self) -> dict[str, Any]:
+        own = self._accel_fdinfos(self.pid)
+        others = hidden = 0
+        try:
+            entries = [entry for entry in os.scandir(self.proc_root) if entry.name.isdigit() and int(entry.name) != self.pid]
+        except OSError:
+            return npu_evidence(own, None, None)
+        for entry in entries:
+            if self._is_kernel_thread(Path(entry.path)):
+                continue
+            try:
+                if self._accel_fds(Path(entry.path)):
+                    others += 1
+            except PermissionError:
+                hidden += 1
+            except OSError:
+                pass  # the process ended meanwhile
+        return npu_evidence(own, others, hidden)
+
+    def _accel_fds(self, process: Path) -> list[str]:
+        """The names of the process's fds that point at /dev/accel/*."""
+        found = []
+        for fd in os.listdir(process / "fd"):
+            try:
+                target = os.readlink(process / "fd" / fd)
+            except OSError:
+                continue
+            if target.startswith(ACCEL_DEVICE_DIR):
+                found.append(fd)
+        return found
+
+    def _accel_fdinfos(self, pid: int) -> list[dict[str, str]] | None:
+        process = self.proc_root / str(pid)
+        try:
+            fds = self._accel_fds(process)
+        except OSError:
+            return None
+        infos = []
+        for fd in fds:
+            try:
+                infos.append(parse_fdinfo((process / "fdinfo" / fd).read_text()))
+            except OSError:
+                infos.append({})
+        return infos
+
+    @staticmethod
+    def _is_kernel_thread(process: Path) -> bool:
+        """PF_KTHREAD in /proc/PID/stat's flags (field 9), readable by anyone."""
+        try:
+            fields = (process / "stat").read_text().rpartition(")")[2].split()
+            return bool(int(fields[6]) & 0x00200000)
+        except (OSError, ValueError, IndexError):
+            return False
+
+
 def default_lock_path(environ: Mapping[str, str]) -> Path:
     """The same path for the daemon, a CLI run from cron or ssh, and the smoke test."""
     for runtime_dir in (environ.get("XDG_RUNTIME_DIR"), f"/run/user/{os.getuid()}"):
@@ -1746,20 +1882,21 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class Histogram:
-    def __init__(self) -> None:
-        self.bucket_counts = [0] * len(SECONDS_BUCKETS)  # cumulative, as Prometheus wants them
+    def __init__(self, buckets: Sequence[float] = SECONDS_BUCKETS) -> None:
+        self.buckets = tuple(buckets)
+        self.bucket_counts = [0] * len(self.buckets)  # cumulative, as Prometheus wants them
         self.count = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
         self.count += 1
         self.sum += value
-        for index, bound in enumerate(SECONDS_BUCKETS):
+        for index, bound in enumerate(self.buckets):
             if value <= bound:
                 self.bucket_counts[index] += 1
 
     def lines(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{bound:g}"}} {count}' for bound, count in zip(SECONDS_BUCKETS, self.bucket_counts)]
+        lines = [f'{name}_bucket{{le="{bound:g}"}} {count}' for bound, count in zip(self.buckets, self.bucket_counts)]
         lines.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
         lines.append(f"{name}_sum {self.sum:.6f}")
         lines.append(f"{name}_count {self.count}")
@@ -1776,6 +1913,7 @@ class Metrics:
         self.queue_wait_seconds = Histogram()
         self.lock_wait_seconds = Histogram()
         self.generate_seconds = Histogram()
+        self.busy_ratio = Histogram(RATIO_BUCKETS)
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self.npu_busy_us = 0
@@ -1808,6 +1946,8 @@ class Metrics:
             self.generated_tokens += result["tokens"]["generated"]
             if result["npu_busy_delta_us"] is not None and result["npu_busy_delta_us"] > 0:
                 self.npu_busy_us += result["npu_busy_delta_us"]
+            if result.get("npu_busy_ratio") is not None:
+                self.busy_ratio.observe(result["npu_busy_ratio"])
             if result["npu_proof"] == PROOF_FAILED:
                 self.proof_failures += 1
 
@@ -1842,6 +1982,7 @@ class Metrics:
                 ("queue_wait_seconds", self.queue_wait_seconds, "Time from receipt until the NPU was ours."),
                 ("lock_wait_seconds", self.lock_wait_seconds, "Time spent acquiring the NPU file lock."),
                 ("generate_duration_seconds", self.generate_seconds, "Duration of the pipeline call."),
+                ("npu_busy_ratio", self.busy_ratio, "NPU busy delta over generation time, per verified job."),
             ):
                 family(f"npu_worker_{name}", "histogram", help_text, histogram.lines(f"npu_worker_{name}"))
             for name, value, help_text in (
@@ -1880,17 +2021,25 @@ class Measured:
 
     generation: Generation
     max_new_tokens: int
-    busy_delta_us: int | None
+    busy_before_us: int | None
+    busy_after_us: int | None
+    evidence: dict[str, Any] | None  # npu_evidence() at the end of the job, on a verified NPU
     input_truncated: dict[str, int] | None
     timing_ms: dict[str, float]
 
 
-def job_result(settings: Settings, job: str, request_id: str, measured: Measured) -> dict[str, Any]:
-    """The response body for a job that ran: proof decided, output cleaned, fields in contract order."""
+def job_result(settings: Settings, job: str, request_id: str, measured: Measured) -> tuple[dict[str, Any], str | None]:
+    """The response body for a job that ran - proof decided, output cleaned, fields in contract
+    order - and why its proof failed (None if it did not)."""
     generation = measured.generation
     proof = settings.proof_mode
-    if proof == PROOF_VERIFIED and (measured.busy_delta_us is None or measured.busy_delta_us <= 0):
-        proof = PROOF_FAILED
+    delta_us = busy_delta_us(measured.busy_before_us, measured.busy_after_us)
+    ratio = busy_ratio(delta_us, measured.timing_ms["generate"]) if proof == PROOF_VERIFIED else None
+    problem = None
+    if proof == PROOF_VERIFIED:
+        problem = proof_problem(measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio)
+        if problem is not None:
+            proof = PROOF_FAILED
     if proof == PROOF_FAILED:
         # A failed proof outranks any clean-up failure; the raw text is kept for diagnosis.
         output = CleanOutput(text=generation.text.strip())
@@ -1904,8 +2053,10 @@ def job_result(settings: Settings, job: str, request_id: str, measured: Measured
         {
             "model": settings.model_name,
             "device": settings.device,
-            "npu_busy_delta_us": measured.busy_delta_us,
+            "npu_busy_delta_us": delta_us,
+            "npu_busy_ratio": ratio,
             "npu_proof": proof,
+            "npu_evidence": measured.evidence,
             "tokens": {
                 "prompt": generation.prompt_tokens,
                 "generated": generation.generated_tokens,
@@ -1917,7 +2068,7 @@ def job_result(settings: Settings, job: str, request_id: str, measured: Measured
             "timing_ms": {name: round(value, 2) for name, value in measured.timing_ms.items()},
         }
     )
-    return result
+    return result, problem
 
 
 class Worker:
@@ -1928,12 +2079,15 @@ class Worker:
         busy_counter: BusyCounter | None,
         queue: JobQueue,
         metrics: Metrics | None = None,
+        holders: AccelHolders | None = None,
     ) -> None:
         self.settings = settings
         self.queue = queue
         self.metrics = metrics or Metrics()
         self._pipeline_factory = pipeline_factory
         self._busy_counter = busy_counter
+        self._holders = holders  # per-process evidence; None: not looked at (not a verified NPU)
+        self.last_evidence: dict[str, Any] | None = None
         self._pipeline: Pipeline | None = None
         self._ready = threading.Event()
         self._stopping = threading.Event()
@@ -2035,7 +2189,7 @@ class Worker:
         with self._in_flight_lock:
             self._in_flight += 1
         try:
-            result = self._run(pipeline, request, request_id, started, client_gone)
+            result, proof_failure = self._run(pipeline, request, request_id, started, client_gone)
         except GenerationFailed as exc:
             self._count_failure(exc.__cause__)
             raise
@@ -2044,17 +2198,15 @@ class Worker:
                 self._in_flight -= 1
         self._failures_in_a_row = 0
         self.metrics.observe_job(result)
-        if result["npu_proof"] == PROOF_FAILED:
-            raise NpuProofFailed(
-                f"the NPU busy counter did not advance (delta {result['npu_busy_delta_us']} us): the job "
-                "did not run on the NPU, or the counter is broken",
-                result=result,
-            )
+        if result["npu_evidence"] is not None:
+            self.last_evidence = result["npu_evidence"]
+        if proof_failure is not None:
+            raise NpuProofFailed(proof_failure, result=result)
         return result
 
     def _run(
         self, pipeline: Pipeline, request: JobRequest, request_id: str, started: float, client_gone: Callable[[], bool]
-    ) -> dict[str, Any]:
+    ) -> tuple[dict[str, Any], str | None]:
         """The adapters' part of a job: prompt, queue, lock, generation and counter; job_result decides."""
         job = JOBS[request.job]
         limits = self.settings.limits
@@ -2090,6 +2242,8 @@ class Worker:
                     self._generating_since = None
                 generate_ms = elapsed_ms(generate_started)
                 after_us = self._read_busy_counter()
+                # Who holds the NPU as the job ends, its memory still resident (verified NPU only).
+                evidence = self._holders.evidence() if self._holders is not None and before_us is not None else None
         except Busy:
             if time.monotonic() >= deadline:
                 raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s deadline") from None
@@ -2101,7 +2255,9 @@ class Worker:
         measured = Measured(
             generation=generation,
             max_new_tokens=max_new_tokens,
-            busy_delta_us=busy_delta_us(before_us, after_us),
+            busy_before_us=before_us,
+            busy_after_us=after_us,
+            evidence=evidence,
             input_truncated=truncation,
             timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started)},
         )
@@ -2142,12 +2298,14 @@ def job_prompt(
     raise prompt_too_long(prompt.token_count, overhead_tokens, len(request.input_text), limits)
 
 
-def build_worker(settings: Settings, pipeline_factory: PipelineFactory) -> Worker:
+def build_worker(settings: Settings, pipeline_factory: PipelineFactory, proc_root: Path = Path("/proc")) -> Worker:
     """Wire the real adapters; the counter is looked up now so a missing one fails at start-up."""
-    busy_counter = find_busy_counter(settings.busy_path) if settings.proof_mode == PROOF_VERIFIED else None
+    verified = settings.proof_mode == PROOF_VERIFIED
+    busy_counter = find_busy_counter(settings.busy_path) if verified else None
     metrics = Metrics()
     queue = JobQueue(NpuLock(settings.lock_path), settings.queue_depth, metrics)
-    return Worker(settings, pipeline_factory, busy_counter, queue, metrics)
+    holders = AccelHolders(proc_root) if verified else None
+    return Worker(settings, pipeline_factory, busy_counter, queue, metrics, holders)
 
 
 # ==================================================================================================
@@ -2962,6 +3120,7 @@ def health_body(settings: Settings, worker: Worker) -> dict[str, Any]:
         "device": settings.device,
         "npu_proof": settings.proof_mode,
         "busy_counter": worker.busy_counter_path,
+        "npu_evidence": worker.last_evidence,  # of the last job on a verified NPU, else null
         "queue_waiting": worker.queue.waiting,
         "queue_depth": settings.queue_depth,
         "jobs_in_flight": worker.in_flight,
@@ -3028,6 +3187,15 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "truncate": {"type": "boolean"},
         }
 
+    nullable_integer = {"type": "integer", "nullable": True}
+    evidence_schema = {
+        **obj(
+            {"holds_device": {"type": "boolean", "nullable": True}, "resident_bytes": nullable_integer,
+             "other_holders": nullable_integer, "uninspectable_processes": nullable_integer},
+            ["holds_device", "resident_bytes", "other_holders", "uninspectable_processes"],
+        ),
+        "nullable": True,
+    }
     result = obj(
         {
             "request_id": string,
@@ -3038,6 +3206,8 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "model": string,
             "device": {"type": "string", "enum": list(DEVICES)},
             "npu_busy_delta_us": {"type": "integer", "nullable": True},
+            "npu_busy_ratio": {"type": "number", "nullable": True},
+            "npu_evidence": evidence_schema,
             "npu_proof": {"type": "string", "enum": list(PROOF_VALUES)},
             "tokens": obj({"prompt": integer, "generated": integer, "max_new_tokens": integer}, ["prompt", "generated", "max_new_tokens"]),
             "finish_reason": {"type": "string", "enum": ["stop", "length"]},
@@ -3046,8 +3216,8 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
                                 "nullable": True},
             "timing_ms": obj({"queue": number, "generate": number, "total": number}, ["queue", "generate", "total"]),
         },
-        ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_proof", "tokens", "finish_reason",
-         "stop_rule", "input_truncated", "timing_ms"],
+        ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_busy_ratio", "npu_proof", "npu_evidence",
+         "tokens", "finish_reason", "stop_rule", "input_truncated", "timing_ms"],
     )
     error = obj(
         {"error": obj({"type": {"type": "string", "enum": error_types()}, "message": string}, ["type", "message"]),
@@ -3079,10 +3249,12 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
     health = obj(
         {
             "status": {"type": "string", "enum": ["ok", "loading", "stopping"]}, "ready": {"type": "boolean"}, "model": string,
-            "device": string, "npu_proof": string, "busy_counter": nullable_string, "queue_waiting": integer,
-            "queue_depth": integer, "jobs_in_flight": integer, "last_error": nullable_string, "version": string,
+            "device": string, "npu_proof": string, "busy_counter": nullable_string, "npu_evidence": evidence_schema,
+            "queue_waiting": integer, "queue_depth": integer, "jobs_in_flight": integer, "last_error": nullable_string,
+            "version": string,
         },
-        ["status", "ready", "model", "device", "npu_proof", "busy_counter", "queue_waiting", "queue_depth", "jobs_in_flight", "last_error", "version"],
+        ["status", "ready", "model", "device", "npu_proof", "busy_counter", "npu_evidence", "queue_waiting", "queue_depth",
+         "jobs_in_flight", "last_error", "version"],
     )
     document: dict[str, Any] = {
         "openapi": "3.0.3",
@@ -3250,6 +3422,7 @@ def doctor_checks(
     list_devices: Callable[[], list[str]] = openvino_devices,
     describe_npu: Callable[[], dict[str, str]] = npu_properties,
     pipeline_factory: PipelineFactory = load_genai_pipeline,
+    proc_root: Path = Path("/proc"),
 ) -> list[Check]:
     """Every check the worker's start-up depends on; the globs and OpenVINO calls are injectable.
 
@@ -3271,6 +3444,8 @@ def doctor_checks(
         checks.extend(accel_node_checks(accel_glob))
     if npu:
         checks.append(busy_counter_check(settings, busy_counter_glob))
+    if npu and not settings.emulate_npu:
+        checks.append(npu_holders_check(AccelHolders(proc_root)))
     checks.append(model_check(settings))
     if npu and checks[-1].ok:
         checks.append(npu_export_check(settings.model_path))
@@ -3304,6 +3479,21 @@ def device_check(
         "install the intel_vpu kernel driver and Intel's NPU user-space driver (linux-npu-driver), "
         "then check 'dmesg | grep -i vpu'" if npu else "pip install openvino-genai",
     )
+
+
+def npu_holders_check(holders: AccelHolders) -> Check:
+    """Who else holds the NPU now: their work adds to the device-wide busy counter."""
+    evidence = holders.evidence()
+    others, hidden = evidence["other_holders"], evidence["uninspectable_processes"]
+    if others is None:
+        return Check("npu holders", True, "not known: /proc is not readable here", warning=True)
+    detail = f"{others} other process{'es' if others != 1 else ''} of this user hold {ACCEL_DEVICE_DIR}* open"
+    if hidden:
+        detail += f"; {hidden} processes of other users cannot be inspected"
+    if others:
+        return Check("npu holders", True, detail + ": their NPU work adds to every job's busy delta",
+                     "stop them, or know that npu_busy_delta_us then counts their work too", warning=True)
+    return Check("npu holders", True, detail)
 
 
 def busy_counter_check(settings: Settings, busy_counter_glob: str) -> Check:
@@ -3493,6 +3683,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="open connections served in full; more get health checks only (default %(default)s)")
     parser.add_argument("--busy-path", type=Path, default=env("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
+    parser.add_argument("--min-busy-ratio", type=float, default=None,
+                        help="fail a job whose NPU busy delta is under this share of its generation time "
+                             "(0-1, off by default: choose it from smoke_llm_npu.py on your host)")
     parser.add_argument("--no-npu-proof", action="store_true",
                         help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: unavailable")
     parser.add_argument("--no-stop-rules", action="store_true",
@@ -3573,6 +3766,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         queue_depth=args.queue_depth,
         busy_path=Path(args.busy_path) if args.busy_path else None,
         npu_proof=not args.no_npu_proof,
+        min_busy_ratio=args.min_busy_ratio,
         emulate_npu=args.emulate_npu,
         stop_rules=not args.no_stop_rules,
         limits=limits,
@@ -3598,6 +3792,11 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     serving = args.job is None and args.batch is None
     if not 0 < args.port < 65536 and not (args.port == 0 and serving):
         parser.error("--port must be from 1 to 65535")
+    if args.min_busy_ratio is not None:
+        if not 0 < args.min_busy_ratio <= 1:  # also refuses nan
+            parser.error("--min-busy-ratio must be above 0 and at most 1")
+        if args.no_npu_proof or args.device == "CPU":
+            parser.error("--min-busy-ratio needs the NPU busy counter: not with --no-npu-proof or --device CPU")
     if not 0 <= args.lock_timeout_s <= MAX_LOCK_TIMEOUT_S:  # also refuses nan
         parser.error(f"--lock-timeout-s must be from 0 to {MAX_LOCK_TIMEOUT_S:g}")
     if not 0 < args.request_timeout_s <= MAX_LOCK_TIMEOUT_S:
@@ -3619,6 +3818,8 @@ def check_emulation(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         ("--device", args.device == "CPU", "--emulate-npu runs the NPU pipeline; it cannot run with --device CPU"),
         ("--demo", args.demo, "--emulate-npu cannot run the demo model: a GGUF file runs on the CPU only"),
         ("--busy-path", args.busy_path is not None, "an emulated NPU has no busy counter: drop --busy-path"),
+        ("--min-busy-ratio", getattr(args, "min_busy_ratio", None) is not None,
+         "an emulated NPU has no busy counter, so no busy ratio: drop --min-busy-ratio"),
         ("--no-npu-proof", args.no_npu_proof, "--no-npu-proof is for a real NPU without a counter; an emulated "
                                               "NPU never claims proof (npu_proof: emulated)"),
     )

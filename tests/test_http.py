@@ -81,6 +81,7 @@ def test_healthz_is_200_once_loaded(start_server: Callable[..., worker.WorkerHTT
         "device": "CPU",
         "npu_proof": "not_applicable",
         "busy_counter": None,
+        "npu_evidence": None,
         "queue_waiting": 0,
         "queue_depth": 8,
         "jobs_in_flight": 0,

@@ -976,7 +976,9 @@ def test_doctor_passes_on_a_good_npu_host(tmp_path: Path) -> None:
         host.settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
         list_devices=lambda: ["CPU", "NPU"], describe_npu=lambda: {"FULL_DEVICE_NAME": "Intel(R) AI Boost"},
     )
-    assert [check.name for check in checks] == ["openvino", "device", "accel device", "busy counter", "model", "npu export", "cache dir", "lock", "port"]
+    assert [check.name for check in checks] == [
+        "openvino", "device", "accel device", "busy counter", "npu holders", "model", "npu export", "cache dir", "lock", "port",
+    ]
     assert [check for check in checks if not check.ok] == []
     details = {check.name: check.detail for check in checks}
     assert "FULL_DEVICE_NAME=Intel(R) AI Boost" in details["device"]
