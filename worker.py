@@ -49,6 +49,7 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import select
 import selectors
@@ -2518,6 +2519,32 @@ class Request:
     half_closed: bool  # the client had shut down its sending side once it sent it all
 
 
+class HandlerThreads:
+    """Handler threads kept for the next request.  Starting a thread per request (the gate hands
+    over requests, not connections) added about 0.5 ms to every answer; an idle one waits on the
+    queue and costs nothing.  Their number follows the peak of requests in service, which the
+    slots bound (--max-connections + HEALTH_SLOTS).  Daemon threads, as ThreadingHTTPServer's."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, job: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+            else:
+                threading.Thread(target=self._serve, name="handler", daemon=True).start()
+        self._jobs.put(job)
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()
+            with self._lock:
+                self._idle += 1
+
+
 def peer_has_shut_down(sock: socket.socket) -> bool:
     """Whether the client's end of the stream (a FIN) is already here: one non-blocking peek."""
     try:
@@ -2565,6 +2592,7 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         self._gate_stop = False
         self._gate_done = threading.Event()
         self._refusals = RefusalLog()
+        self._handlers = HandlerThreads()
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
@@ -2769,7 +2797,7 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         with self._lock:
             self._dispatched[connection.sock] = (connection, request)
         connection.sock.setblocking(True)
-        self.process_request(connection.sock, connection.address)  # ThreadingMixIn: a handler thread
+        self._handlers.submit(functools.partial(self.process_request_thread, connection.sock, connection.address))
 
     def request_for(self, sock: socket.socket) -> Request:
         with self._lock:

@@ -356,6 +356,9 @@ def worker_common_args(config: RunConfig, cache_dir: Path) -> list[str]:
         "--max-prompt-tokens", str(config.max_prompt_tokens),
         *(["--no-npu-proof"] if config.no_npu_proof else []),
         *(["--emulate-npu"] if config.emulate_npu else []),
+        # The baseline generates every token it is asked for; so must the worker, for the overhead
+        # to be the worker's own (what the stop rules cost and save: bench/stopwatch.py, tokens.py).
+        "--no-stop-rules",
     ]
 
 

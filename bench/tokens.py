@@ -533,7 +533,7 @@ def render(aggregates: dict[str, Any]) -> str:
             data["oracle_savable_pct"],
             data["shape_violations"],
             data["errors"],
-            ", ".join(f"{rule} {count}" for rule, count in data["stop_rules"].items()) or "-",
+            ", ".join(f"{rule} {count}" for rule, count in data.get("stop_rules", {}).items()) or "-",
             data["json_valid_pct"],
             data["with_candidate_pct"],
         ])
