@@ -11,9 +11,13 @@ smoke test (``smoke_llm_npu.py``).  The wire format is specified in CONTRACT.md.
 
 Threading and locking model
 ---------------------------
-* The HTTP server is a ``ThreadingHTTPServer``: one thread per connection.  Request parsing,
-  validation, prompt rendering, token counting and output clean-up run in those threads
-  concurrently.
+* The HTTP server is a ``ThreadingHTTPServer`` whose accept loop is the gate: one thread with one
+  selector that reads every request whole (head and body, each against a deadline of its own)
+  and only then hands it to a handler thread from a pool - a health check to one of its own
+  slots, anything else to one of --max-connections.  Slow and idle connections therefore hold a
+  buffer, never a thread; the gate refuses what it cannot hand on itself, in the same response
+  format.  Validation, prompt rendering, token counting and output clean-up run in the handler
+  threads concurrently; a kept-alive connection goes back to the gate after each answer.
 * ``LLMPipeline.generate`` is not thread-safe (a second concurrent call fails with "Infer Request
   is busy" and corrupts the first).  All pipeline loads and generations therefore go through one
   ``JobQueue``: a bounded FIFO of waiting jobs inside this process, whose head additionally takes
@@ -21,15 +25,19 @@ Threading and locking model
   smoke test, other services).  The lock is released in ``finally`` in the same thread that made
   the native call, so a vanished client can never leave it held.
 * Tokenizer calls are serialised by their own small lock; they may overlap a generation.
-* Every job has a deadline (queue wait included).  Generation checks it, and whether the client
-  is still connected, between tokens through a streamer; the prefill cannot be interrupted.
+* Every job has a deadline, counted from its request's first byte.  Generation checks it, whether
+  the client is still connected, and whether the job's answer is already complete (the stop
+  rules), between tokens through a streamer; the prefill cannot be interrupted.
 * The daemon's main thread loads the model in a helper thread while reporting to systemd, then
-  runs the watchdog loop; SIGTERM stops new jobs and waits for accepted ones (bounded by their
-  deadlines) before the process exits.
+  sleeps until the next watchdog self-check (none without a watchdog: an idle daemon does not
+  wake up); SIGTERM stops new jobs and waits for accepted ones (bounded by their deadlines)
+  before the process exits.
 
-Layout: constants -> errors -> data types -> pure core (validation, prompts, budget, clean-up)
--> adapters (OpenVINO GenAI, sysfs busy counter, file lock, job queue) -> metrics -> worker ->
-sd_notify -> HTTP (server, handler, OpenAPI, serve loop) -> doctor -> CLI (one-shot, batch, main).
+Layout: constants -> errors -> data types -> pure core (validation, request heads, prompts and
+budget, NPU evidence, clean-up, stop rules) -> adapters (OpenVINO GenAI, sysfs busy counter,
+/proc holders, file lock, job queue) -> metrics -> worker -> sd_notify -> HTTP (access rules and
+the response format, the gate, the handler, response documents, serving) -> doctor -> CLI
+(one-shot, batch, main).
 """
 
 from __future__ import annotations
@@ -489,7 +497,7 @@ class CleanOutput:
 
 
 # ==================================================================================================
-# Pure core: jobs, prompts, request validation, token budget, output clean-up
+# Pure core: jobs, prompts, request validation, request heads
 # ==================================================================================================
 
 # memory_candidate's structured output, as an EBNF grammar (XGrammar, via StructuredOutputConfig):
@@ -728,6 +736,11 @@ def parse_head(data: bytes) -> Head:
     elif not target.startswith("/") and not (method == "OPTIONS" and target == "*"):
         raise ProtocolError(400, "the request target must be a path or an http:// URL")
     return Head(method=method, target=target, version=version, fields=tuple(fields))
+
+
+# ==================================================================================================
+# Pure core: token budget, NPU evidence, output clean-up
+# ==================================================================================================
 
 
 def plan_max_new_tokens(prompt_tokens: int, requested: int, limits: Limits) -> int:
@@ -1169,7 +1182,9 @@ def clean_output(job: str, raw: str, stop_rule: str | None = None) -> CleanOutpu
     return CleanOutput(text=text)
 
 
-# --- Stop rules: end the generation once nothing more it writes would survive clean-up. ----------
+# ==================================================================================================
+# Pure core: stop rules - end the generation once nothing more it writes would survive clean-up
+# ==================================================================================================
 #
 # On the NPU every generated token costs ~50 ms of the caller's wait and of a shared device, so the
 # streamer asks after each token whether the answer is complete.  Each rule is conservative: it
@@ -1310,6 +1325,10 @@ class StopWatch:
         return None
 
 
+# ==================================================================================================
+# Pure core: what errors and log lines look like
+# ==================================================================================================
+
 _LOGFMT_BARE = re.compile(r"[^\s\"=\\]+")
 
 
@@ -1335,7 +1354,7 @@ def error_body(exc: WorkerError, request_id: str) -> dict[str, Any]:
 
 
 # ==================================================================================================
-# Adapters: OpenVINO GenAI pipeline, sysfs busy counter, process-wide NPU lock, job queue
+# Adapters: OpenVINO GenAI pipeline and tokenizer
 # ==================================================================================================
 
 
@@ -1637,6 +1656,11 @@ def exception_reason(exc: BaseException) -> str:
         if line and not _OPENVINO_TRACE_LINE.match(line):
             return line
     return type(exc).__name__
+
+
+# ==================================================================================================
+# Adapters: the kernel (sysfs busy counter, /proc holders), the process-wide NPU lock, the job queue
+# ==================================================================================================
 
 
 class SysfsBusyCounter:

@@ -44,9 +44,9 @@ def test_slow_head_holds_its_connections_and_closes_them_all_on_exit(
 def test_slow_body_reopens_what_the_server_closes(
     start_server: Callable[..., worker.WorkerHTTPServer], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(worker.WorkerRequestHandler, "timeout", 0.3)
+    monkeypatch.setattr(worker, "BODY_DEADLINE_S", 0.3)
     server = start_server()
-    # Drips slower than the server's read timeout: every connection is dropped and reopened.
+    # Drips slower than the server's body deadline: every connection is dropped and reopened.
     with SlowBodyAttack("127.0.0.1", server.server_port, connections=3, interval_s=2.0) as attack:
         assert wait_for(lambda: attack.stats().opened >= 6, 10), attack.stats()
         assert wait_for(lambda: server.open_connections == 3, 5)
