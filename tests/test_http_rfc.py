@@ -205,6 +205,17 @@ def test_ab_keep_alive_does_not_wait_for_a_timeout(start_server: Callable[..., w
     assert time.monotonic() - started < 30  # not 200 x 10 s
 
 
+def test_pipelined_requests_are_answered_in_order(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+    server = start_server()
+    port = server.server_port
+    job = request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "pipelined"}')
+    with Conn(port, timeout=10) as conn:
+        conn.send(request(port, "GET", "/livez") + job + request(port, "GET", "/models"))  # one write
+        replies = [conn.reply() for _ in range(3)]
+    assert [reply.status for reply in replies] == [200, 200, 200]
+    assert replies[0].json()["status"] == "alive" and replies[1].json()["job"] == "title" and "jobs" in replies[2].json()
+
+
 def test_a_client_that_half_closes_after_its_request_gets_the_answer(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     server = start_server()
     port = server.server_port
