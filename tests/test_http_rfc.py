@@ -129,6 +129,16 @@ def test_header_fields_over_a_socket(start_server: Callable[..., worker.WorkerHT
         assert server.worker.metrics.refusals["malformed_head"] == 1
 
 
+def test_a_head_over_128_kib_in_all_is_431_before_its_end_arrives(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+    server = start_server()
+    port = server.server_port
+    lines = [f"X-Big-{index}: " + "a" * 60_000 for index in range(3)]  # each line within 64 KiB
+    with Conn(port, timeout=10) as conn:
+        conn.send(f"GET /livez HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode() + "\r\n".join(lines).encode())
+        assert_error(conn.reply(), 431, "headers_too_large")  # no empty line sent: refused by size alone
+    assert server.worker.metrics.refusals["head_too_large"] == 1
+
+
 def test_an_absolute_form_target_is_served(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     server = start_server()
     port = server.server_port
