@@ -159,8 +159,7 @@ DEVICE_LOST_MARKERS = ("DEVICE_LOST", "device lost", "device is lost")
 DRAIN_MARGIN_S = 5.0
 
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
-# The accel character devices (include/drm/drm_accel.h: ACCEL_MAJOR); an fd on one is an NPU fd.
-ACCEL_MAJOR = 261
+# Where the accel character devices live (drm_accel.c: "accel/%s"); an fd on one is an NPU fd.
 ACCEL_DEVICE_DIR = "/dev/accel/"
 IVPU_DRIVER_NAME = "intel_vpu"  # fdinfo's drm-driver (Linux >= 6.19 prints memory keys for ivpu)
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5)
@@ -2539,7 +2538,6 @@ class Request:
 
     head: Head
     body: bytes
-    body_unread: bool  # refused before the announced body was read: the connection must close
     received_at: float  # monotonic time of its first byte: deadlines count from here
     half_closed: bool  # the client had shut down its sending side once it sent it all
 
@@ -2811,7 +2809,6 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         request = Request(
             head=head,
             body=bytes(connection.buffer[connection.head_size : end]),
-            body_unread=connection.body_size < 0,
             received_at=connection.started,
             half_closed=connection.eof,
         )

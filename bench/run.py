@@ -1437,9 +1437,10 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table: readable on a terminal, pasteable into BENCHMARKS.md."""
-    cells = [[fmt(cell) for cell in row] for row in rows]
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cell: Callable[[Any], str] | None = None) -> str:
+    """A Markdown table: readable on a terminal, pasteable into BENCHMARKS.md; ``cell`` formats
+    one value (default: fmt)."""
+    cells = [[(cell or fmt)(value) for value in row] for row in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
              "| " + " | ".join("-" * w for w in widths) + " |"]

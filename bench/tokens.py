@@ -69,6 +69,9 @@ WORKER_PY = REPO / "worker.py"
 sys.path.insert(0, str(REPO))
 import worker  # noqa: E402  (the code under measurement)
 
+sys.path.insert(0, str(BENCH_DIR))
+import run as run_bench  # noqa: E402  (its table)
+
 # ==================================================================================================
 # Settings
 # ==================================================================================================
@@ -510,13 +513,8 @@ def fmt(value: Any) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table: readable on a terminal, pasteable into a report."""
-    cells = [[fmt(cell) for cell in row] for row in rows]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |",
-             "| " + " | ".join("-" * w for w in widths) + " |"]
-    lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    return "\n".join(lines)
+    """bench/run.py's Markdown table, with this bench's number format."""
+    return run_bench.table(headers, rows, cell=fmt)
 
 
 def render(aggregates: dict[str, Any]) -> str:
