@@ -164,7 +164,7 @@ def test_batch_command_reports_every_line(tmp_path: Path) -> None:
     first, second = [json.loads(line) for line in completed.stdout.splitlines()]
     assert (first["line"], first["id"], first["job"]) == (1, "a1", "title")
     assert (second["line"], second["error"]["type"]) == (2, "invalid_request")
-    assert "batch: finished: 2 jobs, 1 failed" in completed.stderr
+    assert "batch: finished: 2 jobs: 1 done, 1 failed" in completed.stderr
 
 
 HOST_DOCTOR_COMMANDS = [command for _, command, _ in README + CONTRACT if "--doctor" in command and "~/models" not in command]
