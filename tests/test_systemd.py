@@ -280,7 +280,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
     home.mkdir()
     runtime_dir.mkdir(mode=0o700)
     src.mkdir()
-    for name in ("pyproject.toml", "worker.py", "README.md", "CONTRACT.md"):
+    for name in ("pyproject.toml", "worker.py", "smoke_llm_npu.py", "README.md", "CONTRACT.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "systemd", src / "systemd")
     env = {
