@@ -3474,7 +3474,8 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
 # ==================================================================================================
 
 ACCEL_GLOB = "/dev/accel/accel*"
-DOCTOR_PROBE_TIMEOUT_S = 2.0  # asking the worker that holds the port for its /healthz
+BUSY_COUNTER_MIN_KERNEL = (6, 11)  # npu_busy_time_us appeared in Linux 6.11
+DOCTOR_PROBE_TIMEOUT_S = 1.0  # asking the worker that holds the port for its /healthz
 # A doctor run without a model: model_check is not asked, it reports "no model given" itself.
 NO_MODEL_PATH = Path("(no model)")
 
@@ -3595,9 +3596,25 @@ def busy_counter_check(settings: Settings, busy_counter_glob: str) -> Check:
         return Check("busy counter", True, "not used (--no-npu-proof): results say npu_proof: unavailable")
     try:
         counter = find_busy_counter(settings.busy_path, busy_counter_glob)
-    except ConfigError as exc:
-        return Check("busy counter", False, exc.message, "boot Linux >= 6.11, or start with --no-npu-proof")
+    except ConfigError:
+        where = settings.busy_path or busy_counter_glob
+        kernel = kernel_release()
+        if kernel_version(kernel) >= BUSY_COUNTER_MIN_KERNEL:  # the kernel has it: the driver or the NPU is missing
+            return Check("busy counter", False, f"not found at {where}; this kernel ({kernel}) is 6.11 or later, "
+                         "so it has one wherever the intel_vpu driver runs an NPU", "get the NPU working first (see device and accel device)")
+        return Check("busy counter", False, f"not found at {where}: it needs Linux >= 6.11, this kernel is {kernel}",
+                     "boot Linux >= 6.11, or start with --no-npu-proof (OV_GENAI_NPU_NO_NPU_PROOF=1)")
     return Check("busy counter", True, f"{counter.path} = {counter.read_us()} us")
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def kernel_version(release: str) -> tuple[int, ...]:
+    """(6, 18) from "6.18.0-1-amd64"; () when it does not start with numbers."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else ()
 
 
 def npu_export_check(model_path: Path) -> Check:

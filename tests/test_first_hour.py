@@ -126,6 +126,20 @@ def test_the_daemon_without_an_npu_says_no_npu_not_busy_counter(tmp_path: Path, 
     assert code == worker.EXIT_CONFIG and err.startswith("worker.py: configuration: no NPU:") and "busy counter" not in err
 
 
+@pytest.mark.parametrize("release,blamed", [("6.18.44-fc-v1045", "device"), ("6.8.0-45-generic", "kernel")])
+def test_the_doctor_blames_the_kernel_for_a_missing_counter_only_when_it_is_older_than_6_11(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: str, blamed: str
+) -> None:
+    monkeypatch.setattr(worker, "kernel_release", lambda: release)
+    settings = worker.Settings(model_path=TINY_MODEL, device="NPU", lock_path=tmp_path / "npu.lock")
+    check = worker.busy_counter_check(settings, str(tmp_path / "no-accel" / "npu_busy_time_us"))
+    assert not check.ok and release in check.detail
+    if blamed == "kernel":
+        assert check.fix == "boot Linux >= 6.11, or start with --no-npu-proof (OV_GENAI_NPU_NO_NPU_PROOF=1)"
+    else:
+        assert "6.11 or later" in check.detail and check.fix == "get the NPU working first (see device and accel device)"
+
+
 # --- messages ------------------------------------------------------------------------------------------
 
 
