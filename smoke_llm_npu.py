@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lock-timeout-s", type=float, default=worker.DEFAULT_LOCK_TIMEOUT_S)
     parser.add_argument("--busy-path", type=Path, default=environ.get("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
-    parser.add_argument("--emulate-npu", action="store_true", default=worker.env_flag(environ, "OV_GENAI_NPU_EMULATE"),
+    parser.add_argument("--emulate-npu", action="store_true",
+                        default=worker.env_flag(environ, "OV_GENAI_NPU_EMULATE"),
                         help="GenAI's NPU pipeline compiled for the CPU: no NPU needed, no proof [OV_GENAI_NPU_EMULATE=1]")
     parser.add_argument("--input", default=SMOKE_INPUT, help="text to title")
     parser.add_argument("--version", action="version", version=f"{SCRIPT_NAME} {worker.__version__}")
@@ -87,8 +88,9 @@ def main(
         except SystemExit as exc:
             return int(exc.code or 0)
         if args.device == "NPU" and not args.emulate_npu and not has_npu():
-            print(verdict("SKIP", "OpenVINO sees no NPU on this host (exit 77); --emulate-npu checks the "
-                                  "NPU pipeline on the CPU, worker.py --doctor says what is missing"), file=sys.stderr)
+            skipped = ("OpenVINO sees no NPU on this host (exit 77); --emulate-npu checks the NPU pipeline "
+                       "on the CPU, the worker's --doctor says what is missing")
+            print(verdict("SKIP", skipped), file=sys.stderr)
             return EXIT_SKIPPED
         if args.model is None:
             raise worker.ConfigError("no model: pass --model PATH or set OV_GENAI_NPU_MODEL")
@@ -142,16 +144,17 @@ def verdict(word: str, reason: str) -> str:
 
 def pass_verdict(report: dict) -> str:
     """What this pass showed, and what it did not: only a verified NPU run proves the NPU."""
-    ran = (f"{report['model']} generated {report['tokens']['generated']} tokens in {report['timing_ms']['generate']} ms "
-           f"(finish_reason {report['finish_reason']})")
+    tokens, generate_ms = report["tokens"]["generated"], report["timing_ms"]["generate"]
+    finish = report["finish_reason"]
+    ran = f"{report['model']} generated {tokens} tokens in {generate_ms} ms (finish_reason {finish})"
     if report["npu_proof"] == worker.PROOF_VERIFIED:
         return verdict("PASS", f"the NPU ran it: {ran}, busy counter +{report['npu_busy_delta_us']} us "
                                f"(ratio {report['npu_busy_ratio']})")
     if report["npu_proof"] == worker.PROOF_EMULATED:
-        return verdict("PASS (emulated)", f"{ran} through GenAI's NPU pipeline with the worker's NPU settings, "
-                                          "compiled for the CPU (NPUW_DEVICES=CPU). Not shown: that the NPU "
-                                          "compiler and driver accept this model, NPU timings, the busy counter: "
-                                          "run it on an NPU host for those")
+        return verdict("PASS (emulated)", f"{ran} through GenAI's NPU pipeline with the worker's NPU "
+                                          "settings, compiled for the CPU (NPUW_DEVICES=CPU). Not shown: that "
+                                          "the NPU compiler and driver accept this model, NPU timings, the "
+                                          "busy counter: run it on an NPU host for those")
     return verdict("PASS (CPU)", f"{ran} on the CPU plugin; nothing about the NPU was checked")
 
 

@@ -3537,8 +3537,8 @@ def doctor_checks(
     if npu and not settings.emulate_npu:
         checks.append(npu_holders_check(AccelHolders(proc_root)))
     checks.append(model_check(settings) if model_given else Check(
-        "model", False, "no model given",
-        "export OV_GENAI_NPU_MODEL=/path/to/model (README.md, \"Getting a model\"), pass --model PATH or use --demo"))
+        "model", False, "no model given", "export OV_GENAI_NPU_MODEL=/path/to/model (README.md, "
+        "\"Getting a model\"), pass --model PATH or use --demo"))
     if npu and checks[-1].ok:
         checks.append(npu_export_check(settings.model_path))
     if settings.emulate_npu and checks[-1].ok:
@@ -3599,10 +3599,13 @@ def busy_counter_check(settings: Settings, busy_counter_glob: str) -> Check:
     except ConfigError:
         where = settings.busy_path or busy_counter_glob
         kernel = kernel_release()
-        if kernel_version(kernel) >= BUSY_COUNTER_MIN_KERNEL:  # the kernel has it: the driver or the NPU is missing
-            return Check("busy counter", False, f"not found at {where}; this kernel ({kernel}) is 6.11 or later, "
-                         "so it has one wherever the intel_vpu driver runs an NPU", "get the NPU working first (see device and accel device)")
-        return Check("busy counter", False, f"not found at {where}: it needs Linux >= 6.11, this kernel is {kernel}",
+        if kernel_version(kernel) >= BUSY_COUNTER_MIN_KERNEL:  # so the driver or the NPU is missing
+            return Check("busy counter", False,
+                         f"not found at {where}; this kernel ({kernel}) is 6.11 or later, so it has one "
+                         "wherever the intel_vpu driver runs an NPU",
+                         "get the NPU working first (see device and accel device)")
+        return Check("busy counter", False,
+                     f"not found at {where}: it needs Linux >= 6.11, this kernel is {kernel}",
                      "boot Linux >= 6.11, or start with --no-npu-proof (OV_GENAI_NPU_NO_NPU_PROOF=1)")
     return Check("busy counter", True, f"{counter.path} = {counter.read_us()} us")
 
@@ -3697,8 +3700,10 @@ def cache_dir_check(cache_dir: Path | None) -> Check:
         return Check("cache dir", False, f"{cache_dir}: {existing} is not a directory", fix)
     if existing != cache_dir:
         if not os.access(existing, os.W_OK | os.X_OK):
-            return Check("cache dir", False, f"{cache_dir} cannot be created: {existing} is not writable", fix)
-        return Check("cache dir", True, f"{cache_dir} will be created at the first load ({existing} is writable)")
+            return Check("cache dir", False, f"{cache_dir} cannot be created: {existing} is not writable",
+                         fix)
+        return Check("cache dir", True,
+                     f"{cache_dir} will be created at the first load ({existing} is writable)")
     try:
         probe = cache_dir / f".doctor-{os.getpid()}"
         probe.write_bytes(b"")
@@ -3786,7 +3791,8 @@ def run_doctor(settings: Settings, *, model_given: bool = True, as_json: bool = 
         }, ensure_ascii=False, indent=2))
         return EXIT_CONFIG if failed else EXIT_OK
     for check in checks:
-        print(f"{check_status(check).upper() if not check.ok else check_status(check):<4}  {check.name}: {check.detail}")
+        status = check_status(check).upper() if not check.ok else check_status(check)
+        print(f"{status:<4}  {check.name}: {check.detail}")
         if (not check.ok or check.warning) and check.fix:
             print(f"      fix: {check.fix}")
     print(f"doctor: {verdict}")
@@ -3818,7 +3824,8 @@ def env_flag(environ: Mapping[str, str], name: str) -> bool:
         return False
     if word in TRUE_WORDS:
         return True
-    raise ConfigError(f"{name}={value!r} is not a boolean: use {'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}")
+    words = f"{'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}"
+    raise ConfigError(f"{name}={value!r} is not a boolean: use {words}")
 
 
 def env_number(environ: Mapping[str, str], name: str, convert: Callable[[str], Any], default: Any) -> Any:
@@ -3876,50 +3883,57 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--lock-file", type=Path, default=env("OV_GENAI_NPU_LOCK"),
                         help="NPU lock file shared by all processes (default "
                              f"$XDG_RUNTIME_DIR/{LOCK_DIR_NAME}/{LOCK_FILE_NAME}) [OV_GENAI_NPU_LOCK]")
-    parser.add_argument("--lock-timeout-s", type=float, default=env_float("OV_GENAI_NPU_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S),
+    parser.add_argument("--lock-timeout-s", type=float,
+                        default=env_float("OV_GENAI_NPU_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S),
                         help="how long a job waits for the NPU, queue and lock together (default "
                              f"{DEFAULT_LOCK_TIMEOUT_S:g}) [OV_GENAI_NPU_LOCK_TIMEOUT_S]")
     parser.add_argument("--request-timeout-s", type=float,
                         default=env_float("OV_GENAI_NPU_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S),
-                        help=f"deadline of a job, queue wait included (default {DEFAULT_REQUEST_TIMEOUT_S:g}) "
-                             "[OV_GENAI_NPU_REQUEST_TIMEOUT_S]")
-    parser.add_argument("--queue-depth", type=int, default=env_int("OV_GENAI_NPU_QUEUE_DEPTH", DEFAULT_QUEUE_DEPTH),
-                        help=f"jobs that may wait for the NPU inside the daemon (default {DEFAULT_QUEUE_DEPTH}) "
-                             "[OV_GENAI_NPU_QUEUE_DEPTH]")
+                        help="deadline of a job, queue wait included (default "
+                             f"{DEFAULT_REQUEST_TIMEOUT_S:g}) [OV_GENAI_NPU_REQUEST_TIMEOUT_S]")
+    parser.add_argument("--queue-depth", type=int,
+                        default=env_int("OV_GENAI_NPU_QUEUE_DEPTH", DEFAULT_QUEUE_DEPTH),
+                        help="jobs that may wait for the NPU inside the daemon (default "
+                             f"{DEFAULT_QUEUE_DEPTH}) [OV_GENAI_NPU_QUEUE_DEPTH]")
     parser.add_argument("--max-connections", type=int,
                         default=env_int("OV_GENAI_NPU_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
                         help="open connections served in full; more get health checks only (default "
                              f"{DEFAULT_MAX_CONNECTIONS}) [OV_GENAI_NPU_MAX_CONNECTIONS]")
     parser.add_argument("--busy-path", type=Path, default=env("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
-    parser.add_argument("--min-busy-ratio", type=float, default=env_float("OV_GENAI_NPU_MIN_BUSY_RATIO", None),
+    parser.add_argument("--min-busy-ratio", type=float,
+                        default=env_float("OV_GENAI_NPU_MIN_BUSY_RATIO", None),
                         help="fail a job whose NPU busy delta is under this share of its generation time "
                              "(0-1, off by default: choose it from smoke_llm_npu.py on your host) "
                              "[OV_GENAI_NPU_MIN_BUSY_RATIO]")
-    parser.add_argument("--no-npu-proof", action="store_true", default=env_flag(environ, "OV_GENAI_NPU_NO_NPU_PROOF"),
-                        help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: "
-                             "unavailable [OV_GENAI_NPU_NO_NPU_PROOF=1]")
-    parser.add_argument("--no-stop-rules", action="store_true", default=env_flag(environ, "OV_GENAI_NPU_NO_STOP_RULES"),
+    parser.add_argument("--no-npu-proof", action="store_true",
+                        default=env_flag(environ, "OV_GENAI_NPU_NO_NPU_PROOF"),
+                        help="serve on an NPU without a busy counter (Linux < 6.11); responses say "
+                             "npu_proof: unavailable [OV_GENAI_NPU_NO_NPU_PROOF=1]")
+    parser.add_argument("--no-stop-rules", action="store_true",
+                        default=env_flag(environ, "OV_GENAI_NPU_NO_STOP_RULES"),
                         help="generate until the model's end or the budget, without the jobs' stop rules "
                              "(to measure what they save; see CONTRACT.md) [OV_GENAI_NPU_NO_STOP_RULES=1]")
-    parser.add_argument("--emulate-npu", action="store_true", default=env_flag(environ, "OV_GENAI_NPU_EMULATE"),
+    parser.add_argument("--emulate-npu", action="store_true",
+                        default=env_flag(environ, "OV_GENAI_NPU_EMULATE"),
                         help="run GenAI's NPU pipeline with every submodel compiled for the CPU (no NPU needed, "
                              "no proof: npu_proof: emulated) [OV_GENAI_NPU_EMULATE=1]")
     parser.add_argument("--max-input-chars", type=int,
                         default=env_int("OV_GENAI_NPU_MAX_INPUT_CHARS", DEFAULT_MAX_INPUT_CHARS),
-                        help=f"longest accepted input (default {DEFAULT_MAX_INPUT_CHARS}) [OV_GENAI_NPU_MAX_INPUT_CHARS]")
+                        help=f"longest accepted input (default {DEFAULT_MAX_INPUT_CHARS}) "
+                             "[OV_GENAI_NPU_MAX_INPUT_CHARS]")
     parser.add_argument("--max-new-tokens-limit", type=int,
                         default=env_int("OV_GENAI_NPU_MAX_NEW_TOKENS_LIMIT", DEFAULT_MAX_NEW_TOKENS_LIMIT),
-                        help=f"largest max_new_tokens any job accepts (default {DEFAULT_MAX_NEW_TOKENS_LIMIT}) "
-                             "[OV_GENAI_NPU_MAX_NEW_TOKENS_LIMIT]")
+                        help="largest max_new_tokens any job accepts (default "
+                             f"{DEFAULT_MAX_NEW_TOKENS_LIMIT}) [OV_GENAI_NPU_MAX_NEW_TOKENS_LIMIT]")
     parser.add_argument("--max-prompt-tokens", type=int,
                         default=env_int("OV_GENAI_NPU_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS),
-                        help=f"longest templated prompt, the NPU MAX_PROMPT_LEN (default {DEFAULT_MAX_PROMPT_TOKENS}) "
-                             "[OV_GENAI_NPU_MAX_PROMPT_TOKENS]")
+                        help="longest templated prompt, the NPU MAX_PROMPT_LEN (default "
+                             f"{DEFAULT_MAX_PROMPT_TOKENS}) [OV_GENAI_NPU_MAX_PROMPT_TOKENS]")
     parser.add_argument("--min-response-tokens", type=int,
                         default=env_int("OV_GENAI_NPU_MIN_RESPONSE_TOKENS", DEFAULT_MIN_RESPONSE_TOKENS),
-                        help=f"room for output, the NPU MIN_RESPONSE_LEN (default {DEFAULT_MIN_RESPONSE_TOKENS}) "
-                             "[OV_GENAI_NPU_MIN_RESPONSE_TOKENS]")
+                        help="room for output, the NPU MIN_RESPONSE_LEN (default "
+                             f"{DEFAULT_MIN_RESPONSE_TOKENS}) [OV_GENAI_NPU_MIN_RESPONSE_TOKENS]")
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=env("OV_GENAI_NPU_LOG_LEVEL", "info"),
                         help="info: jobs, errors and events; debug adds every health probe (default info) "
                              "[OV_GENAI_NPU_LOG_LEVEL]")
@@ -3934,8 +3948,10 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--truncate", action="store_true",
                         help="for --job: drop the middle of an input whose prompt is over the token limit")
     parser.add_argument("--output", choices=OUTPUT_FORMATS, default="json",
-                        help="for --job: json (the API's result, default) or text (only the answer; errors on stderr)")
-    parser.add_argument("--json", action="store_true", help="for --doctor: one JSON object instead of the checklist")
+                        help="for --job: json (the API's result, default) or text (only the answer; "
+                             "errors on stderr)")
+    parser.add_argument("--json", action="store_true",
+                        help="for --doctor: one JSON object instead of the checklist")
     parser.add_argument("--version", action="version", version=f"{DIST_NAME} {__version__}")
     return parser
 

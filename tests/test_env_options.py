@@ -110,10 +110,14 @@ def test_the_allow_list_names_only_options_that_are_not_service_options() -> Non
     """A mode option that took a variable after all should leave the list (or lose the variable)."""
     for action in parser_options():
         if flag_of(action) in NOT_SERVICE_OPTIONS:
-            assert variable_of(action) is None, f"{flag_of(action)} has a variable: drop it from NOT_SERVICE_OPTIONS"
+            assert variable_of(action) is None, (
+                f"{flag_of(action)} has a variable: drop it from NOT_SERVICE_OPTIONS"
+            )
 
 
-BOOLEAN_VARIABLES = [variable_of(action) for action in service_options() if isinstance(action, argparse._StoreTrueAction)]
+BOOLEAN_VARIABLES = [
+    variable_of(action) for action in service_options() if isinstance(action, argparse._StoreTrueAction)
+]
 
 
 @pytest.mark.parametrize("variable", BOOLEAN_VARIABLES)
@@ -124,10 +128,15 @@ def test_boolean_variables_take_the_usual_words_and_refuse_anything_else(variabl
         assert worker.env_flag({variable: word}, variable) is False, word
     with pytest.raises(worker.ConfigError) as refused:
         worker.env_flag({variable: "enabled"}, variable)
-    assert refused.value.message.startswith(f"{variable}='enabled' is not a boolean") and "\n" not in refused.value.message
+    assert (
+        refused.value.message.startswith(f"{variable}='enabled' is not a boolean")
+        and "\n" not in refused.value.message
+    )
 
 
-def test_a_bad_variable_is_one_line_naming_it_and_exit_78(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bad_variable_is_one_line_naming_it_and_exit_78(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     for variable, value, expected in (
         ("OV_GENAI_NPU_EMULATE", "maybe", "OV_GENAI_NPU_EMULATE='maybe' is not a boolean"),
         ("OV_GENAI_NPU_QUEUE_DEPTH", "eight", "OV_GENAI_NPU_QUEUE_DEPTH='eight' is not an integer"),
@@ -136,7 +145,10 @@ def test_a_bad_variable_is_one_line_naming_it_and_exit_78(monkeypatch: pytest.Mo
         monkeypatch.setenv(variable, value)
         assert worker.main(["--doctor", "--json"]) == worker.EXIT_CONFIG
         out = capsys.readouterr()
-        assert out.out == "" and out.err == f"worker.py: configuration: {expected}" + out.err.split(expected, 1)[1]
+        assert (
+            out.out == ""
+            and out.err == f"worker.py: configuration: {expected}" + out.err.split(expected, 1)[1]
+        )
         assert out.err.count("\n") == 1
         monkeypatch.delenv(variable)
 

@@ -111,7 +111,8 @@ def test_daemon_that_fails_its_warm_up_proof_exits_3(npu_settings: worker.Settin
 def test_smoke_skips_without_an_npu(capsys: pytest.CaptureFixture[str]) -> None:
     assert smoke_llm_npu.main([], has_npu=lambda: False) == 77
     out = capsys.readouterr()
-    assert out.out == "" and out.err.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")
+    assert out.out == ""
+    assert out.err.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")
 
 
 def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
