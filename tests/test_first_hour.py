@@ -55,7 +55,8 @@ def test_doctor_without_a_model_reports_it_as_one_failed_line_among_the_others(
     names = [
         line.split(":")[0].split(maxsplit=1)[1] for line in out if not line.startswith(("      ", "doctor:"))
     ]
-    assert names == ["openvino", "device", "model", "cache dir", "lock", "port"]
+    # checks another feature appends (an MCP check, say) come after these
+    assert names[:6] == ["openvino", "device", "model", "cache dir", "lock", "port"]
     assert "FAIL  model: no model given" in out
     assert "export OV_GENAI_NPU_MODEL=" in out[out.index("FAIL  model: no model given") + 1]
     assert out[-1] == "doctor: cannot serve: model"
@@ -90,7 +91,7 @@ def test_doctor_json_is_one_object_with_every_check(
         and report["verdict"] == "this host can serve"
         and report["version"] == worker.__version__
     )
-    assert [check["name"] for check in report["checks"]] == [
+    assert [check["name"] for check in report["checks"]][:6] == [
         "openvino",
         "device",
         "model",
