@@ -3513,6 +3513,7 @@ def doctor_checks(
     pipeline_factory: PipelineFactory = load_genai_pipeline,
     proc_root: Path = Path("/proc"),
     model_given: bool = True,
+    token_file: Path | None = None,
 ) -> list[Check]:
     """Every check the worker's start-up depends on; the globs and OpenVINO calls are injectable.
 
@@ -3545,6 +3546,8 @@ def doctor_checks(
         checks.append(npu_pipeline_check(settings, pipeline_factory))
     checks.append(cache_dir_check(settings.cache_dir))
     checks.append(lock_check(settings.lock_path))
+    if token_file is not None:
+        checks.append(token_file_check(token_file))
     checks.append(port_check(settings))
     return checks
 
@@ -3726,6 +3729,18 @@ def lock_check(lock_path: Path) -> Check:
     return Check("lock", True, f"{lock_path} is free")
 
 
+def token_file_check(path: Path) -> Check:
+    try:
+        read_token_file(path)
+    except ConfigError as exc:
+        if path.is_file() and "readable by group or others" in exc.message:
+            return Check("token file", False, exc.message, f"chmod 600 {path}")
+        return Check("token file", False, exc.message,
+                     f"mkdir -p {path.parent} && umask 077 && python -c 'import secrets; "
+                     f"print(secrets.token_urlsafe(32))' > {path}")
+    return Check("token file", True, f"{path} holds a token only this user can read")
+
+
 def port_check(settings: Settings) -> Check:
     try:
         check_loopback(settings.host)
@@ -3771,14 +3786,22 @@ def worker_at(settings: Settings) -> str | None:
 def doctor_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, bool]:
     """Settings for the doctor, which also runs without a model: a missing model is then one failed
     line among the others, and the cache check looks at the directory the model's cache goes in."""
-    if args.demo or args.model is not None:
-        return settings_from_args(args, environ), True
-    settings = settings_from_args(argparse.Namespace(**{**vars(args), "model": NO_MODEL_PATH}), environ)
-    return dataclasses.replace(settings, cache_dir=args.cache_dir or default_cache_root(environ)), False
+    model_given = args.demo or args.model is not None
+    # The token file gets a line of its own (token_file_check), so it is not read here.
+    checked = {"token_file": None, **({} if model_given else {"model": NO_MODEL_PATH})}
+    settings = settings_from_args(argparse.Namespace(**{**vars(args), **checked}), environ)
+    if not model_given:
+        settings = dataclasses.replace(settings, cache_dir=args.cache_dir or default_cache_root(environ))
+    if args.token_file is not None:
+        with contextlib.suppress(ConfigError):  # readable: the port check may need it
+            settings = dataclasses.replace(settings, token=read_token_file(Path(args.token_file)))
+    return settings, model_given
 
 
-def run_doctor(settings: Settings, *, model_given: bool = True, as_json: bool = False) -> int:
-    checks = doctor_checks(settings, model_given=model_given)
+def run_doctor(
+    settings: Settings, *, model_given: bool = True, token_file: Path | None = None, as_json: bool = False
+) -> int:
+    checks = doctor_checks(settings, model_given=model_given, token_file=token_file)
     failed = [check.name for check in checks if not check.ok]
     verdict = "this host can serve" if not failed else "cannot serve: " + ", ".join(failed)
     if as_json:
@@ -4266,7 +4289,8 @@ def main(
         configure_logging(args.log_level)
         if args.doctor:
             settings, model_given = doctor_settings(args, environ)
-            return run_doctor(settings, model_given=model_given, as_json=args.json)
+            token_file = Path(args.token_file) if args.token_file else None
+            return run_doctor(settings, model_given=model_given, token_file=token_file, as_json=args.json)
         settings = settings_from_args(args, environ)
         if pipeline_factory is load_genai_pipeline:  # a test's fake pipeline stands for the device too
             require_device(settings)

@@ -450,3 +450,18 @@ def test_smoke_verdict_on_the_cpu_claims_nothing_about_the_npu(
         .err.splitlines()[-1]
         .endswith("on the CPU plugin; nothing about the NPU was checked")
     )
+
+
+def test_doctor_reports_a_bad_token_file_as_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o644)
+    assert worker.main(cpu_cli(tmp_path, "--doctor", "--token-file", str(token), "--port", "0")) == 78
+    out = capsys.readouterr().out.splitlines()
+    (line,) = [line for line in out if line.startswith(("FAIL  token file", "ok    token file"))]
+    assert line.startswith("FAIL  token file: ") and "readable by group or others" in line
+    assert out[out.index(line) + 1] == f"      fix: chmod 600 {token}"
+    assert out[-1] == "doctor: cannot serve: token file"
+    token.chmod(0o600)
+    assert worker.main(cpu_cli(tmp_path, "--doctor", "--token-file", str(token), "--port", "0")) == 0
+    assert "ok    token file: " in capsys.readouterr().out
