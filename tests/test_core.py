@@ -1276,7 +1276,7 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Any:
     """worker.main with a clean OV_GENAI_NPU_* environment, no logging set-up and no model loader."""
     for name in ENV_VARS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(worker, "configure_logging", lambda: None)
+    monkeypatch.setattr(worker, "configure_logging", lambda *_: None)
 
     def run(*argv: str) -> int:
         return worker.main(list(argv), pipeline_factory=no_pipeline)

@@ -1,9 +1,12 @@
 """Every command in README.md and CONTRACT.md is run here, so the docs cannot drift from the code.
 
-Each `sh` block line is one command. Commands that talk to the worker run against a live daemon on
-the tiny model (the documented port is swapped for a free one), and the JSON example that follows a
-command in the docs must have the same shape as the real answer. Commands that need an NPU host or a
-model hub are listed in NOT_RUN_HERE with the reason; an unlisted new command fails the suite.
+Each `sh` block line is one command, run as pasted in a shell session: an `export` line earlier in
+the same file holds for every later command, and `$HOME` is a throwaway home whose
+`~/models/Qwen2.5-1.5B-Instruct-int4-ov` is the tiny model. Commands that talk to the worker run
+against a live daemon on the tiny model (the documented port is swapped for a free one), and every
+JSON example must match the real answer: the same keys and types, and the same values where they
+do not depend on the device, the model or the clock. Commands that need an NPU host or a model hub
+are listed in NOT_RUN_HERE with the reason; an unlisted new command fails the suite.
 """
 
 from __future__ import annotations
@@ -26,18 +29,23 @@ import pytest
 
 import worker
 from conftest import REPO
+from conftest import TINY_MODEL
 from conftest import worker_env
-from test_systemd import INSTALL_COMMANDS
 from test_systemd import NEEDS_USER_SESSION
+from test_systemd import SERVICE_COMMANDS
 
 pytest.importorskip("openvino_genai")
 
 DOC_PORT = str(worker.DEFAULT_PORT)
 NOT_RUN_HERE = {
     "sudo usermod -aG render": "changes the host's groups; only meaningful on an NPU host",
-    "huggingface-cli download": "downloads from a model hub, which this machine cannot reach",
+    "pip install huggingface_hub && hf download": "downloads a model from a model hub, which this machine "
+    "cannot reach",
+    "pip install 'optimum-intel[openvino]' && optimum-cli export openvino": "downloads PyTorch and a model "
+    "from a model hub; the same export options built tests/fixtures/tiny-chatml-ov (tools/build_tiny_model.py)",
     **NEEDS_USER_SESSION,
 }
+DOC_MODEL = "~/models/Qwen2.5-1.5B-Instruct-int4-ov"
 
 
 def doc_blocks(path: Path) -> list[tuple[str, str, str | None]]:
@@ -59,6 +67,32 @@ def doc_blocks(path: Path) -> list[tuple[str, str, str | None]]:
 README = doc_blocks(REPO / "README.md")
 CONTRACT = doc_blocks(REPO / "CONTRACT.md")
 SETUP_COMMANDS = [command for heading, command, _ in README if heading == "Set-up"]
+EXPORTS = [command for _, command, _ in README + CONTRACT if command.startswith("export ")]
+
+
+def as_pasted(command: str) -> str:
+    """The command after the `export` lines before it, in one shell that read README.md and then
+    CONTRACT.md."""
+    commands = [line for _, line, _ in README + CONTRACT]
+    earlier = [line for line in commands[: commands.index(command)] if line.startswith("export ")]
+    return " && ".join([*earlier, command])
+
+
+def session_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """A new user's shell: a fresh home, and the model only where the README's export points."""
+    env = worker_env(tmp_path, HOME=str(session_home(tmp_path)), **extra)
+    del env["OV_GENAI_NPU_MODEL"]
+    return env
+
+
+def session_home(tmp_path: Path) -> Path:
+    """A fresh home, with the README's model directory holding the tiny model."""
+    home = tmp_path / "home"
+    model = home / DOC_MODEL.removeprefix("~/")
+    model.parent.mkdir(parents=True, exist_ok=True)
+    if not model.exists():
+        model.symlink_to(TINY_MODEL, target_is_directory=True)
+    return home
 
 
 def free_port() -> int:
@@ -72,8 +106,9 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict
     """The documented daemon command, on the tiny model on CPU, on a free port."""
     tmp_path = tmp_path_factory.mktemp("docs")
     port = free_port()
-    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(port), HOME=str(session_home(tmp_path)))
+    # Its log is not read: a pipe nobody drains would stop the daemon once full.
+    process = subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -92,10 +127,14 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict
 
 
 def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """Run a documented command as a user would, with this interpreter first on PATH: the suite may
-    run as venv/bin/python -m pytest without the venv activated."""
+    """Run a documented command as a user would, after the export lines before it, with this
+    interpreter first on PATH: the suite may run as venv/bin/python -m pytest without the venv
+    activated."""
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
-    return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    documented = any(command == line for _, line, _ in README + CONTRACT)  # not a curl with its port swapped
+    pasted = as_pasted(command) if documented else command
+    return subprocess.run(["bash", "-c", pasted], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def same_shape(example: Any, actual: Any, where: str = "") -> None:
@@ -116,6 +155,24 @@ def same_shape(example: Any, actual: Any, where: str = "") -> None:
         assert type(actual) is type(example), f"type differs at {where}"
 
 
+
+
+# Values that do not depend on the device, the model or the clock: where an example shows one,
+# the live answer has the same.
+DETERMINISTIC = re.compile(
+    r"\.(status|ready|version|queue_depth|queue_waiting|jobs_in_flight|last_error|problem|job|input_truncated"
+    r"|tokens\.max_new_tokens|jobs\.\w+\.(default_max_new_tokens|max_new_tokens)|limits\.\w+)"
+)
+
+
+def same_values(example: Any, actual: Any, where: str = "") -> None:
+    if isinstance(example, dict) and isinstance(actual, dict):  # null where the device decides: same_shape
+        for key in example:
+            same_values(example[key], actual[key], f"{where}.{key}")
+    elif DETERMINISTIC.fullmatch(where):
+        assert actual == example, f"{where}: the example says {example!r}, the worker {actual!r}"
+
+
 def worker_commands() -> list[tuple[str, str, str | None]]:
     return [
         (f"{doc}: {heading}", command, example)
@@ -129,15 +186,23 @@ def worker_commands() -> list[tuple[str, str, str | None]]:
 def test_documented_worker_command(daemon: tuple[int, dict[str, str]], where: str, command: str, example: str | None) -> None:
     port, env = daemon
     assert DOC_PORT in command or not command.startswith("curl")
-    completed = run(command.replace(DOC_PORT, str(port)), env)
+    if command.startswith("curl "):
+        completed = run(command.replace(DOC_PORT, str(port)), env)
+    else:  # a one-shot job, as pasted after the README's export
+        completed = run(command, {k: v for k, v in env.items() if k != "OV_GENAI_NPU_MODEL"})
     assert completed.returncode == 0, completed.stderr
     if command.endswith("/metrics"):
         assert "npu_worker_requests_total{" in completed.stdout  # Prometheus text, not JSON
+        return
+    if "--output text" in command:  # the answer alone, one line
+        answer = completed.stdout
+        assert answer.strip() and answer.count("\n") == 1 and not answer.startswith("{")
         return
     actual = json.loads(completed.stdout)
     assert "error" not in actual
     if example is not None:
         same_shape(json.loads(example), actual)
+        same_values(json.loads(example), actual)
 
 
 def test_contract_error_example_is_what_the_worker_says(daemon: tuple[int, dict[str, str]]) -> None:
@@ -157,25 +222,67 @@ def test_contract_error_example_is_what_the_worker_says(daemon: tuple[int, dict[
     same_shape(example, actual)
 
 
+def test_every_json_example_is_checked() -> None:
+    """Each json block follows a command that test_documented_worker_command runs, or is the error
+    example: none can drift unseen."""
+    checked = {example for _, _, example in worker_commands() if example is not None}
+    for path in (REPO / "README.md", REPO / "CONTRACT.md"):
+        for block in re.findall(r"```json\n(.*?)```", path.read_text(), re.DOTALL):
+            assert block in checked or '"error"' in block, f"{path.name}: a JSON example no test checks"
+
+
+def test_memory_example_text_is_the_compact_json_of_its_candidates(daemon: tuple[int, dict[str, str]]) -> None:
+    (example,) = [json.loads(block) for _, command, block in CONTRACT if "extract-memory-candidates" in command]
+    assert example["text"] == json.dumps({"candidates": example["candidates"]}, separators=(",", ":"))
+    port, _ = daemon
+    body = b'{"input": "I moved to Lisbon last spring and I prefer tea over coffee."}'
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/worker/extract-memory-candidates", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        text = json.loads(response.read())["text"]
+    assert text.startswith('{"candidates":[') and '"text": ' not in text  # what the grammar makes
+
+
+def test_every_metric_is_in_the_contract_table(daemon: tuple[int, dict[str, str]]) -> None:
+    contract = (REPO / "CONTRACT.md").read_text()
+    table = contract[contract.index("### GET /metrics"):contract.index("### GET /openapi.json")]
+    documented = set()
+    for row in re.findall(r"^\| (`[^|]*) \|", table, re.MULTILINE):
+        documented |= set(re.findall(r"`([a-z_]+)(?:\{[^}]*\})?`", row))
+    port, _ = daemon
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        served = set(re.findall(r"^# TYPE npu_worker_(\w+) ", response.read().decode(), re.MULTILINE))
+    assert served - documented == set(), "add a row for these to CONTRACT.md's /metrics table"
+    assert documented - served == set(), "CONTRACT.md's /metrics table names metrics nobody serves"
+
+
 def test_batch_command_reports_every_line(tmp_path: Path) -> None:
     (command,) = [command for _, command, _ in CONTRACT if "--batch" in command]
-    completed = run(command, worker_env(tmp_path))
+    completed = run(command, session_env(tmp_path))
     assert completed.returncode == 1, completed.stderr  # one of the two lines is bad
     first, second = [json.loads(line) for line in completed.stdout.splitlines()]
     assert (first["line"], first["id"], first["job"]) == (1, "a1", "title")
     assert (second["line"], second["error"]["type"]) == (2, "invalid_request")
-    assert "batch: finished: 2 jobs, 1 failed" in completed.stderr
+    assert "batch: 1 done, 0 failed\nbatch: 1 done, 1 failed\n" in completed.stderr
+    assert "batch: finished: 2 jobs: 1 done, 1 failed" in completed.stderr
 
 
-HOST_DOCTOR_COMMANDS = [command for _, command, _ in README + CONTRACT if "--doctor" in command and "~/models" not in command]
+NPU_DOCTOR_COMMAND = "python worker.py --doctor"  # README, on an NPU host
+HOST_DOCTOR_COMMANDS = [command for _, command, _ in README + CONTRACT
+                        if "--doctor" in command and command != NPU_DOCTOR_COMMAND]
 
 
 @pytest.mark.parametrize("command", HOST_DOCTOR_COMMANDS)
 def test_doctor_command_passes_on_this_host(tmp_path: Path, command: str) -> None:
-    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port()))
+    env = session_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port()))
     del env["OV_GENAI_NPU_DEVICE"]  # the command says which device it means
     completed = run(command, env)
     assert completed.returncode == 0, completed.stdout
+    if "--json" in command:
+        report = json.loads(completed.stdout)
+        assert report["ok"] is True and report["verdict"] == "this host can serve"
+        assert {check["name"] for check in report["checks"]} >= {"device", "model", "cache dir", "port"}
+        return
     assert completed.stdout.splitlines()[-1] == "doctor: this host can serve"
     if "--emulate-npu" in command:
         assert "ok    npu export: mode int4_sym" in completed.stdout
@@ -192,9 +299,11 @@ def test_setup_commands_are_what_ci_runs() -> None:
 
 
 def test_smoke_command_skips_decisively_without_an_npu(tmp_path: Path) -> None:
-    (command,) = [command for _, command, _ in README if "smoke_llm_npu.py" in command and "--emulate-npu" not in command]
-    completed = run(command, worker_env(tmp_path))
-    assert (completed.returncode, completed.stdout.strip()) == (77, "skipped: no NPU")
+    (command,) = [command for _, command, _ in README if command == "python smoke_llm_npu.py"]
+    completed = run(command, session_env(tmp_path))
+    assert completed.returncode == 77, completed.stderr
+    assert completed.stdout == ""
+    assert completed.stderr.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")
 
 
 def test_emulated_smoke_command_passes_here_and_ci_runs_it(tmp_path: Path) -> None:
@@ -204,41 +313,47 @@ def test_emulated_smoke_command_passes_here_and_ci_runs_it(tmp_path: Path) -> No
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout)
     assert (report["npu_proof"], report["npu_busy_delta_us"], report["device"]) == ("emulated", None, "NPU")
+    verdict = completed.stderr.splitlines()[-1]
+    assert verdict.startswith("smoke_llm_npu.py: PASS (emulated): tiny-chatml-ov generated ")
 
 
-def test_npu_daemon_command_stops_with_a_configuration_error_here(tmp_path: Path) -> None:
-    """On a host without an NPU (and its counter) the NPU daemon command exits 78, clearly."""
-    (command,) = [command for _, command, _ in README if command.endswith("python worker.py")]
-    env = worker_env(tmp_path, HOME=str(tmp_path), OV_GENAI_NPU_PORT=str(free_port()))
+def test_npu_daemon_command_names_the_missing_npu_and_the_ways_on(tmp_path: Path) -> None:
+    """On a host without an NPU the NPU daemon command exits 78 with the cause (not the counter)."""
+    (command,) = [command for _, command, _ in README if command == "python worker.py"]
+    env = session_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port()))
     del env["OV_GENAI_NPU_DEVICE"]  # the documented default, NPU
     completed = run(command, env)
     assert completed.returncode == 78
-    assert "worker.py: configuration: NPU busy counter not found" in completed.stderr
+    assert completed.stderr.startswith("worker.py: configuration: no NPU: OpenVINO sees only ['CPU']")
+    assert all(way in completed.stderr for way in ("--demo", "--device CPU", "--emulate-npu"))
 
 
 def test_npu_doctor_command_explains_what_this_host_lacks(tmp_path: Path) -> None:
-    (command,) = [command for _, command, _ in README if command.endswith("--doctor")]
-    env = worker_env(tmp_path, HOME=str(tmp_path), OV_GENAI_NPU_PORT=str(free_port()))
+    (command,) = [command for _, command, _ in README if command == NPU_DOCTOR_COMMAND]
+    env = session_env(tmp_path, OV_GENAI_NPU_PORT=str(free_port()))
     del env["OV_GENAI_NPU_DEVICE"]  # the documented default, NPU
     completed = run(command, env)
     assert completed.returncode == 78
-    for failure in ("FAIL  device: NPU not found", "FAIL  accel device", "FAIL  busy counter", "FAIL  model"):
+    for failure in ("FAIL  device: NPU not found", "FAIL  accel device", "FAIL  busy counter"):
         assert failure in completed.stdout
-    assert completed.stdout.count("      fix: ") >= 4
+    assert "ok    model: " in completed.stdout  # found where the README's export points
+    assert "ok    npu export: mode int4_sym" in completed.stdout
+    assert completed.stdout.count("      fix: ") >= 3
 
 
-def test_token_commands_create_a_private_token_and_enforce_it(tmp_path: Path) -> None:
+def test_token_commands_work_on_a_fresh_home_and_are_enforced(tmp_path: Path) -> None:
     (create,) = [command for _, command, _ in README if "secrets.token_urlsafe" in command]
     (start,) = [command for _, command, _ in README if "--token-file" in command]
-    (tmp_path / ".config").mkdir()
-    env = worker_env(tmp_path, HOME=str(tmp_path))
+    env = session_env(tmp_path)
+    assert not (tmp_path / "home" / ".config").exists()  # a fresh home
     assert run(create, env).returncode == 0
-    token_file = tmp_path / ".config" / "npu-worker.token"
+    token_file = tmp_path / "home" / ".config" / "npu-worker.token"
     assert token_file.stat().st_mode & 0o777 == 0o600
     token = token_file.read_text().strip()
     port = free_port()
     env["OV_GENAI_NPU_PORT"] = str(port)
-    process = subprocess.Popen(["bash", "-c", f"exec {start}"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(["bash", "-c", f"{as_pasted(start).rsplit(' && ', 1)[0]} && exec {start}"],
+                               cwd=REPO, env=env, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -262,13 +377,30 @@ def test_token_commands_create_a_private_token_and_enforce_it(tmp_path: Path) ->
         assert process.wait(timeout=30) == 0
 
 
+def test_telemetry_opt_out_leaves_only_the_consent_file(tmp_path: Path) -> None:
+    """README, "OpenVINO's telemetry": importing OpenVINO writes ~/intel; after the opt-out only the
+    consent file is left, and importing it again writes nothing more."""
+    (command,) = [command for _, command, _ in README if command.startswith("opt_in_out ")]
+    env = session_env(tmp_path)
+    intel = tmp_path / "home" / "intel"
+    subprocess.run([sys.executable, "-c", "import openvino"], env=env, check=True, timeout=60)
+    assert {"openvino_ga_cid", "stats"} <= {path.name for path in intel.iterdir()}
+    assert run(command, env).returncode == 0
+    assert (intel / "openvino_telemetry").read_text() == "0"
+    subprocess.run([sys.executable, "-c", "import openvino_genai"], env=env, check=True, timeout=60)
+    assert sorted(path.name for path in intel.iterdir()) == ["openvino_telemetry"]
+
+
 def test_every_documented_command_is_exercised() -> None:
-    exercised = {command for _, command, _ in worker_commands()} | set(SETUP_COMMANDS)
-    exercised |= set(INSTALL_COMMANDS)  # run by tests/test_systemd.py
-    exercised |= {command for _, command, _ in README if "smoke_llm_npu.py" in command or command.endswith("python worker.py")}
-    exercised |= {command for _, command, _ in CONTRACT if "--batch" in command or "--doctor" in command}
-    exercised |= {command for _, command, _ in README if command.endswith("--doctor")
-                  or "secrets.token_urlsafe" in command or "--token-file" in command}
+    exercised = {command for _, command, _ in worker_commands()} | set(SETUP_COMMANDS) | set(EXPORTS)
+    exercised |= set(SERVICE_COMMANDS) - set(NEEDS_USER_SESSION)  # run by tests/test_systemd.py
+    exercised |= {command for _, command, _ in README
+                  if "smoke_llm_npu.py" in command or command == "python worker.py"}
+    exercised |= {command for _, command, _ in CONTRACT if "--batch" in command}
+    exercised |= {command for _, command, _ in README + CONTRACT if "--doctor" in command}
+    exercised |= {command for _, command, _ in README
+                  if "secrets.token_urlsafe" in command or "--token-file" in command
+                  or command.startswith("opt_in_out ")}
     for _, command, _ in README + CONTRACT:
         if command not in exercised:
             assert any(command.startswith(prefix) for prefix in NOT_RUN_HERE), f"no test runs: {command}"

@@ -342,14 +342,15 @@ def test_lock_directory_that_is_not_a_directory_is_a_config_error(tmp_path: Path
     assert not (tmp_path / "does-not-exist").exists()  # nothing created through the link
 
 
-def test_cli_with_dangling_symlink_lock_directory_exits_78_with_json(tmp_path: Path) -> None:
-    """The CLI reports a broken lock directory as a configuration error: exit 78, JSON, no traceback."""
+def test_cli_with_dangling_symlink_lock_directory_exits_78_with_one_line(tmp_path: Path) -> None:
+    """The CLI reports a broken lock directory as a configuration error: exit 78, one line on
+    stderr and nothing on stdout (CONTRACT.md, "CLI"), no traceback."""
     directory = tmp_path / "lockdir"
     directory.symlink_to(tmp_path / "does-not-exist")
     result = run_cli(tmp_path, directory / "npu.lock", "--lock-timeout-s", "0.2")
     assert "Traceback" not in result.stderr
     assert result.returncode == worker.EXIT_CONFIG
-    assert json.loads(result.stdout)["error"]["type"] == "configuration"
+    assert result.stdout == "" and "worker.py: configuration: " in result.stderr
 
 
 def test_lock_directory_owned_by_another_user_is_refused(tmp_path: Path) -> None:

@@ -57,6 +57,8 @@ INSTALL_COMMANDS = [
     "install -Dm644 -t ~/.config/systemd/user systemd/openvino-genai-npu-worker.service",
     'install -Dm600 systemd/openvino-genai-npu-worker.env.example ~/.config/openvino-genai-npu-worker/env && echo "OV_GENAI_NPU_MODEL=$HOME/models/Qwen2.5-1.5B-Instruct-int4-ov" >> ~/.config/openvino-genai-npu-worker/env',
 ]
+# README.md, "Running as a service": the installed smoke test, run by test_installed_smoke_test_runs.
+INSTALLED_SMOKE_COMMAND = "~/.local/share/openvino-genai-npu-worker/venv/bin/openvino-genai-npu-smoke"
 # README.md, "Running as a service": the commands no test can run.
 NEEDS_USER_SESSION = {
     "systemctl --user daemon-reload && systemctl --user enable --now openvino-genai-npu-worker.service": "needs a running systemd user manager",
@@ -65,7 +67,7 @@ NEEDS_USER_SESSION = {
     "loginctl enable-linger": "needs systemd-logind; changes the host",
     "readlink /proc/self/ns/mnt /proc/$(systemctl --user show -p MainPID --value openvino-genai-npu-worker.service)/ns/mnt": "needs the running service",
 }
-SERVICE_COMMANDS = INSTALL_COMMANDS + list(NEEDS_USER_SESSION)
+SERVICE_COMMANDS = INSTALL_COMMANDS + [INSTALLED_SMOKE_COMMAND] + list(NEEDS_USER_SESSION)
 README_SECTION = "Running as a service"
 
 # Settings that a user manager cannot apply: they drop capabilities (218/CAPABILITIES without a
@@ -280,7 +282,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
     home.mkdir()
     runtime_dir.mkdir(mode=0o700)
     src.mkdir()
-    for name in ("pyproject.toml", "worker.py", "README.md", "CONTRACT.md"):
+    for name in ("pyproject.toml", "worker.py", "smoke_llm_npu.py", "README.md", "CONTRACT.md"):
         shutil.copy2(REPO / name, src / name)
     shutil.copytree(REPO / "systemd", src / "systemd")
     env = {
@@ -381,3 +383,30 @@ def test_exposure_score_does_not_regress(installed: dict[str, Path]) -> None:
     match = re.search(rf"Overall exposure level for {re.escape(UNIT_NAME)}: (\d+\.\d+)", completed.stdout)
     assert match, completed.stdout + completed.stderr
     assert float(match.group(1)) <= EXPOSURE_THRESHOLD
+
+
+def test_installed_smoke_test_runs_without_the_source_tree(installed: dict[str, Path]) -> None:
+    """README's check of an installed service: the console scripts pip installed, run from their
+    venv (given this interpreter's OpenVINO: the install here has no dependencies), decide like
+    the source tree's smoke test: no NPU on this host, so SKIP and exit 77."""
+    import openvino
+
+    # Only OpenVINO and numpy from this interpreter: its site-packages may hold a worker.py too.
+    site_packages = Path(openvino.__file__).parent.parent
+    borrowed = installed["home"] / "borrowed-site-packages"
+    borrowed.mkdir(exist_ok=True)
+    for entry in site_packages.iterdir():
+        if entry.name.startswith(("openvino", "numpy")) and not (borrowed / entry.name).exists():
+            (borrowed / entry.name).symlink_to(entry)
+    venv_bin = installed["home"] / ".local" / "share" / "openvino-genai-npu-worker" / "venv" / "bin"
+    env = {"HOME": str(installed["home"]), "PATH": os.environ["PATH"], "LANG": "C.UTF-8",
+           "PYTHONPATH": str(borrowed),
+           "OV_GENAI_NPU_MODEL": str(REPO / "tests" / "fixtures" / "tiny-chatml-ov")}
+    for script in ("openvino-genai-npu-worker", "openvino-genai-npu-smoke"):
+        completed = subprocess.run([str(venv_bin / script), "--version"], env=env, capture_output=True,
+                                   text=True, timeout=60)
+        assert completed.stdout == f"{script} {worker.__version__}\n", completed.stderr
+    completed = subprocess.run(["bash", "-c", INSTALLED_SMOKE_COMMAND], cwd=installed["home"], env=env,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 77, completed.stderr
+    assert completed.stderr.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")
