@@ -159,10 +159,18 @@ DEVICE_LOST_MARKERS = ("DEVICE_LOST", "device lost", "device is lost")
 DRAIN_MARGIN_S = 5.0
 
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
-# Where the accel character devices live (drm_accel.c: "accel/%s"); an fd on one is an NPU fd.
+# Where the accel character devices live (drm_accel.c: "accel/%s").
 ACCEL_DEVICE_DIR = "/dev/accel/"
+# The /proc scan for npu_evidence runs beside the generation for at most EVIDENCE_BUDGET_S (at about
+# 7.5 us an fd, some 65,000 fds), and once the NPU lock is released gets EVIDENCE_WAIT_S more before
+# it is stopped; stopping it takes at most EVIDENCE_STOP_WAIT_S (it looks every 64 fds, ~0.5 ms).
+EVIDENCE_BUDGET_S = 0.5
+EVIDENCE_WAIT_S = 0.0005
+EVIDENCE_STOP_WAIT_S = 0.05
 IVPU_DRIVER_NAME = "intel_vpu"  # fdinfo's drm-driver (Linux >= 6.19 prints memory keys for ivpu)
-RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5)
+# The kernel truncates each read of the counter to whole microseconds (ivpu_sysfs.c, ktime_to_us).
+COUNTER_READ_SLACK_US = 2
+RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 LOCK_DIR_NAME = "openvino-genai-npu-worker"
 LOCK_FILE_NAME = "npu.lock"
 GENAI_MODEL_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -825,26 +833,47 @@ def busy_delta_us(before_us: int | None, after_us: int | None) -> int | None:
     return after_us - before_us
 
 
-def busy_ratio(delta_us: int | None, generate_ms: float) -> float | None:
-    """Busy time over the generation's wall time.  The counter is device-wide time with at least
-    one job submitted, so the ratio says how much of our generation the NPU had work - ours, or
-    another process's that ignores the lock - not how hard it computed."""
-    if delta_us is None or generate_ms <= 0:
+def busy_ratio(delta_us: int | None, wall_ms: float) -> float | None:
+    """Busy time over the wall time between the counter's two reads, which bracket the generation.
+    The counter is device-wide time with at least one job submitted, so the ratio says how much of
+    our generation the NPU had work - ours, or another process's that ignores the lock - not how
+    hard it computed.  None for a delta one device cannot produce (negative, or more than the time
+    that passed): never a ratio outside 0..1."""
+    if delta_us is None or wall_ms <= 0 or delta_us < 0 or delta_us > wall_ms * 1000.0 + COUNTER_READ_SLACK_US:
         return None
-    return round(delta_us / (generate_ms * 1000.0), 3)
+    return round(min(1.0, delta_us / (wall_ms * 1000.0)), 3)
 
 
-def proof_problem(before_us: int | None, after_us: int | None, ratio: float | None, min_ratio: float | None) -> str | None:
-    """Why a verified NPU job's counter does not prove it ran there, or None: the user's rule
-    (the counter must advance) and, only if asked for, a floor on the ratio."""
+def proof_problem(
+    before_us: int | None,
+    after_us: int | None,
+    ratio: float | None,
+    min_ratio: float | None,
+    *,
+    read_interval_us: float | None = None,
+    read_error: str | None = None,
+) -> str | None:
+    """Why a verified NPU job's counter does not prove it ran there, or None: the counter must be
+    readable after the generation, move forwards, advance (the user's rule) and by no more than
+    the wall time between its two reads (``read_interval_us``); and, only if asked for, a floor
+    on the ratio."""
+    if read_error is not None:
+        return f"the NPU busy counter could not be read after the generation ({read_error}): nothing proves where it ran"
     delta_us = busy_delta_us(before_us, after_us)
     if delta_us is None:
         return "the NPU busy counter was not read"
     if delta_us < 0:
+        # ivpu keeps busy_time in its device structure, zeroed only when the driver binds to the
+        # device (probe); job completion only adds to it, recovery adds the aborted jobs' time, and
+        # runtime PM and suspend do not touch it (drivers/accel/ivpu/ivpu_job.c, ivpu_pm.c).
         return (f"the NPU busy counter went backwards ({before_us} -> {after_us} us): the intel_vpu driver was "
-                "reloaded or the device reset during the job")
+                "bound to the device afresh during the job (its counter starts again at 0 then)")
     if delta_us == 0:
         return "the NPU busy counter did not advance (delta 0 us): the job did not run on the NPU, or the counter is broken"
+    if read_interval_us is not None and delta_us > read_interval_us + COUNTER_READ_SLACK_US:
+        return (f"counter anomaly: the NPU busy counter advanced {delta_us} us in {read_interval_us:.0f} us of wall "
+                "time between its two reads, more than one device can be busy: the driver was bound afresh and "
+                "its new counter overtook the old value, or the counter's path now belongs to another device")
     if min_ratio is not None and ratio is not None and ratio < min_ratio:
         return (f"the NPU was busy for {ratio:g} of the generation's time, below --min-busy-ratio {min_ratio:g}: "
                 "the job may not have run on the NPU")
@@ -870,18 +899,42 @@ def fdinfo_bytes(value: str | None) -> int | None:
     return int(number) * factor if number.isdigit() and factor is not None else None
 
 
-def npu_evidence(own_fds: Sequence[Mapping[str, str]] | None, other_holders: int | None, uninspectable: int | None) -> dict[str, Any]:
-    """Per-process evidence for one job, from what /proc showed when it ended (null where the
-    kernel or permissions do not tell).  There is no per-process NPU busy time in the kernel:
-    this says who held the device, not who used it."""
-    ivpu = [fields for fields in own_fds or () if fields.get("drm-driver") == IVPU_DRIVER_NAME]
-    resident = [fdinfo_bytes(fields.get("drm-resident-memory", "0")) for fields in ivpu]
+def is_npu_fdinfo(fields: Mapping[str, str]) -> bool:
+    """An fd's fdinfo does not name another driver: Linux >= 6.19 prints drm-driver for ivpu
+    (another accel driver, amdxdna say, prints its own name); older kernels print no drm keys."""
+    return fields.get("drm-driver", IVPU_DRIVER_NAME) == IVPU_DRIVER_NAME
+
+
+def resident_bytes(own_fds: Sequence[Mapping[str, str]]) -> int | None:
+    """drm-resident-memory of this process's NPU fds, each DRM client once: a duplicated fd (dup,
+    fork, SCM_RIGHTS) shows the same drm-client-id and the same memory (DRM's fdinfo
+    documentation).  None where the kernel prints no intel_vpu keys (Linux < 6.19)."""
+    clients: dict[str, int] = {}
+    for index, fields in enumerate(own_fds):
+        if fields.get("drm-driver") == IVPU_DRIVER_NAME:
+            client = fields.get("drm-client-id") or f"fd-without-client-id-{index}"
+            clients[client] = fdinfo_bytes(fields.get("drm-resident-memory", "0")) or 0
+    return sum(clients.values()) if clients else None
+
+
+def npu_evidence(
+    own_fds: Sequence[Mapping[str, str]] | None,
+    other_holders: int | None,
+    uninspectable: int | None,
+    *,
+    complete: bool = True,
+) -> dict[str, Any]:
+    """Per-process evidence for one job, from what /proc showed while it ran (null where the
+    kernel or permissions do not tell).  ``own_fds`` are the fdinfo fields of this process's
+    fds on the counter's device.  There is no per-process NPU busy time in the kernel: this says
+    who held the device, not who used it.  ``complete`` is False when the scan ran out of time:
+    the two counts are then what it had found so far."""
     return {
         "holds_device": None if own_fds is None else bool(own_fds),
-        # Linux >= 6.19 prints ivpu memory in fdinfo; older kernels print no drm keys at all.
-        "resident_bytes": sum(value or 0 for value in resident) if ivpu else None,
+        "resident_bytes": None if own_fds is None else resident_bytes(own_fds),
         "other_holders": other_holders,
         "uninspectable_processes": uninspectable,
+        "scan_complete": complete,
     }
 
 
@@ -1696,62 +1749,107 @@ def find_busy_counter(explicit: Path | None, pattern: str = BUSY_COUNTER_GLOB) -
     return counter
 
 
-class AccelHolders:
-    """Which processes hold an NPU (accel) device open, read from /proc: this one, with what
-    fdinfo says of its memory (Linux >= 6.19), and the others this user may inspect.  A process
-    of another user can only be counted as uninspectable (/proc/PID/fd needs ptrace-read
-    access); kernel threads hold no files and are skipped.  ``proc_root`` is /proc, or a
-    synthetic tree in tests.  One scan reads a small file per process and lists the fds of
-    this user's processes: milliseconds, at the end of a job that took seconds."""
+def accel_device_number(counter_path: Path) -> int | None:
+    """The device number (st_rdev) of the accel node of the device whose busy counter this is, or
+    None if sysfs does not say.  The counter is an attribute of the PCI device
+    (/sys/class/accel/accelN/device is a link to it), and the accel class device below it holds
+    "major:minor" in accel/accelN/dev (drm_accel.c)."""
+    for dev_file in sorted(counter_path.parent.glob("accel/accel*/dev")):
+        try:
+            major, _, minor = dev_file.read_text().strip().partition(":")
+            return os.makedev(int(major), int(minor))
+        except (OSError, ValueError):
+            continue
+    return None
 
-    def __init__(self, proc_root: Path = Path("/proc"), pid: int | None = None) -> None:
+
+class AccelHolders:
+    """Which processes hold the NPU open, read from /proc: this one, with what fdinfo says of its
+    memory (Linux >= 6.19), and the others this user may inspect.
+
+    An fd counts when it points into /dev/accel/, its device number (stat's st_rdev) is that of
+    the busy counter's device (where sysfs gives it: ``device_number``), and its fdinfo names no
+    driver other than intel_vpu.  /proc/PID/fd can be listed only with ptrace-read access: the
+    processes of other users and this user's own non-dumpable ones (setuid programs, some
+    sandboxes) are counted as uninspectable; with /proc mounted hidepid=invisible other users'
+    processes are not listed at all, so not counted.  Kernel threads hold no files and are
+    skipped.  ``proc_root`` is /proc, or a synthetic tree in tests.
+
+    A scan lists every fd of every inspectable process (about 7.5 us an fd): it runs beside the
+    generation (EvidenceScan), never under the NPU lock after it, and stops at a deadline."""
+
+    def __init__(
+        self,
+        proc_root: Path = Path("/proc"),
+        pid: int | None = None,
+        *,
+        device_number: int | None = None,
+        device_dir: str = ACCEL_DEVICE_DIR,
+        budget_s: float = EVIDENCE_BUDGET_S,
+        wait_s: float = EVIDENCE_WAIT_S,
+    ) -> None:
         self.proc_root = proc_root
         self.pid = os.getpid() if pid is None else pid
+        self.device_number = device_number
+        self.device_dir = device_dir
+        self.budget_s = budget_s  # of a scan beside a generation (start_scan)
+        self.wait_s = wait_s  # what it may add to a job once the generation has ended
 
-    def evidence(self) -> dict[str, Any]:
-        own = self._accel_fdinfos(self.pid)
+    def start_scan(self) -> EvidenceScan:
+        return EvidenceScan(self, self.budget_s, self.wait_s)
+
+    def evidence(self, deadline: float | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+        """Scan /proc; with a (monotonic) deadline or a stop event, stop early and say so."""
+
+        def out_of_time() -> bool:
+            return (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+
+        own = self._own_npu_fdinfos()
         others = hidden = 0
         try:
             entries = [entry for entry in os.scandir(self.proc_root) if entry.name.isdigit() and int(entry.name) != self.pid]
         except OSError:
             return npu_evidence(own, None, None)
         for entry in entries:
+            if out_of_time():
+                return npu_evidence(own, others, hidden, complete=False)
             if self._is_kernel_thread(Path(entry.path)):
                 continue
             try:
-                if self._accel_fds(Path(entry.path)):
+                if self._npu_fds(Path(entry.path), out_of_time):
                     others += 1
             except PermissionError:
                 hidden += 1
             except OSError:
                 pass  # the process ended meanwhile
-        return npu_evidence(own, others, hidden)
+        return npu_evidence(own, others, hidden, complete=not out_of_time())
 
-    def _accel_fds(self, process: Path) -> list[str]:
-        """The names of the process's fds that point at /dev/accel/*."""
+    def _npu_fds(self, process: Path, out_of_time: Callable[[], bool] = lambda: False) -> list[dict[str, str]]:
+        """The fdinfo fields of the process's fds on the counter's NPU (see the class)."""
         found = []
-        for fd in os.listdir(process / "fd"):
+        for count, fd in enumerate(os.listdir(process / "fd"), start=1):
+            if count % 64 == 0 and out_of_time():
+                break
+            link = process / "fd" / fd
             try:
-                target = os.readlink(process / "fd" / fd)
+                if not os.readlink(link).startswith(self.device_dir):
+                    continue
+                if self.device_number is not None:
+                    info = os.stat(link)
+                    if not stat.S_ISCHR(info.st_mode) or info.st_rdev != self.device_number:
+                        continue
+                fields = parse_fdinfo((process / "fdinfo" / fd).read_text())
             except OSError:
-                continue
-            if target.startswith(ACCEL_DEVICE_DIR):
-                found.append(fd)
+                continue  # closed meanwhile
+            if is_npu_fdinfo(fields):
+                found.append(fields)
         return found
 
-    def _accel_fdinfos(self, pid: int) -> list[dict[str, str]] | None:
-        process = self.proc_root / str(pid)
+    def _own_npu_fdinfos(self) -> list[dict[str, str]] | None:
         try:
-            fds = self._accel_fds(process)
+            return self._npu_fds(self.proc_root / str(self.pid))
         except OSError:
             return None
-        infos = []
-        for fd in fds:
-            try:
-                infos.append(parse_fdinfo((process / "fdinfo" / fd).read_text()))
-            except OSError:
-                infos.append({})
-        return infos
 
     @staticmethod
     def _is_kernel_thread(process: Path) -> bool:
@@ -1761,6 +1859,35 @@ class AccelHolders:
             return bool(int(fields[6]) & 0x00200000)
         except (OSError, ValueError, IndexError):
             return False
+
+
+class EvidenceScan:
+    """One AccelHolders scan in a thread of its own, started as the generation starts: the CPU
+    is idle while the NPU generates, and neither the job's latency nor the NPU lock waits for it.
+    ``finish``, called once the lock is released, gives it ``wait_s`` more, then stops it: a scan
+    that has not finished by then says so (scan_complete: false)."""
+
+    def __init__(self, holders: AccelHolders, budget_s: float, wait_s: float) -> None:
+        self._stop = threading.Event()
+        self._result: dict[str, Any] | None = None
+        self._wait_s = wait_s
+        deadline = time.monotonic() + budget_s
+        self._thread = threading.Thread(target=self._scan, args=(holders, deadline), name="npu-evidence", daemon=True)
+        self._thread.start()
+
+    def _scan(self, holders: AccelHolders, deadline: float) -> None:
+        self._result = holders.evidence(deadline, self._stop)
+
+    def finish(self) -> dict[str, Any]:
+        self._thread.join(self._wait_s)
+        self._stop.set()
+        self._thread.join(EVIDENCE_STOP_WAIT_S)  # it looks at the stop event every 64 fds
+        if self._result is None:  # stuck in one read: nothing it found is reported
+            return npu_evidence(None, None, None, complete=False)
+        return self._result
+
+    def cancel(self) -> None:
+        self._stop.set()
 
 
 def default_lock_path(environ: Mapping[str, str]) -> Path:
@@ -1969,9 +2096,8 @@ class Metrics:
             self.generate_seconds.observe(result["timing_ms"]["generate"] / 1000)
             self.prompt_tokens += result["tokens"]["prompt"]
             self.generated_tokens += result["tokens"]["generated"]
-            if result["npu_busy_delta_us"] is not None and result["npu_busy_delta_us"] > 0:
+            if result.get("npu_busy_ratio") is not None:  # a delta one device can produce (busy_ratio)
                 self.npu_busy_us += result["npu_busy_delta_us"]
-            if result.get("npu_busy_ratio") is not None:
                 self.busy_ratio.observe(result["npu_busy_ratio"])
             if result["npu_proof"] == PROOF_FAILED:
                 self.proof_failures += 1
@@ -2048,9 +2174,11 @@ class Measured:
     max_new_tokens: int
     busy_before_us: int | None
     busy_after_us: int | None
-    evidence: dict[str, Any] | None  # npu_evidence() at the end of the job, on a verified NPU
+    evidence: dict[str, Any] | None  # npu_evidence() from beside the generation, on a verified NPU
     input_truncated: dict[str, int] | None
     timing_ms: dict[str, float]
+    busy_read_interval_us: float | None = None  # wall time from before the first read to after the second
+    busy_read_error: str | None = None  # why the counter could not be read after the generation
 
 
 def job_result(settings: Settings, job: str, request_id: str, measured: Measured) -> tuple[dict[str, Any], str | None]:
@@ -2059,10 +2187,13 @@ def job_result(settings: Settings, job: str, request_id: str, measured: Measured
     generation = measured.generation
     proof = settings.proof_mode
     delta_us = busy_delta_us(measured.busy_before_us, measured.busy_after_us)
-    ratio = busy_ratio(delta_us, measured.timing_ms["generate"]) if proof == PROOF_VERIFIED else None
+    ratio = None
+    if proof == PROOF_VERIFIED and measured.busy_read_interval_us is not None:
+        ratio = busy_ratio(delta_us, measured.busy_read_interval_us / 1000.0)
     problem = None
     if proof == PROOF_VERIFIED:
-        problem = proof_problem(measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio)
+        problem = proof_problem(measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio,
+                                read_interval_us=measured.busy_read_interval_us, read_error=measured.busy_read_error)
         if problem is not None:
             proof = PROOF_FAILED
     if proof == PROOF_FAILED:
@@ -2252,12 +2383,16 @@ class Worker:
 
         stop_rules = job.name if self.settings.stop_rules else None
         wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
+        scan: EvidenceScan | None = None
         try:
             with self.queue.turn(wait_s):
                 if time.monotonic() >= deadline:  # an uncancellable prefill is not worth starting
                     raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was free")
                 queue_ms = elapsed_ms(started)
-                before_us = self._read_busy_counter()
+                read_started = time.monotonic()
+                before_us = self._read_busy_counter()  # unreadable: NpuProofFailed, and nothing ran
+                # Who holds the NPU, read while it generates (verified NPU only): see EvidenceScan.
+                scan = self._holders.start_scan() if self._holders is not None and before_us is not None else None
                 generate_started = self._generating_since = time.monotonic()
                 try:
                     generation = pipeline.generate(prompt, max_new_tokens, job.grammar, should_stop, stop_rules)
@@ -2266,13 +2401,18 @@ class Worker:
                 finally:
                     self._generating_since = None
                 generate_ms = elapsed_ms(generate_started)
-                after_us = self._read_busy_counter()
-                # Who holds the NPU as the job ends, its memory still resident (verified NPU only).
-                evidence = self._holders.evidence() if self._holders is not None and before_us is not None else None
+                after_us, read_error = None, None
+                try:
+                    after_us = self._read_busy_counter()
+                except NpuProofFailed as exc:  # the answer exists: it goes back with the failed proof
+                    read_error = exc.message
+                read_interval_us = (time.monotonic() - read_started) * 1e6
         except Busy:
             if time.monotonic() >= deadline:
                 raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s deadline") from None
             raise
+        finally:
+            evidence = scan.finish() if scan is not None else None  # the NPU lock is free again
         if generation.finish_reason == "cancelled":
             if cancelled_by == "client":
                 raise ClientGone("the client closed the connection; generation cancelled")
@@ -2283,6 +2423,8 @@ class Worker:
             busy_before_us=before_us,
             busy_after_us=after_us,
             evidence=evidence,
+            busy_read_interval_us=read_interval_us if before_us is not None else None,
+            busy_read_error=read_error,
             input_truncated=truncation,
             timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started)},
         )
@@ -2329,7 +2471,9 @@ def build_worker(settings: Settings, pipeline_factory: PipelineFactory, proc_roo
     busy_counter = find_busy_counter(settings.busy_path) if verified else None
     metrics = Metrics()
     queue = JobQueue(NpuLock(settings.lock_path), settings.queue_depth, metrics)
-    holders = AccelHolders(proc_root) if verified else None
+    holders = None
+    if verified and busy_counter is not None:
+        holders = AccelHolders(proc_root, device_number=accel_device_number(busy_counter.path))
     return Worker(settings, pipeline_factory, busy_counter, queue, metrics, holders)
 
 
@@ -3241,8 +3385,9 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
     evidence_schema = {
         **obj(
             {"holds_device": {"type": "boolean", "nullable": True}, "resident_bytes": nullable_integer,
-             "other_holders": nullable_integer, "uninspectable_processes": nullable_integer},
-            ["holds_device", "resident_bytes", "other_holders", "uninspectable_processes"],
+             "other_holders": nullable_integer, "uninspectable_processes": nullable_integer,
+             "scan_complete": {"type": "boolean"}},
+            ["holds_device", "resident_bytes", "other_holders", "uninspectable_processes", "scan_complete"],
         ),
         "nullable": True,
     }
