@@ -157,16 +157,18 @@ MAX_LOAD_EXTEND_S = 1800.0
 DEVICE_LOST_FAILURES = 3
 DEVICE_LOST_MARKERS = ("DEVICE_LOST", "device lost", "device is lost")
 DRAIN_MARGIN_S = 5.0
+MAX_IDLE_UNLOAD_S = 7 * 24 * 3600.0
 
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
 # Where the accel character devices live (drm_accel.c: "accel/%s").
 ACCEL_DEVICE_DIR = "/dev/accel/"
 # The /proc scan for npu_evidence runs beside the generation for at most EVIDENCE_BUDGET_S (at about
-# 7.5 us an fd, some 65,000 fds), and once the NPU lock is released gets EVIDENCE_WAIT_S more before
-# it is stopped; stopping it takes at most EVIDENCE_STOP_WAIT_S (it looks every 64 fds, ~0.5 ms).
+# 7.5 us an fd, some 65,000 fds), and is stopped as the job's NPU turn ends.
 EVIDENCE_BUDGET_S = 0.5
-EVIDENCE_WAIT_S = 0.0005
-EVIDENCE_STOP_WAIT_S = 0.05
+# The scan lets go of the GIL for this long every 64 fds: a thread waiting for the GIL (the streamer
+# between two tokens, the job once the generation ends) otherwise waits up to the 5 ms switch
+# interval behind it, as it may not wake up fast enough to take it between two of the scan's reads.
+EVIDENCE_YIELD_S = 0.0001
 IVPU_DRIVER_NAME = "intel_vpu"  # fdinfo's drm-driver (Linux >= 6.19 prints memory keys for ivpu)
 # The kernel truncates each read of the counter to whole microseconds (ivpu_sysfs.c, ktime_to_us).
 COUNTER_READ_SLACK_US = 2
@@ -440,6 +442,8 @@ class Settings:
     min_busy_ratio: float | None = None  # --min-busy-ratio: a floor on busy delta / generation time
     emulate_npu: bool = False  # device NPU through NPUW on the CPU: no NPU, no counter, no proof
     stop_rules: bool = True  # False: generate to EOS or the budget (bench/ compares the two)
+    idle_unload_s: float | None = None  # --idle-unload-s: release the pipeline after this long without a job
+    prefill_chunk_tokens: int | None = None  # NPUW_LLM_PREFILL_CHUNK_SIZE; None: GenAI's default (emulation: 256)
     limits: Limits = Limits()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, if configured
@@ -1509,6 +1513,8 @@ def pipeline_properties(settings: Settings) -> dict[str, Any]:
         properties["GENERATE_HINT"] = "FAST_COMPILE"
         if settings.emulate_npu:
             properties.update(EMULATED_NPU_PROPERTIES)
+        if settings.prefill_chunk_tokens is not None:
+            properties["NPUW_LLM_PREFILL_CHUNK_SIZE"] = settings.prefill_chunk_tokens
     else:
         # The stateful pipeline is what the NPU always uses; on CPU it must be asked for.
         properties["ATTENTION_BACKEND"] = "SDPA"
@@ -1786,7 +1792,7 @@ class AccelHolders:
         device_number: int | None = None,
         device_dir: str = ACCEL_DEVICE_DIR,
         budget_s: float = EVIDENCE_BUDGET_S,
-        wait_s: float = EVIDENCE_WAIT_S,
+        wait_s: float = 0.0,
     ) -> None:
         self.proc_root = proc_root
         self.pid = os.getpid() if pid is None else pid
@@ -1798,38 +1804,48 @@ class AccelHolders:
     def start_scan(self) -> EvidenceScan:
         return EvidenceScan(self, self.budget_s, self.wait_s)
 
-    def evidence(self, deadline: float | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
-        """Scan /proc; with a (monotonic) deadline or a stop event, stop early and say so."""
+    def evidence(
+        self, deadline: float | None = None, stop: threading.Event | None = None, tally: ScanTally | None = None
+    ) -> dict[str, Any]:
+        """Scan /proc; with a (monotonic) deadline or a stop event, stop early and say so.  What
+        it finds goes into ``tally`` as it goes, for a reader in another thread (EvidenceScan)."""
+        tally = ScanTally() if tally is None else tally
+        stopped = False
 
         def out_of_time() -> bool:
-            return (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+            nonlocal stopped
+            stopped = stopped or (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+            return stopped
 
-        own = self._own_npu_fdinfos()
-        others = hidden = 0
+        tally.own_fds = self._own_npu_fdinfos()
         try:
             entries = [entry for entry in os.scandir(self.proc_root) if entry.name.isdigit() and int(entry.name) != self.pid]
         except OSError:
-            return npu_evidence(own, None, None)
+            tally.other_holders = tally.uninspectable = None
+            entries = []
         for entry in entries:
             if out_of_time():
-                return npu_evidence(own, others, hidden, complete=False)
+                break
             if self._is_kernel_thread(Path(entry.path)):
                 continue
             try:
                 if self._npu_fds(Path(entry.path), out_of_time):
-                    others += 1
+                    tally.other_holders = (tally.other_holders or 0) + 1
             except PermissionError:
-                hidden += 1
+                tally.uninspectable = (tally.uninspectable or 0) + 1
             except OSError:
                 pass  # the process ended meanwhile
-        return npu_evidence(own, others, hidden, complete=not out_of_time())
+        tally.complete = not stopped
+        return tally.evidence()
 
     def _npu_fds(self, process: Path, out_of_time: Callable[[], bool] = lambda: False) -> list[dict[str, str]]:
         """The fdinfo fields of the process's fds on the counter's NPU (see the class)."""
         found = []
         for count, fd in enumerate(os.listdir(process / "fd"), start=1):
-            if count % 64 == 0 and out_of_time():
-                break
+            if count % 64 == 0:
+                if out_of_time():
+                    break
+                time.sleep(EVIDENCE_YIELD_S)  # the GIL, for the generating thread's streamer (see EvidenceScan)
             link = process / "fd" / fd
             try:
                 if not os.readlink(link).startswith(self.device_dir):
@@ -1861,33 +1877,65 @@ class AccelHolders:
             return False
 
 
+@dataclasses.dataclass
+class ScanTally:
+    """What a scan has found so far: its thread writes it, EvidenceScan.finish reads it at any time."""
+
+    own_fds: list[dict[str, str]] | None = None
+    other_holders: int | None = 0
+    uninspectable: int | None = 0
+    complete: bool = False
+
+    def evidence(self) -> dict[str, Any]:
+        return npu_evidence(self.own_fds, self.other_holders, self.uninspectable, complete=self.complete)
+
+
 class EvidenceScan:
     """One AccelHolders scan in a thread of its own, started as the generation starts: the CPU
     is idle while the NPU generates, and neither the job's latency nor the NPU lock waits for it.
-    ``finish``, called once the lock is released, gives it ``wait_s`` more, then stops it: a scan
-    that has not finished by then says so (scan_complete: false)."""
+    ``finish``, called once the lock is released, gives it ``wait_s`` more (none by default),
+    then stops it and reports what it found by then (scan_complete: false if it had not ended)."""
 
     def __init__(self, holders: AccelHolders, budget_s: float, wait_s: float) -> None:
         self._stop = threading.Event()
-        self._result: dict[str, Any] | None = None
+        self._tally = ScanTally()
         self._wait_s = wait_s
         deadline = time.monotonic() + budget_s
-        self._thread = threading.Thread(target=self._scan, args=(holders, deadline), name="npu-evidence", daemon=True)
+        self._thread = threading.Thread(target=holders.evidence, args=(deadline, self._stop, self._tally),
+                                        name="npu-evidence", daemon=True)
         self._thread.start()
 
-    def _scan(self, holders: AccelHolders, deadline: float) -> None:
-        self._result = holders.evidence(deadline, self._stop)
-
     def finish(self) -> dict[str, Any]:
-        self._thread.join(self._wait_s)
-        self._stop.set()
-        self._thread.join(EVIDENCE_STOP_WAIT_S)  # it looks at the stop event every 64 fds
-        if self._result is None:  # stuck in one read: nothing it found is reported
-            return npu_evidence(None, None, None, complete=False)
-        return self._result
+        if self._wait_s > 0:
+            self._thread.join(self._wait_s)
+        self._stop.set()  # it looks every 64 fds, and ends on its own; nobody waits for it
+        return self._tally.evidence()
 
-    def cancel(self) -> None:
-        self._stop.set()
+
+def process_resident_bytes() -> int | None:
+    """This process's resident set size: /proc/self/statm's second field, in pages (proc(5))."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the kernel back what an unload freed.  glibc's malloc keeps freed memory in its arenas
+    and returns only the top of the main heap by itself; malloc_trim(0) releases the free pages of
+    every arena (BENCHMARKS.md, "Memory back when idle", measures both).  False where there is no
+    glibc (musl) or nothing was released."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))
 
 
 def default_lock_path(environ: Mapping[str, str]) -> Path:
@@ -2072,6 +2120,8 @@ class Metrics:
         self.proof_failures = 0
         self.refusals: Counter[str] = Counter()
         self.model_load_seconds: float | None = None
+        self.model_loads = 0  # the first load and every reload after an idle unload
+        self.model_unloads = 0
         self.last_error: str | None = None  # type of the last answer that was the worker's fault
 
     def observe_request(
@@ -2106,6 +2156,15 @@ class Metrics:
         with self._lock:
             self.lock_wait_seconds.observe(seconds)
 
+    def observe_load(self, seconds: float) -> None:
+        with self._lock:
+            self.model_loads += 1
+            self.model_load_seconds = seconds
+
+    def observe_unload(self) -> None:
+        with self._lock:
+            self.model_unloads += 1
+
     def render(self, *, build_info: Mapping[str, str], gauges: Mapping[str, float]) -> str:
         out: list[str] = []
 
@@ -2126,8 +2185,13 @@ class Metrics:
                 ("queue_waiting", "Jobs waiting for the NPU."),
                 ("jobs_in_flight", "Jobs accepted and not yet answered."),
                 ("ready", "1 when the model is loaded and warmed up."),
+                ("model_loaded", "1 while the pipeline is in memory (0 after an idle unload)."),
             ):
-                family(f"npu_worker_{name}", "gauge", help_text, [f"npu_worker_{name} {gauges[name]:g}"])
+                if name in gauges:
+                    family(f"npu_worker_{name}", "gauge", help_text, [f"npu_worker_{name} {gauges[name]:g}"])
+            if gauges.get("process_resident_memory_bytes") is not None:  # the Prometheus client's name
+                family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                       [f"process_resident_memory_bytes {gauges['process_resident_memory_bytes']:g}"])
             for name, histogram, help_text in (
                 ("request_duration_seconds", self.request_seconds, "HTTP request duration."),
                 ("queue_wait_seconds", self.queue_wait_seconds, "Time from receipt until the NPU was ours."),
@@ -2141,6 +2205,8 @@ class Metrics:
                 ("generated_tokens_total", self.generated_tokens, "Generated tokens of completed jobs."),
                 ("npu_busy_seconds_total", self.npu_busy_us / 1e6, "Sum of positive NPU busy-time deltas."),
                 ("npu_proof_failures_total", self.proof_failures, "Jobs whose NPU busy delta was not positive."),
+                ("model_loads_total", self.model_loads, "Model loads: at start-up, and by a job after an idle unload."),
+                ("model_unloads_total", self.model_unloads, "Idle unloads (--idle-unload-s)."),
             ):
                 family(f"npu_worker_{name}", "counter", help_text, [f"npu_worker_{name} {value}"])
             if self.model_load_seconds is not None:
@@ -2249,7 +2315,12 @@ class Worker:
         self._stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        # Idle unload: jobs and shutdown notify the unloader, which waits on this with the lock above.
+        self._activity = threading.Condition(self._in_flight_lock)
+        self._last_job_end = time.monotonic()
+        self._load_lock = threading.Lock()  # an unload's release and a reload never overlap
         self._generating_since: float | None = None  # monotonic start of the running generation
+        self._reloading_since: float | None = None  # monotonic start of a reload inside a job
         self.load_ms: float | None = None
         self.prompt_overhead_tokens: dict[str, int] | None = None  # known once the model is loaded
         self._failures_in_a_row = 0
@@ -2269,19 +2340,29 @@ class Worker:
             return self._in_flight
 
     @property
+    def model_loaded(self) -> bool:
+        """False before the first load and after an idle unload (the worker stays ready then)."""
+        return self._pipeline is not None
+
+    @property
     def busy_counter_path(self) -> str | None:
         return str(self._busy_counter.path) if isinstance(self._busy_counter, SysfsBusyCounter) else None
 
     def begin_shutdown(self) -> None:
         """New jobs get 503 shutting_down from now on; accepted ones still finish."""
         self._stopping.set()
+        with self._activity:
+            self._activity.notify_all()  # the idle unloader ends
 
     def health_problem(self) -> str | None:
         """Why this worker cannot be trusted to answer, or None: /livez and the watchdog fail on
         it, so that systemd restarts the process."""
-        since = self._generating_since  # a model load may take as long as it needs: not checked
-        if since is not None and time.monotonic() - since > self.settings.limits.request_timeout_s + STUCK_GRACE_S:
-            return f"a generation has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
+        # The start-up load may take as long as it needs: not checked.  A reload after an idle
+        # unload runs inside a job, and is bounded like its generation.
+        limit_s = self.settings.limits.request_timeout_s + STUCK_GRACE_S
+        for since, what in ((self._generating_since, "a generation"), (self._reloading_since, "a model reload")):
+            if since is not None and time.monotonic() - since > limit_s:
+                return f"{what} has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
         if self._device_lost:
             return "the device reports it is lost (DEVICE_LOST): a restart is needed"
         if self._failures_in_a_row >= DEVICE_LOST_FAILURES:
@@ -2306,7 +2387,7 @@ class Worker:
         }
         self._pipeline = pipeline
         self.load_ms = elapsed_ms(started)
-        self.metrics.model_load_seconds = self.load_ms / 1000
+        self.metrics.observe_load(self.load_ms / 1000)
         logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name, "device": self.settings.device,
                             "load_ms": f"{self.load_ms:.1f}"}))
         if warm_up:
@@ -2339,10 +2420,10 @@ class Worker:
         started = time.monotonic() if received_at is None else received_at
         if self._stopping.is_set():
             raise ShuttingDown("the worker is shutting down")
-        pipeline = self._pipeline
-        if pipeline is None or not (self._ready.is_set() or allow_before_ready):
-            raise Loading("the model is still loading")
-        with self._in_flight_lock:
+        with self._in_flight_lock:  # with the unload's check: a job either has the pipeline or reloads it
+            pipeline = self._pipeline
+            if not (self._ready.is_set() or (allow_before_ready and pipeline is not None)):
+                raise Loading("the model is still loading")
             self._in_flight += 1
         try:
             result, proof_failure = self._run(pipeline, request, request_id, started, client_gone)
@@ -2350,8 +2431,10 @@ class Worker:
             self._count_failure(exc.__cause__)
             raise
         finally:
-            with self._in_flight_lock:
+            with self._activity:
                 self._in_flight -= 1
+                self._last_job_end = time.monotonic()
+                self._activity.notify_all()
         self._failures_in_a_row = 0
         self.metrics.observe_job(result)
         if result["npu_evidence"] is not None:
@@ -2361,13 +2444,22 @@ class Worker:
         return result
 
     def _run(
-        self, pipeline: Pipeline, request: JobRequest, request_id: str, started: float, client_gone: Callable[[], bool]
+        self,
+        pipeline: Pipeline | None,
+        request: JobRequest,
+        request_id: str,
+        started: float,
+        client_gone: Callable[[], bool],
     ) -> tuple[dict[str, Any], str | None]:
-        """The adapters' part of a job: prompt, queue, lock, generation and counter; job_result decides."""
+        """The adapters' part of a job: prompt, queue, lock, generation and counter; job_result
+        decides.  ``pipeline`` is None after an idle unload: the job loads it again first."""
         job = JOBS[request.job]
         limits = self.settings.limits
         timeout_s = request.timeout_s or limits.request_timeout_s
         deadline = started + timeout_s
+        load_ms = None
+        if pipeline is None:
+            pipeline, load_ms = self._reload(deadline, timeout_s)
         prompt, truncation = job_prompt(pipeline, job, request, limits)
         max_new_tokens = plan_max_new_tokens(prompt.token_count, request.max_new_tokens or job_token_limits(job, limits)[0], limits)
 
@@ -2426,9 +2518,95 @@ class Worker:
             busy_read_interval_us=read_interval_us if before_us is not None else None,
             busy_read_error=read_error,
             input_truncated=truncation,
-            timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started)},
+            timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started),
+                       **({"load": load_ms} if load_ms is not None else {})},
         )
         return job_result(self.settings, job.name, request_id, measured)
+
+    def _reload(self, deadline: float, timeout_s: float) -> tuple[Pipeline, float]:
+        """Load the pipeline again after an idle unload, inside the job's deadline, under the NPU
+        lock like any load; jobs that come meanwhile wait for this one load.  Returns it and the
+        milliseconds this job spent on it (waits included)."""
+        started = time.monotonic()
+        if not self._load_lock.acquire(timeout=max(0.0, deadline - started)):
+            raise RequestTimeout(f"the model was still being loaded again at the {timeout_s:g} s deadline")
+        try:
+            pipeline = self._pipeline
+            if pipeline is None:
+                try:
+                    wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
+                    with self.queue.turn(max(0.0, wait_s), give_up=self._stopping.is_set):
+                        if time.monotonic() >= deadline:  # an uncancellable load is not worth starting
+                            raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was free")
+                        load_started = self._reloading_since = time.monotonic()
+                        try:
+                            pipeline = self._pipeline_factory(self.settings)
+                        except ConfigError as exc:  # the model or the device went away since start-up
+                            raise GenerationFailed(f"could not load the model again: {exc.message}") from exc
+                        finally:
+                            self._reloading_since = None
+                except Busy:
+                    if time.monotonic() >= deadline:
+                        raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s deadline") from None
+                    raise
+                with self._in_flight_lock:
+                    self._pipeline = pipeline
+                self.load_ms = elapsed_ms(load_started)
+                self.metrics.observe_load(self.load_ms / 1000)
+                logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name, "reason": "job_after_idle",
+                                    "load_ms": f"{self.load_ms:.1f}", "resident_bytes": process_resident_bytes()}))
+        finally:
+            self._load_lock.release()
+        return pipeline, elapsed_ms(started)
+
+    def start_idle_unloader(self) -> threading.Thread | None:
+        """With --idle-unload-s, a thread that releases the pipeline once no job came for that long.
+        It sleeps until then (one wake-up per idle period), and not at all while unloaded."""
+        if self.settings.idle_unload_s is None:
+            return None
+        thread = threading.Thread(target=self._unload_when_idle, name="idle-unload", daemon=True)
+        thread.start()
+        return thread
+
+    def _unload_when_idle(self) -> None:
+        idle_s = self.settings.idle_unload_s or 0.0
+        while True:
+            with self._activity:
+                while True:
+                    if self._stopping.is_set():
+                        return
+                    if self._pipeline is None or self._in_flight:
+                        self._activity.wait()  # a job's end wakes it
+                        continue
+                    remaining_s = self._last_job_end + idle_s - time.monotonic()
+                    if remaining_s <= 0:
+                        break
+                    self._activity.wait(remaining_s)
+            self.unload_if_idle()
+
+    def unload_if_idle(self, now: float | None = None) -> bool:
+        """Release the pipeline if it is loaded, no job is running or waiting, and none ended in the
+        last --idle-unload-s (``now``: a monotonic time, for tests).  The worker stays ready: the
+        next job loads it again (Worker._reload).  Returns whether it unloaded."""
+        idle_s = self.settings.idle_unload_s
+        if idle_s is None or not self._load_lock.acquire(blocking=False):  # a reload is under way: not idle
+            return False
+        try:
+            with self._in_flight_lock:
+                now = time.monotonic() if now is None else now
+                if (self._pipeline is None or self._in_flight or self._stopping.is_set()
+                        or now - self._last_job_end < idle_s):
+                    return False
+                pipeline, self._pipeline = self._pipeline, None
+            self.metrics.observe_unload()
+            resident_before = process_resident_bytes()
+            del pipeline  # the last reference: GenAI frees the compiled model and the weights here
+            trimmed = release_free_memory()
+        finally:
+            self._load_lock.release()
+        logger.info(logfmt({"event": "model_unloaded", "idle_s": f"{idle_s:g}", "resident_before": resident_before,
+                            "resident_after": process_resident_bytes(), "malloc_trim": trimmed}))
+        return True
 
     def _read_busy_counter(self) -> int | None:
         if self._busy_counter is None or self.settings.proof_mode != PROOF_VERIFIED:
@@ -3293,7 +3471,8 @@ def metrics_text(settings: Settings, worker: Worker) -> str:
             "model": settings.model_name,
             "npu_proof": settings.proof_mode,
         },
-        gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
+        gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready),
+                "model_loaded": int(worker.model_loaded), "process_resident_memory_bytes": process_resident_bytes()},
     )
 
 
@@ -3320,6 +3499,8 @@ def health_body(settings: Settings, worker: Worker) -> dict[str, Any]:
         "jobs_in_flight": worker.in_flight,
         "last_error": worker.metrics.last_error,
         "version": __version__,
+        "model_loaded": worker.model_loaded,  # false after an idle unload: the next job loads it (ready stays true)
+        "resident_memory_bytes": process_resident_bytes(),
     }
 
 
@@ -3409,7 +3590,8 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "stop_rule": {"type": "string", "enum": list(STOP_RULES), "nullable": True},
             "input_truncated": {**obj({"dropped_chars": integer, "dropped_tokens": integer}, ["dropped_chars", "dropped_tokens"]),
                                 "nullable": True},
-            "timing_ms": obj({"queue": number, "generate": number, "total": number}, ["queue", "generate", "total"]),
+            "timing_ms": obj({"queue": number, "generate": number, "total": number, "load": number},
+                             ["queue", "generate", "total"]),
         },
         ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_busy_ratio", "npu_proof", "npu_evidence",
          "tokens", "finish_reason", "stop_rule", "input_truncated", "timing_ms"],
@@ -3446,10 +3628,10 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "status": {"type": "string", "enum": ["ok", "loading", "stopping"]}, "ready": {"type": "boolean"}, "model": string,
             "device": string, "npu_proof": string, "busy_counter": nullable_string, "npu_evidence": evidence_schema,
             "queue_waiting": integer, "queue_depth": integer, "jobs_in_flight": integer, "last_error": nullable_string,
-            "version": string,
+            "version": string, "model_loaded": {"type": "boolean"}, "resident_memory_bytes": nullable_integer,
         },
         ["status", "ready", "model", "device", "npu_proof", "busy_counter", "npu_evidence", "queue_waiting", "queue_depth",
-         "jobs_in_flight", "last_error", "version"],
+         "jobs_in_flight", "last_error", "version", "model_loaded", "resident_memory_bytes"],
     )
     document: dict[str, Any] = {
         "openapi": "3.0.3",
@@ -3557,6 +3739,7 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
         if not stop.is_set():
             notifier.notify("READY=1", f"STATUS=ready: {settings.model_name} on {settings.device}")
             logger.info(logfmt({"event": "ready"}))
+            worker.start_idle_unloader()
         # Only a systemd watchdog needs the self-check; without one the main thread sleeps until
         # told to stop (an idle daemon does not wake up: BENCHMARKS.md, "Idle").
         ping: threading.Event | None = None
@@ -3897,6 +4080,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="longest templated prompt, the NPU MAX_PROMPT_LEN (default %(default)s)")
     parser.add_argument("--min-response-tokens", type=int, default=DEFAULT_MIN_RESPONSE_TOKENS,
                         help="room for output, the NPU MIN_RESPONSE_LEN (default %(default)s)")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=env("OV_GENAI_NPU_PREFILL_CHUNK_TOKENS"),
+                        help="NPU prefill width, NPUW_LLM_PREFILL_CHUNK_SIZE: a power of two dividing "
+                             "--max-prompt-tokens; a shorter prompt is padded to it, a longer one takes several "
+                             "(default: GenAI's; emulated 256; choose with smoke_llm_npu.py --tune) "
+                             "[OV_GENAI_NPU_PREFILL_CHUNK_TOKENS]")
+    parser.add_argument("--idle-unload-s", type=float, default=env("OV_GENAI_NPU_IDLE_UNLOAD_S"),
+                        help="daemon: release the model after this many seconds without a job; the next job "
+                             "loads it again from the compile cache (default: never) [OV_GENAI_NPU_IDLE_UNLOAD_S]")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
     mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
@@ -3964,6 +4155,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         min_busy_ratio=args.min_busy_ratio,
         emulate_npu=args.emulate_npu,
         stop_rules=not args.no_stop_rules,
+        idle_unload_s=args.idle_unload_s,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
         limits=limits,
         max_connections=args.max_connections,
         token=read_token_file(Path(args.token_file)) if args.token_file else None,
@@ -3996,6 +4189,12 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--lock-timeout-s must be from 0 to {MAX_LOCK_TIMEOUT_S:g}")
     if not 0 < args.request_timeout_s <= MAX_LOCK_TIMEOUT_S:
         parser.error(f"--request-timeout-s must be above 0 and at most {MAX_LOCK_TIMEOUT_S:g}")
+    chunk = args.prefill_chunk_tokens
+    if chunk is not None and (chunk < 1 or chunk & (chunk - 1) or args.max_prompt_tokens % chunk):
+        parser.error(f"--prefill-chunk-tokens must be a power of two that divides --max-prompt-tokens "
+                     f"({args.max_prompt_tokens}), for example 256; got {chunk}")
+    if args.idle_unload_s is not None and not 0 < args.idle_unload_s <= MAX_IDLE_UNLOAD_S:  # also refuses nan
+        parser.error(f"--idle-unload-s must be above 0 and at most {MAX_IDLE_UNLOAD_S:g}")
     if args.job is None and (args.input is not None or args.input_file is not None or args.max_new_tokens is not None
                              or args.truncate):
         parser.error("--input, --input-file, --max-new-tokens and --truncate need --job")

@@ -268,17 +268,20 @@ class WatchedHolders(worker.AccelHolders):
         super().__init__(**kwargs)
         self.lock_path = lock_path
         self.started = threading.Event()
+        self.checked = threading.Event()
         self.lock_free_when_stopped: bool | None = None
 
-    def evidence(self, deadline: float | None = None, stop: threading.Event | None = None) -> dict[str, Any]:
+    def evidence(self, deadline: float | None = None, stop: threading.Event | None = None,
+                 tally: worker.ScanTally | None = None) -> dict[str, Any]:
         self.started.set()
-        if stop is None or not stop.wait(10):
-            return worker.npu_evidence([], 0, 0)
-        try:
-            worker.NpuLock(self.lock_path).acquire(0)
-            self.lock_free_when_stopped = True
-        except worker.Busy:
-            self.lock_free_when_stopped = False
+        if stop is not None and stop.wait(10):
+            try:
+                fd = worker.NpuLock(self.lock_path).acquire(0)
+                os.close(fd)
+                self.lock_free_when_stopped = True
+            except worker.Busy:
+                self.lock_free_when_stopped = False
+        self.checked.set()
         return worker.npu_evidence([], 0, 0, complete=False)
 
 
@@ -302,10 +305,10 @@ def test_the_scan_runs_while_the_npu_generates_and_is_stopped_after_the_lock_is_
     built._holders = pipeline.holders = holders
     started = time.monotonic()
     result = built.run(request(), "r1")
-    assert pipeline.scan_ran_during_generation is True
-    assert holders.lock_free_when_stopped is True  # never waited for under the NPU lock
-    assert result["npu_evidence"]["scan_complete"] is False and result["npu_proof"] == "verified"
     assert time.monotonic() - started < 5  # a scan that never ends does not hold the job
+    assert pipeline.scan_ran_during_generation is True
+    assert holders.checked.wait(10) and holders.lock_free_when_stopped is True  # stopped after the lock was released
+    assert result["npu_evidence"]["scan_complete"] is False and result["npu_proof"] == "verified"
 
 
 def test_a_scan_out_of_time_says_it_is_partial(proc: ProcTree) -> None:  # noqa: F811
@@ -342,7 +345,7 @@ def test_a_failed_generation_stops_its_scan(npu_settings: worker.Settings, busy_
     pipeline.fail_with = RuntimeError("device refused")
     with pytest.raises(worker.GenerationFailed):
         built.run(request(), "r1")
-    assert holders.lock_free_when_stopped is True
+    assert holders.checked.wait(10) and holders.lock_free_when_stopped is True
 
 
 def test_the_worker_is_built_with_the_counters_device(npu_settings: worker.Settings) -> None:
