@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -92,6 +93,30 @@ class StandInNpu:
                                  finish_reason="stop")
 
 
+class TimedHolders(worker.AccelHolders):
+    """The worker's AccelHolders, timing what the job's own thread spends on the scan: starting
+    it (under the lock) and stopping it (after the lock)."""
+
+    start_us: list[float]
+    finish_us: list[float]
+
+    def start_scan(self) -> worker.EvidenceScan:
+        started = time.perf_counter()
+        scan = super().start_scan()
+        self.start_us.append((time.perf_counter() - started) * 1e6)
+        finish = scan.finish
+
+        def timed_finish() -> dict[str, Any]:
+            finishing = time.perf_counter()
+            try:
+                return finish()
+            finally:
+                self.finish_us.append((time.perf_counter() - finishing) * 1e6)
+
+        scan.finish = timed_finish  # type: ignore[method-assign]
+        return scan
+
+
 class TimedLock(worker.NpuLock):
     """The worker's NpuLock, timing each hold from acquisition to release."""
 
@@ -116,9 +141,10 @@ def make_worker(tmp: Path, proc_root: Path, generate_s: float) -> tuple[worker.W
     lock = TimedLock(settings.lock_path)
     lock.holds_ms = []
     metrics = worker.Metrics()
+    holders = TimedHolders(proc_root)
+    holders.start_us, holders.finish_us = [], []
     built = worker.Worker(settings, lambda _settings: StandInNpu(busy_file, generate_s),
-                          worker.SysfsBusyCounter(busy_file), worker.JobQueue(lock, 8, metrics), metrics,
-                          worker.AccelHolders(proc_root))
+                          worker.SysfsBusyCounter(busy_file), worker.JobQueue(lock, 8, metrics), metrics, holders)
     built.load(warm_up=False)
     built._ready.set()
     lock.holds_ms.clear()
@@ -136,25 +162,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generate-s", type=float, nargs="+", default=[0.2, 1.0])
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tree-dir", type=Path, help="keep the synthetic tree here and reuse it if it is there")
     args = parser.parse_args(argv)
     results: dict[str, Any] = {"fds": args.fds, "processes": args.processes, "runs": {}}
     request = worker.JobRequest("title", "What the evidence scan costs a job.")
     with tempfile.TemporaryDirectory(prefix="evidence-bench-") as name:
         tmp = Path(name)
         started = time.perf_counter()
-        build_tree(tmp / "proc-tree", os.getpid(), args.processes, args.fds)
+        tree = args.tree_dir or tmp / "proc-tree"
+        if not tree.exists():
+            build_tree(tree, os.getpid(), args.processes, args.fds)
+        elif not (tree / str(os.getpid())).exists():
+            for old in tree.iterdir():  # the previous run's own process: this one's pid differs
+                if (old / "fdinfo").exists():
+                    shutil.rmtree(old)
+            own_tree(tree, os.getpid())
         own_tree(tmp / "proc-empty", os.getpid())
         print(f"tree: {args.processes} processes, {args.fds} fds, built in {time.perf_counter() - started:.1f} s")
         scans_ms = []
         for _ in range(3):
             scan_started = time.perf_counter()
-            full = worker.AccelHolders(tmp / "proc-tree").evidence()
+            full = worker.AccelHolders(tree).evidence()
             scans_ms.append((time.perf_counter() - scan_started) * 1000)
         print(f"one full synchronous scan (what the old code added under the lock): {summary(scans_ms)} ms, {full}")
         results["full_scan_ms"] = summary(scans_ms)
         for generate_s in args.generate_s:
-            workers = {mode: make_worker(tmp / f"{mode}-{generate_s}", tmp / root, generate_s)
-                       for mode, root in (("no_tree", "proc-empty"), ("tree", "proc-tree"))}
+            workers = {mode: make_worker(tmp / f"{mode}-{generate_s}", root, generate_s)
+                       for mode, root in (("no_tree", tmp / "proc-empty"), ("tree", tree))}
             latency: dict[str, list[float]] = {mode: [] for mode in workers}
             complete: dict[str, int] = {mode: 0 for mode in workers}
             others: list[int] = []
@@ -167,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                     if mode == "tree":
                         others.append(result["npu_evidence"]["other_holders"])
             run = {mode: {"latency_ms": summary(latency[mode]), "lock_hold_ms": summary(workers[mode][1].holds_ms),
-                          "scans_complete": complete[mode]} for mode in workers}
+                          "scans_complete": complete[mode],
+                          "scan_start_us": summary(workers[mode][0]._holders.start_us),
+                          "scan_finish_us": summary(workers[mode][0]._holders.finish_us)} for mode in workers}
             run["added_ms"] = {
                 "latency_median": round(run["tree"]["latency_ms"]["median"] - run["no_tree"]["latency_ms"]["median"], 3),
                 "lock_hold_median": round(run["tree"]["lock_hold_ms"]["median"] - run["no_tree"]["lock_hold_ms"]["median"], 3),
@@ -187,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"added by the tree: latency {added['latency_median']:+.3f} ms, lock hold "
                   f"{added['lock_hold_median']:+.3f} ms ({verdict}: target <= 1 ms); the old design added "
                   f"{added['old_design_median']:.1f} ms to both; processes seen by the scan: {run['tree_processes_seen']}")
+            print(f"the job's own thread spent on the scan: starting it (under the lock) {run['tree']['scan_start_us']} us, "
+                  f"stopping it (after the lock) {run['tree']['scan_finish_us']} us")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
