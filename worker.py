@@ -3885,7 +3885,7 @@ def npu_holders_check(holders: AccelHolders) -> Check:
         return Check("npu holders", True, "not known: /proc is not readable here", warning=True)
     detail = f"{others} other process{'es' if others != 1 else ''} of this user hold {ACCEL_DEVICE_DIR}* open"
     if hidden:
-        detail += f"; {hidden} processes of other users cannot be inspected"
+        detail += f"; {hidden} processes cannot be inspected (other users', or non-dumpable ones of this user)"
     if others:
         return Check("npu holders", True, detail + ": their NPU work adds to every job's busy delta",
                      "stop them, or know that npu_busy_delta_us then counts their work too", warning=True)

@@ -238,9 +238,13 @@ def test_the_idle_thread_unloads_after_the_idle_time_and_ends_at_shutdown(tmp_pa
 
 
 def test_a_reload_that_fails_is_a_generation_failure(settings: worker.Settings) -> None:
-    built, factory = loaded(settings)
+    built, _ = loaded(settings)
     built.unload_if_idle(now=later())
-    built._pipeline_factory = lambda _settings: (_ for _ in ()).throw(worker.ConfigError("model not found: /gone"))
+
+    def gone(_settings: worker.Settings) -> worker.Pipeline:
+        raise worker.ConfigError("model not found: /gone")
+
+    built._pipeline_factory = gone
     with pytest.raises(worker.GenerationFailed, match="could not load the model again: model not found"):
         built.run(request(), "r1")
 
