@@ -70,6 +70,7 @@ import threading
 import time
 import unicodedata
 import uuid
+import weakref
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections import deque
@@ -1800,7 +1801,7 @@ class AccelHolders:
         self.device_dir = device_dir
         self.budget_s = budget_s  # of a scan beside a generation (start_scan)
         self.wait_s = wait_s  # what it may add to a job once the generation has ended
-        self._scans: queue.SimpleQueue[EvidenceScan] = queue.SimpleQueue()
+        self._scans: queue.SimpleQueue[EvidenceScan | None] = queue.SimpleQueue()
         self._scanner: threading.Thread | None = None
         self._scanner_lock = threading.Lock()
 
@@ -1810,19 +1811,15 @@ class AccelHolders:
         wait for the new thread to be scheduled (56 ms median on a loaded 2-core machine)."""
         scan = EvidenceScan(time.monotonic() + self.budget_s, self.wait_s)
         with self._scanner_lock:
-            if self._scanner is None:
-                self._scanner = threading.Thread(target=self._scan_forever, name="npu-evidence", daemon=True)
+            if self._scanner is None:  # it holds only a weak reference: it ends with this object
+                self._scanner = threading.Thread(target=scan_forever, args=(weakref.ref(self), self._scans),
+                                                 name="npu-evidence", daemon=True)
                 self._scanner.start()
         self._scans.put(scan)
         return scan
 
-    def _scan_forever(self) -> None:
-        while True:
-            scan = self._scans.get()  # sleeps without waking up between jobs
-            try:
-                self.evidence(scan.deadline, scan.stop, scan.tally)
-            finally:
-                scan.done.set()
+    def __del__(self) -> None:
+        self._scans.put(None)  # the scanner thread, if any, ends
 
     def evidence(
         self, deadline: float | None = None, stop: threading.Event | None = None, tally: ScanTally | None = None
@@ -1895,6 +1892,18 @@ class AccelHolders:
             return bool(int(fields[6]) & 0x00200000)
         except (OSError, ValueError, IndexError):
             return False
+
+
+def scan_forever(holders: Callable[[], AccelHolders | None], scans: queue.SimpleQueue[EvidenceScan | None]) -> None:
+    """The scanner thread of one AccelHolders: runs its scans one by one, sleeping between them."""
+    while (scan := scans.get()) is not None:
+        try:
+            target = holders()
+            if target is not None:
+                target.evidence(scan.deadline, scan.stop, scan.tally)
+                del target
+        finally:
+            scan.done.set()
 
 
 @dataclasses.dataclass
