@@ -4216,6 +4216,9 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--lock-timeout-s must be from 0 to {MAX_LOCK_TIMEOUT_S:g}")
     if not 0 < args.request_timeout_s <= MAX_LOCK_TIMEOUT_S:
         parser.error(f"--request-timeout-s must be above 0 and at most {MAX_LOCK_TIMEOUT_S:g}")
+    # NPUW itself (openvino 2026.4.1, tried on the emulated path) refuses only a chunk that is not a
+    # power of two ("chunk size (300) is not power of 2"); dividing the limit keeps every accepted
+    # prompt a whole number of chunks at most, so the longest one is not padded past it.
     chunk = args.prefill_chunk_tokens
     if chunk is not None and (chunk < 1 or chunk & (chunk - 1) or args.max_prompt_tokens % chunk):
         parser.error(f"--prefill-chunk-tokens must be a power of two that divides --max-prompt-tokens "
