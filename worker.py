@@ -2348,6 +2348,7 @@ class Worker:
         self._load_lock = threading.Lock()  # an unload's release and a reload never overlap
         self._generating_since: float | None = None  # monotonic start of the running generation
         self._reloading_since: float | None = None  # monotonic start of a reload inside a job
+        self.idle_unloader: threading.Thread | None = None  # started by start_idle_unloader
         self.load_ms: float | None = None
         self.prompt_overhead_tokens: dict[str, int] | None = None  # known once the model is loaded
         self._failures_in_a_row = 0
@@ -2591,7 +2592,7 @@ class Worker:
         It sleeps until then (one wake-up per idle period), and not at all while unloaded."""
         if self.settings.idle_unload_s is None:
             return None
-        thread = threading.Thread(target=self._unload_when_idle, name="idle-unload", daemon=True)
+        thread = self.idle_unloader = threading.Thread(target=self._unload_when_idle, name="idle-unload", daemon=True)
         thread.start()
         return thread
 

@@ -339,3 +339,30 @@ def test_the_prefill_chunk_goes_to_the_npu_only_when_set(
 def test_the_service_env_example_shows_both() -> None:
     text = (REPO / "systemd" / "openvino-genai-npu-worker.env.example").read_text()
     assert "#OV_GENAI_NPU_PREFILL_CHUNK_TOKENS=" in text and "#OV_GENAI_NPU_IDLE_UNLOAD_S=" in text
+
+
+def test_the_daemon_starts_the_idle_unloader_once_ready_and_stops_it_at_sigterm(tmp_path: Path) -> None:
+    settings = cpu_settings(tmp_path, port=0, idle_unload_s=0.05)
+    released = threading.Event()
+
+    def factory(settings: worker.Settings) -> worker.Pipeline:
+        pipeline = ReleasedPipeline(settings)
+        pipeline.released = released
+        return pipeline
+
+    built = worker.build_worker(settings, factory)
+    stop = threading.Event()
+    outcome: list[int] = []
+    daemon = threading.Thread(target=lambda: outcome.append(worker.serve(settings, built, stop, worker.SystemdNotifier({}))))
+    daemon.start()
+    try:
+        assert released.wait(10)  # loaded, warmed up, ready, then idle for 0.05 s
+        assert built.ready and not built.model_loaded
+        assert built.run(request(), "r1")["timing_ms"]["load"] >= 0
+    finally:
+        stop.set()  # what SIGTERM does
+        daemon.join(10)
+    assert outcome == [worker.EXIT_OK]
+    assert built.idle_unloader is not None
+    built.idle_unloader.join(10)
+    assert not built.idle_unloader.is_alive()
