@@ -163,8 +163,9 @@ MAX_IDLE_UNLOAD_S = 7 * 24 * 3600.0
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
 # Where the accel character devices live (drm_accel.c: "accel/%s").
 ACCEL_DEVICE_DIR = "/dev/accel/"
-# The /proc scan for npu_evidence runs beside the generation for at most EVIDENCE_BUDGET_S (at about
-# 7.5 us an fd, some 65,000 fds), and is stopped as the job's NPU turn ends.
+# The /proc scan for npu_evidence runs beside the generation for at most EVIDENCE_BUDGET_S, and is
+# stopped as the job's NPU turn ends.  An fd costs it 7.5 us (issue 16) to 20 us (a loaded 2-core
+# machine, BENCHMARKS.md "Laptop citizen"): 25,000 to 65,000 fds in the budget.
 EVIDENCE_BUDGET_S = 0.5
 # The scan lets go of the GIL for this long every 64 fds: a thread waiting for the GIL (the streamer
 # between two tokens, the job once the generation ends) otherwise waits up to the 5 ms switch
@@ -1782,7 +1783,7 @@ class AccelHolders:
     processes are not listed at all, so not counted.  Kernel threads hold no files and are
     skipped.  ``proc_root`` is /proc, or a synthetic tree in tests.
 
-    A scan lists every fd of every inspectable process (about 7.5 us an fd): it runs beside the
+    A scan lists every fd of every inspectable process (7.5-20 us an fd): it runs beside the
     generation (EvidenceScan), never under the NPU lock after it, and stops at a deadline."""
 
     def __init__(
