@@ -184,8 +184,7 @@ def tune_chunk(args: argparse.Namespace, chunk: int, cache_dir: Path, pipeline_f
         busy_path=args.busy_path, emulate_npu=args.emulate_npu, stop_rules=False, prefill_chunk_tokens=chunk,
     )
     tuned = worker.build_worker(settings, pipeline_factory)
-    tuned.load(warm_up=False)
-    tuned._ready.set()  # measured runs only: no warm-up job of the worker's own
+    tuned.load(warm_up=False)  # measured runs only: no warm-up job of the worker's own
     row: dict[str, Any] = {"chunk": chunk, "load_s": round((tuned.load_ms or 0.0) / 1000, 2), "prompts": {}}
     for name, job, sentences in TUNE_PROMPTS:
         request = worker.validate_job_request({"input": TUNE_SENTENCE * sentences, "truncate": True}, settings.limits, job=job)

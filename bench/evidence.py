@@ -155,7 +155,6 @@ def make_worker(tmp: Path, proc_root: Path, generate_s: float) -> tuple[worker.W
     built = worker.Worker(settings, lambda _settings: StandInNpu(busy_file, generate_s),
                           worker.SysfsBusyCounter(busy_file), worker.JobQueue(lock, 8, metrics), metrics, holders)
     built.load(warm_up=False)
-    built._ready.set()
     lock.holds_ms.clear()
     return built, lock
 

@@ -62,7 +62,6 @@ def run_one(name: str, cycles: int) -> dict[str, Any]:
         started = time.perf_counter()
         built.load(warm_up=False)
         out["first_load_s"] = round(time.perf_counter() - started, 3)  # empty cache: compiles
-        built._ready.set()
         built.run(REQUEST, "bench")
         out["loaded_mib"] = mib(worker.process_resident_bytes())
 

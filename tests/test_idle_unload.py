@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -142,7 +143,7 @@ def test_a_reload_waits_for_the_npu_lock_inside_the_jobs_deadline(settings: work
             built.run(request(timeout_s=0.2), "r1")
         assert not built.model_loaded and factory.loads == 1
     finally:
-        worker.os.close(other_process)
+        os.close(other_process)
     assert built.run(request(), "r2")["timing_ms"]["load"] >= 0 and factory.loads == 2
 
 
@@ -182,7 +183,7 @@ def test_sigterm_during_a_reloads_lock_wait_stops_it(settings: worker.Settings) 
         built.begin_shutdown()  # what SIGTERM does
         thread.join(10)
     finally:
-        worker.os.close(other_process)
+        os.close(other_process)
     assert not thread.is_alive() and len(errors) == 1 and isinstance(errors[0], worker.ShuttingDown)
     assert factory.loads == 1 and not built.model_loaded
 
@@ -274,7 +275,7 @@ def test_healthz_and_metrics_show_resident_memory_and_whether_the_model_is_loade
 def test_resident_memory_is_read_from_proc() -> None:
     statm_pages = int(Path("/proc/self/statm").read_text().split()[1])
     resident = worker.process_resident_bytes()
-    assert resident is not None and abs(resident - statm_pages * worker.os.sysconf("SC_PAGE_SIZE")) < 64 << 20
+    assert resident is not None and abs(resident - statm_pages * os.sysconf("SC_PAGE_SIZE")) < 64 << 20
 
 
 # --- the real model: loaded again from the compile cache -----------------------------------------------
