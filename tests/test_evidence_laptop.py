@@ -18,7 +18,6 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
-from typing import Callable
 
 import pytest
 from pytest import param
@@ -102,7 +101,6 @@ def test_a_delta_over_the_wall_time_is_a_counter_anomaly_never_a_ratio_over_one(
     pipeline.jump_us = 5_000_000  # five seconds of busy time in a generation of a few milliseconds
     with pytest.raises(worker.NpuProofFailed) as failure:
         built.run(request(), "r1")
-    assert failure.value.message.startswith("the NPU busy counter advanced") is False
     assert "counter anomaly" in failure.value.message and "more than one device can be busy" in failure.value.message
     result = failure.value.result
     assert result is not None and result["npu_proof"] == "failed" and result["npu_busy_ratio"] is None
@@ -346,8 +344,3 @@ def test_a_failed_generation_stops_its_scan(npu_settings: worker.Settings, busy_
     with pytest.raises(worker.GenerationFailed):
         built.run(request(), "r1")
     assert holders.checked.wait(10) and holders.lock_free_when_stopped is True
-
-
-def test_the_worker_is_built_with_the_counters_device(npu_settings: worker.Settings) -> None:
-    built: Callable[..., worker.Worker] = worker.build_worker
-    assert built(npu_settings, lambda _settings: FakeNpuPipeline(npu_settings))._holders is not None
