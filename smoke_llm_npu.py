@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the environment line for the best")
     parser.add_argument("--tune-chunks", type=int, nargs="+", default=list(TUNE_CHUNKS), metavar="N",
                         help="candidate --prefill-chunk-tokens values (default %(default)s)")
-    parser.add_argument("--tune-runs", type=int, default=3, help="measured runs per prompt, after one warm-up (default 3)")
+    parser.add_argument("--tune-runs", type=int, default=3,
+                        help="measured runs per prompt, after one warm-up (default 3)")
     parser.set_defaults(demo=False, no_npu_proof=False)  # what worker.check_emulation also looks at
     return parser
 
@@ -161,7 +162,8 @@ def tune(args: argparse.Namespace, pipeline_factory: worker.PipelineFactory) -> 
     they added), through the worker's own Worker.run, stop rules off so every run decodes alike."""
     with tempfile.TemporaryDirectory(prefix="smoke-tune-") as scratch:
         cache_root = args.cache_dir or Path(scratch)
-        rows = [tune_chunk(args, chunk, cache_root / f"prefill-{chunk}", pipeline_factory) for chunk in args.tune_chunks]
+        rows = [tune_chunk(args, chunk, cache_root / f"prefill-{chunk}", pipeline_factory)
+                for chunk in args.tune_chunks]
     print(tune_table(rows, emulated=args.emulate_npu))
     return worker.EXIT_OK
 
@@ -177,7 +179,9 @@ def check_tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--tune-runs must be at least 1")
 
 
-def tune_chunk(args: argparse.Namespace, chunk: int, cache_dir: Path, pipeline_factory: worker.PipelineFactory) -> dict[str, Any]:
+def tune_chunk(
+    args: argparse.Namespace, chunk: int, cache_dir: Path, pipeline_factory: worker.PipelineFactory
+) -> dict[str, Any]:
     settings = worker.Settings(
         model_path=args.model, device="NPU", cache_dir=cache_dir,
         lock_path=args.lock_file or worker.default_lock_path(os.environ), lock_timeout_s=args.lock_timeout_s,
@@ -187,7 +191,8 @@ def tune_chunk(args: argparse.Namespace, chunk: int, cache_dir: Path, pipeline_f
     tuned.load(warm_up=False)  # measured runs only: no warm-up job of the worker's own
     row: dict[str, Any] = {"chunk": chunk, "load_s": round((tuned.load_ms or 0.0) / 1000, 2), "prompts": {}}
     for name, job, sentences in TUNE_PROMPTS:
-        request = worker.validate_job_request({"input": TUNE_SENTENCE * sentences, "truncate": True}, settings.limits, job=job)
+        fields = {"input": TUNE_SENTENCE * sentences, "truncate": True}
+        request = worker.validate_job_request(fields, settings.limits, job=job)
         first_ms, decode_tps, prompt_tokens = [], [], 0
         for run in range(args.tune_runs + 1):  # the first of each is a warm-up
             first = tuned.run(dataclasses.replace(request, max_new_tokens=1), f"tune-{run}")
@@ -212,7 +217,8 @@ def tune_table(rows: list[dict[str, Any]], *, emulated: bool) -> str:
     three prompt classes together (each job's wait: what a user of the laptop notices)."""
     names = [name for name, _job, _sentences in TUNE_PROMPTS]
     tokens = {name: rows[0]["prompts"][name]["prompt_tokens"] for name in names}
-    header = ["chunk", "load s"] + [f"first token ms, {name} ({tokens[name]} tok)" for name in names] + ["decode tok/s, typical"]
+    header = ["chunk", "load s", *(f"first token ms, {name} ({tokens[name]} tok)" for name in names),
+              "decode tok/s, typical"]
     lines = [" | ".join(header), " | ".join("---" for _ in header)]
     for row in rows:
         cells = [str(row["chunk"]), f"{row['load_s']:.2f}"]

@@ -445,7 +445,7 @@ class Settings:
     emulate_npu: bool = False  # device NPU through NPUW on the CPU: no NPU, no counter, no proof
     stop_rules: bool = True  # False: generate to EOS or the budget (bench/ compares the two)
     idle_unload_s: float | None = None  # --idle-unload-s: release the pipeline after this long without a job
-    prefill_chunk_tokens: int | None = None  # NPUW_LLM_PREFILL_CHUNK_SIZE; None: GenAI's default (emulation: 256)
+    prefill_chunk_tokens: int | None = None  # NPUW_LLM_PREFILL_CHUNK_SIZE; None: GenAI's (emulated: 256)
     limits: Limits = Limits()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, if configured
@@ -845,7 +845,7 @@ def busy_ratio(delta_us: int | None, wall_ms: float) -> float | None:
     our generation the NPU had work - ours, or another process's that ignores the lock - not how
     hard it computed.  None for a delta one device cannot produce (negative, or more than the time
     that passed): never a ratio outside 0..1."""
-    if delta_us is None or wall_ms <= 0 or delta_us < 0 or delta_us > wall_ms * 1000.0 + COUNTER_READ_SLACK_US:
+    if delta_us is None or wall_ms <= 0 or not 0 <= delta_us <= wall_ms * 1000.0 + COUNTER_READ_SLACK_US:
         return None
     return round(min(1.0, delta_us / (wall_ms * 1000.0)), 3)
 
@@ -864,7 +864,8 @@ def proof_problem(
     the wall time between its two reads (``read_interval_us``); and, only if asked for, a floor
     on the ratio."""
     if read_error is not None:
-        return f"the NPU busy counter could not be read after the generation ({read_error}): nothing proves where it ran"
+        return (f"the NPU busy counter could not be read after the generation ({read_error}): "
+                "nothing proves where it ran")
     delta_us = busy_delta_us(before_us, after_us)
     if delta_us is None:
         return "the NPU busy counter was not read"
@@ -877,9 +878,10 @@ def proof_problem(
     if delta_us == 0:
         return "the NPU busy counter did not advance (delta 0 us): the job did not run on the NPU, or the counter is broken"
     if read_interval_us is not None and delta_us > read_interval_us + COUNTER_READ_SLACK_US:
-        return (f"counter anomaly: the NPU busy counter advanced {delta_us} us in {read_interval_us:.0f} us of wall "
-                "time between its two reads, more than one device can be busy: the driver was bound afresh and "
-                "its new counter overtook the old value, or the counter's path now belongs to another device")
+        return (f"counter anomaly: the NPU busy counter advanced {delta_us} us in {read_interval_us:.0f} us "
+                "of wall time between its two reads, more than one device can be busy: the driver was bound "
+                "afresh and its new counter overtook the old value, or the counter's path now belongs to "
+                "another device")
     if min_ratio is not None and ratio is not None and ratio < min_ratio:
         return (f"the NPU was busy for {ratio:g} of the generation's time, below --min-busy-ratio {min_ratio:g}: "
                 "the job may not have run on the NPU")
@@ -1823,7 +1825,10 @@ class AccelHolders:
         self._scans.put(None)  # the scanner thread, if any, ends
 
     def evidence(
-        self, deadline: float | None = None, stop: threading.Event | None = None, tally: ScanTally | None = None
+        self,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+        tally: ScanTally | None = None,
     ) -> dict[str, Any]:
         """Scan /proc; with a (monotonic) deadline or a stop event, stop early and say so.  What
         it finds goes into ``tally`` as it goes, for a reader in another thread (EvidenceScan)."""
@@ -1832,7 +1837,8 @@ class AccelHolders:
 
         def out_of_time() -> bool:
             nonlocal stopped
-            stopped = stopped or (stop is not None and stop.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+            stopped = (stopped or (stop is not None and stop.is_set())
+                       or (deadline is not None and time.monotonic() >= deadline))
             return stopped
 
         tally.own_fds = self._own_npu_fdinfos()
@@ -1856,14 +1862,16 @@ class AccelHolders:
         tally.complete = not stopped
         return tally.evidence()
 
-    def _npu_fds(self, process: Path, out_of_time: Callable[[], bool] = lambda: False) -> list[dict[str, str]]:
+    def _npu_fds(
+        self, process: Path, out_of_time: Callable[[], bool] = lambda: False
+    ) -> list[dict[str, str]]:
         """The fdinfo fields of the process's fds on the counter's NPU (see the class)."""
         found = []
         for count, fd in enumerate(os.listdir(process / "fd"), start=1):
             if count % 64 == 0:
                 if out_of_time():
                     break
-                time.sleep(EVIDENCE_YIELD_S)  # the GIL, for the generating thread's streamer (see EvidenceScan)
+                time.sleep(EVIDENCE_YIELD_S)  # the GIL, for the generating thread (EVIDENCE_YIELD_S)
             link = process / "fd" / fd
             try:
                 if not os.readlink(link).startswith(self.device_dir):
@@ -1895,7 +1903,9 @@ class AccelHolders:
             return False
 
 
-def scan_forever(holders: Callable[[], AccelHolders | None], scans: queue.SimpleQueue[EvidenceScan | None]) -> None:
+def scan_forever(
+    holders: Callable[[], AccelHolders | None], scans: queue.SimpleQueue[EvidenceScan | None]
+) -> None:
     """The scanner thread of one AccelHolders: runs its scans one by one, sleeping between them."""
     while (scan := scans.get()) is not None:
         try:
@@ -2233,7 +2243,7 @@ class Metrics:
                 ("generated_tokens_total", self.generated_tokens, "Generated tokens of completed jobs."),
                 ("npu_busy_seconds_total", self.npu_busy_us / 1e6, "Sum of positive NPU busy-time deltas."),
                 ("npu_proof_failures_total", self.proof_failures, "Jobs whose NPU busy delta was not positive."),
-                ("model_loads_total", self.model_loads, "Model loads: at start-up, and by a job after an idle unload."),
+                ("model_loads_total", self.model_loads, "Model loads, the first and every reload."),
                 ("model_unloads_total", self.model_unloads, "Idle unloads (--idle-unload-s)."),
             ):
                 family(f"npu_worker_{name}", "counter", help_text, [f"npu_worker_{name} {value}"])
@@ -2286,8 +2296,10 @@ def job_result(settings: Settings, job: str, request_id: str, measured: Measured
         ratio = busy_ratio(delta_us, measured.busy_read_interval_us / 1000.0)
     problem = None
     if proof == PROOF_VERIFIED:
-        problem = proof_problem(measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio,
-                                read_interval_us=measured.busy_read_interval_us, read_error=measured.busy_read_error)
+        problem = proof_problem(
+            measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio,
+            read_interval_us=measured.busy_read_interval_us, read_error=measured.busy_read_error,
+        )
         if problem is not None:
             proof = PROOF_FAILED
     if proof == PROOF_FAILED:
@@ -2389,7 +2401,8 @@ class Worker:
         # The start-up load may take as long as it needs: not checked.  A reload after an idle
         # unload runs inside a job, and is bounded like its generation.
         limit_s = self.settings.limits.request_timeout_s + STUCK_GRACE_S
-        for since, what in ((self._generating_since, "a generation"), (self._reloading_since, "a model reload")):
+        for since, what in ((self._generating_since, "a generation"),
+                            (self._reloading_since, "a model reload")):
             if since is not None and time.monotonic() - since > limit_s:
                 return f"{what} has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
         if self._device_lost:
@@ -2513,7 +2526,8 @@ class Worker:
                 read_started = time.monotonic()
                 before_us = self._read_busy_counter()  # unreadable: NpuProofFailed, and nothing ran
                 # Who holds the NPU, read while it generates (verified NPU only): see EvidenceScan.
-                scan = self._holders.start_scan() if self._holders is not None and before_us is not None else None
+                if self._holders is not None and before_us is not None:
+                    scan = self._holders.start_scan()
                 generate_started = self._generating_since = time.monotonic()
                 try:
                     generation = pipeline.generate(prompt, max_new_tokens, job.grammar, should_stop, stop_rules)
@@ -2566,7 +2580,8 @@ class Worker:
                     wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
                     with self.queue.turn(max(0.0, wait_s), give_up=self._stopping.is_set):
                         if time.monotonic() >= deadline:  # an uncancellable load is not worth starting
-                            raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was free")
+                            raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was "
+                                                 "free")
                         load_started = self._reloading_since = time.monotonic()
                         try:
                             pipeline = self._pipeline_factory(self.settings)
@@ -2576,14 +2591,16 @@ class Worker:
                             self._reloading_since = None
                 except Busy:
                     if time.monotonic() >= deadline:
-                        raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s deadline") from None
+                        raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s "
+                                             "deadline") from None
                     raise
                 with self._in_flight_lock:
                     self._pipeline = pipeline
                 self.load_ms = elapsed_ms(load_started)
                 self.metrics.observe_load(self.load_ms / 1000)
-                logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name, "reason": "job_after_idle",
-                                    "load_ms": f"{self.load_ms:.1f}", "resident_bytes": process_resident_bytes()}))
+                logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name,
+                                    "reason": "job_after_idle", "load_ms": f"{self.load_ms:.1f}",
+                                    "resident_bytes": process_resident_bytes()}))
         finally:
             self._load_lock.release()
         return pipeline, elapsed_ms(started)
@@ -2593,7 +2610,8 @@ class Worker:
         It sleeps until then (one wake-up per idle period), and not at all while unloaded."""
         if self.settings.idle_unload_s is None:
             return None
-        thread = self.idle_unloader = threading.Thread(target=self._unload_when_idle, name="idle-unload", daemon=True)
+        thread = threading.Thread(target=self._unload_when_idle, name="idle-unload", daemon=True)
+        self.idle_unloader = thread
         thread.start()
         return thread
 
@@ -2633,8 +2651,9 @@ class Worker:
             trimmed = release_free_memory()
         finally:
             self._load_lock.release()
-        logger.info(logfmt({"event": "model_unloaded", "idle_s": f"{idle_s:g}", "resident_before": resident_before,
-                            "resident_after": process_resident_bytes(), "malloc_trim": trimmed}))
+        logger.info(logfmt({"event": "model_unloaded", "idle_s": f"{idle_s:g}",
+                            "resident_before": resident_before, "resident_after": process_resident_bytes(),
+                            "malloc_trim": trimmed}))
         return True
 
     def _read_busy_counter(self) -> int | None:
@@ -3500,8 +3519,13 @@ def metrics_text(settings: Settings, worker: Worker) -> str:
             "model": settings.model_name,
             "npu_proof": settings.proof_mode,
         },
-        gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready),
-                "model_loaded": int(worker.model_loaded), "process_resident_memory_bytes": process_resident_bytes()},
+        gauges={
+            "queue_waiting": worker.queue.waiting,
+            "jobs_in_flight": worker.in_flight,
+            "ready": int(worker.ready),
+            "model_loaded": int(worker.model_loaded),
+            "process_resident_memory_bytes": process_resident_bytes(),
+        },
     )
 
 
@@ -3528,7 +3552,7 @@ def health_body(settings: Settings, worker: Worker) -> dict[str, Any]:
         "jobs_in_flight": worker.in_flight,
         "last_error": worker.metrics.last_error,
         "version": __version__,
-        "model_loaded": worker.model_loaded,  # false after an idle unload: the next job loads it (ready stays true)
+        "model_loaded": worker.model_loaded,  # false after an idle unload (ready stays true)
         "resident_memory_bytes": process_resident_bytes(),
     }
 
@@ -3896,7 +3920,7 @@ def npu_holders_check(holders: AccelHolders) -> Check:
         return Check("npu holders", True, "not known: /proc is not readable here", warning=True)
     detail = f"{others} other process{'es' if others != 1 else ''} of this user hold {ACCEL_DEVICE_DIR}* open"
     if hidden:
-        detail += f"; {hidden} processes cannot be inspected (other users', or non-dumpable ones of this user)"
+        detail += f"; {hidden} processes cannot be inspected (other users', or this user's non-dumpable)"
     if others:
         return Check("npu holders", True, detail + ": their NPU work adds to every job's busy delta",
                      "stop them, or know that npu_busy_delta_us then counts their work too", warning=True)
@@ -4111,12 +4135,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                         help="room for output, the NPU MIN_RESPONSE_LEN (default %(default)s)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=env("OV_GENAI_NPU_PREFILL_CHUNK_TOKENS"),
                         help="NPU prefill width, NPUW_LLM_PREFILL_CHUNK_SIZE: a power of two dividing "
-                             "--max-prompt-tokens; a shorter prompt is padded to it, a longer one takes several "
+                             "--max-prompt-tokens; a shorter prompt is padded to it, a longer one takes "
+                             "several "
                              "(default: GenAI's; emulated 256; choose with smoke_llm_npu.py --tune) "
                              "[OV_GENAI_NPU_PREFILL_CHUNK_TOKENS]")
     parser.add_argument("--idle-unload-s", type=float, default=env("OV_GENAI_NPU_IDLE_UNLOAD_S"),
                         help="daemon: release the model after this many seconds without a job; the next job "
-                             "loads it again from the compile cache (default: never) [OV_GENAI_NPU_IDLE_UNLOAD_S]")
+                             "loads it again from the compile cache (default: never) "
+                             "[OV_GENAI_NPU_IDLE_UNLOAD_S]")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
     mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")

@@ -57,7 +57,8 @@ def run_one(name: str, cycles: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as directory:
         settings = settings_for(name, Path(directory))
         out: dict[str, Any] = {"model": settings.model_name, "device": settings.device,
-                               "emulated": settings.emulate_npu, "before_load_mib": mib(worker.process_resident_bytes())}
+                               "emulated": settings.emulate_npu,
+                               "before_load_mib": mib(worker.process_resident_bytes())}
         built = worker.build_worker(settings, worker.load_genai_pipeline)
         started = time.perf_counter()
         built.load(warm_up=False)
@@ -109,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, row in results.items():
         reloads = ", ".join(f"{cycle['reload_ms']:.0f}" for cycle in row["cycles"])
         per_cycle = ", ".join(f"{cycle['loaded_mib']:.0f}/{cycle['unloaded_mib']:.0f}" for cycle in row["cycles"])
-        print(f"{name:10} {row['before_load_mib']:11.1f} {row['loaded_mib']:8.1f} {row['unloaded_without_trim_mib']:9.1f} "
+        print(f"{name:10} {row['before_load_mib']:11.1f} {row['loaded_mib']:8.1f} "
+              f"{row['unloaded_without_trim_mib']:9.1f} "
               f"{row['unloaded_after_trim_mib']:8.1f} {reloads:>26} {per_cycle:>36}")
-        print(f"{'':10} first load {row['first_load_s']} s (empty cache); malloc_trim released: {row['malloc_trim_released']}")
+        print(f"{'':10} first load {row['first_load_s']} s (empty cache); "
+              f"malloc_trim released: {row['malloc_trim_released']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

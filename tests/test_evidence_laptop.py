@@ -97,7 +97,8 @@ def test_a_delta_over_the_wall_time_is_a_counter_anomaly_never_a_ratio_over_one(
     pipeline = CounterJumps(npu_settings, busy_file=busy_file)
     built = worker.build_worker(npu_settings, lambda _settings: pipeline)
     built.load()
-    observed, busy_us, failures = built.metrics.busy_ratio.count, built.metrics.npu_busy_us, built.metrics.proof_failures
+    metrics = built.metrics
+    observed, busy_us, failures = metrics.busy_ratio.count, metrics.npu_busy_us, metrics.proof_failures
     pipeline.jump_us = 5_000_000  # five seconds of busy time in a generation of a few milliseconds
     with pytest.raises(worker.NpuProofFailed) as failure:
         built.run(request(), "r1")
@@ -334,7 +335,9 @@ def test_a_scan_with_time_finishes_beside_a_generation(
                         "uninspectable_processes": 0, "scan_complete": True}
 
 
-def test_a_failed_generation_stops_its_scan(npu_settings: worker.Settings, busy_file: Path, proc: ProcTree) -> None:  # noqa: F811
+def test_a_failed_generation_stops_its_scan(
+    npu_settings: worker.Settings, busy_file: Path, proc: ProcTree  # noqa: F811
+) -> None:
     pipeline = FakeNpuPipeline(npu_settings, busy_file=busy_file)
     built = worker.build_worker(npu_settings, lambda _settings: pipeline)
     built.load()

@@ -106,7 +106,8 @@ def test_a_running_job_is_never_unloaded_under(settings: worker.Settings) -> Non
         return False
 
     original = pipeline.generate
-    pipeline.generate = lambda prompt, tokens, grammar, stop, rules=None: original(prompt, tokens, grammar, should_stop, rules)
+    pipeline.generate = lambda prompt, tokens, grammar, _stop, rules=None: original(  # type: ignore[method-assign]
+        prompt, tokens, grammar, should_stop, rules)
     job = threading.Thread(target=built.run, args=(request(), "r1"))
     job.start()
     try:
@@ -299,7 +300,8 @@ def test_the_real_pipeline_unloads_and_loads_again_from_the_cache(tmp_path: Path
 
 
 @pytest.mark.parametrize("flags, message", [
-    param(["--prefill-chunk-tokens", "300"], "must be a power of two that divides --max-prompt-tokens (1024)", id="not-a-power"),
+    param(["--prefill-chunk-tokens", "300"], "must be a power of two that divides --max-prompt-tokens (1024)",
+          id="not-a-power"),
     param(["--prefill-chunk-tokens", "2048"], "must be a power of two that divides", id="larger-than-the-limit"),
     param(["--prefill-chunk-tokens", "0"], "must be a power of two", id="zero"),
     param(["--prefill-chunk-tokens", "256", "--max-prompt-tokens", "640"], "(640)", id="not-dividing"),
@@ -354,7 +356,8 @@ def test_the_daemon_starts_the_idle_unloader_once_ready_and_stops_it_at_sigterm(
     built = worker.build_worker(settings, factory)
     stop = threading.Event()
     outcome: list[int] = []
-    daemon = threading.Thread(target=lambda: outcome.append(worker.serve(settings, built, stop, worker.SystemdNotifier({}))))
+    notifier = worker.SystemdNotifier({})
+    daemon = threading.Thread(target=lambda: outcome.append(worker.serve(settings, built, stop, notifier)))
     daemon.start()
     try:
         assert released.wait(10)  # loaded, warmed up, ready, then idle for 0.05 s

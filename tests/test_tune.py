@@ -39,8 +39,9 @@ def test_tune_measures_each_chunk_with_its_own_cache_and_prints_the_env_line(
 def test_the_best_chunk_has_the_lowest_first_token_time_over_the_three_prompts() -> None:
     def row(chunk: int, *first_ms: float) -> dict[str, object]:
         names = ("short", "typical", "near_limit")
-        return {"chunk": chunk, "load_s": 1.0, "prompts": {
-            name: {"prompt_tokens": 100, "first_token_ms": ms, "decode_tokens_per_s": 20.0} for name, ms in zip(names, first_ms)}}
+        prompts = {name: {"prompt_tokens": 100, "first_token_ms": ms, "decode_tokens_per_s": 20.0}
+                   for name, ms in zip(names, first_ms)}
+        return {"chunk": chunk, "load_s": 1.0, "prompts": prompts}
 
     table = smoke_llm_npu.tune_table([row(1024, 470, 480, 490), row(256, 105, 210, 420), row(128, 180, 200, 500)],
                                      emulated=False)
