@@ -70,6 +70,7 @@ import threading
 import time
 import unicodedata
 import uuid
+import weakref
 import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from collections import deque
@@ -157,12 +158,23 @@ MAX_LOAD_EXTEND_S = 1800.0
 DEVICE_LOST_FAILURES = 3
 DEVICE_LOST_MARKERS = ("DEVICE_LOST", "device lost", "device is lost")
 DRAIN_MARGIN_S = 5.0
+MAX_IDLE_UNLOAD_S = 7 * 24 * 3600.0
 
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
-# Where the accel character devices live (drm_accel.c: "accel/%s"); an fd on one is an NPU fd.
+# Where the accel character devices live (drm_accel.c: "accel/%s").
 ACCEL_DEVICE_DIR = "/dev/accel/"
+# The /proc scan for npu_evidence runs beside the generation for at most EVIDENCE_BUDGET_S, and is
+# stopped as the job's NPU turn ends.  An fd costs it 7.5 us (issue 16) to 20 us (a loaded 2-core
+# machine, BENCHMARKS.md "Laptop citizen"): 25,000 to 65,000 fds in the budget.
+EVIDENCE_BUDGET_S = 0.5
+# The scan lets go of the GIL for this long every 64 fds: a thread waiting for the GIL (the streamer
+# between two tokens, the job once the generation ends) otherwise waits up to the 5 ms switch
+# interval behind it, as it may not wake up fast enough to take it between two of the scan's reads.
+EVIDENCE_YIELD_S = 0.0001
 IVPU_DRIVER_NAME = "intel_vpu"  # fdinfo's drm-driver (Linux >= 6.19 prints memory keys for ivpu)
-RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.5)
+# The kernel truncates each read of the counter to whole microseconds (ivpu_sysfs.c, ktime_to_us).
+COUNTER_READ_SLACK_US = 2
+RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 LOCK_DIR_NAME = "openvino-genai-npu-worker"
 LOCK_FILE_NAME = "npu.lock"
 GENAI_MODEL_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -443,6 +455,8 @@ class Settings:
     min_busy_ratio: float | None = None  # --min-busy-ratio: a floor on busy delta / generation time
     emulate_npu: bool = False  # device NPU through NPUW on the CPU: no NPU, no counter, no proof
     stop_rules: bool = True  # False: generate to EOS or the budget (bench/ compares the two)
+    idle_unload_s: float | None = None  # --idle-unload-s: release the pipeline after this long without a job
+    prefill_chunk_tokens: int | None = None  # NPUW_LLM_PREFILL_CHUNK_SIZE; None: GenAI's (emulated: 256)
     limits: Limits = Limits()
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     token: str | None = dataclasses.field(default=None, repr=False)  # bearer token, if configured
@@ -846,26 +860,49 @@ def busy_delta_us(before_us: int | None, after_us: int | None) -> int | None:
     return after_us - before_us
 
 
-def busy_ratio(delta_us: int | None, generate_ms: float) -> float | None:
-    """Busy time over the generation's wall time.  The counter is device-wide time with at least
-    one job submitted, so the ratio says how much of our generation the NPU had work - ours, or
-    another process's that ignores the lock - not how hard it computed."""
-    if delta_us is None or generate_ms <= 0:
+def busy_ratio(delta_us: int | None, wall_ms: float) -> float | None:
+    """Busy time over the wall time between the counter's two reads, which bracket the generation.
+    The counter is device-wide time with at least one job submitted, so the ratio says how much of
+    our generation the NPU had work - ours, or another process's that ignores the lock - not how
+    hard it computed.  None for a delta one device cannot produce (negative, or more than the time
+    that passed): never a ratio outside 0..1."""
+    if delta_us is None or wall_ms <= 0 or not 0 <= delta_us <= wall_ms * 1000.0 + COUNTER_READ_SLACK_US:
         return None
-    return round(delta_us / (generate_ms * 1000.0), 3)
+    return round(min(1.0, delta_us / (wall_ms * 1000.0)), 3)
 
 
-def proof_problem(before_us: int | None, after_us: int | None, ratio: float | None, min_ratio: float | None) -> str | None:
-    """Why a verified NPU job's counter does not prove it ran there, or None: the user's rule
-    (the counter must advance) and, only if asked for, a floor on the ratio."""
+def proof_problem(
+    before_us: int | None,
+    after_us: int | None,
+    ratio: float | None,
+    min_ratio: float | None,
+    *,
+    read_interval_us: float | None = None,
+    read_error: str | None = None,
+) -> str | None:
+    """Why a verified NPU job's counter does not prove it ran there, or None: the counter must be
+    readable after the generation, move forwards, advance (the user's rule) and by no more than
+    the wall time between its two reads (``read_interval_us``); and, only if asked for, a floor
+    on the ratio."""
+    if read_error is not None:
+        return (f"the NPU busy counter could not be read after the generation ({read_error}): "
+                "nothing proves where it ran")
     delta_us = busy_delta_us(before_us, after_us)
     if delta_us is None:
         return "the NPU busy counter was not read"
     if delta_us < 0:
+        # ivpu keeps busy_time in its device structure, zeroed only when the driver binds to the
+        # device (probe); job completion only adds to it, recovery adds the aborted jobs' time, and
+        # runtime PM and suspend do not touch it (drivers/accel/ivpu/ivpu_job.c, ivpu_pm.c).
         return (f"the NPU busy counter went backwards ({before_us} -> {after_us} us): the intel_vpu driver was "
-                "reloaded or the device reset during the job")
+                "bound to the device afresh during the job (its counter starts again at 0 then)")
     if delta_us == 0:
         return "the NPU busy counter did not advance (delta 0 us): the job did not run on the NPU, or the counter is broken"
+    if read_interval_us is not None and delta_us > read_interval_us + COUNTER_READ_SLACK_US:
+        return (f"counter anomaly: the NPU busy counter advanced {delta_us} us in {read_interval_us:.0f} us "
+                "of wall time between its two reads, more than one device can be busy: the driver was bound "
+                "afresh and its new counter overtook the old value, or the counter's path now belongs to "
+                "another device")
     if min_ratio is not None and ratio is not None and ratio < min_ratio:
         return (f"the NPU was busy for {ratio:g} of the generation's time, below --min-busy-ratio {min_ratio:g}: "
                 "the job may not have run on the NPU")
@@ -891,18 +928,42 @@ def fdinfo_bytes(value: str | None) -> int | None:
     return int(number) * factor if number.isdigit() and factor is not None else None
 
 
-def npu_evidence(own_fds: Sequence[Mapping[str, str]] | None, other_holders: int | None, uninspectable: int | None) -> dict[str, Any]:
-    """Per-process evidence for one job, from what /proc showed when it ended (null where the
-    kernel or permissions do not tell).  There is no per-process NPU busy time in the kernel:
-    this says who held the device, not who used it."""
-    ivpu = [fields for fields in own_fds or () if fields.get("drm-driver") == IVPU_DRIVER_NAME]
-    resident = [fdinfo_bytes(fields.get("drm-resident-memory", "0")) for fields in ivpu]
+def is_npu_fdinfo(fields: Mapping[str, str]) -> bool:
+    """An fd's fdinfo does not name another driver: Linux >= 6.19 prints drm-driver for ivpu
+    (another accel driver, amdxdna say, prints its own name); older kernels print no drm keys."""
+    return fields.get("drm-driver", IVPU_DRIVER_NAME) == IVPU_DRIVER_NAME
+
+
+def resident_bytes(own_fds: Sequence[Mapping[str, str]]) -> int | None:
+    """drm-resident-memory of this process's NPU fds, each DRM client once: a duplicated fd (dup,
+    fork, SCM_RIGHTS) shows the same drm-client-id and the same memory (DRM's fdinfo
+    documentation).  None where the kernel prints no intel_vpu keys (Linux < 6.19)."""
+    clients: dict[str, int] = {}
+    for index, fields in enumerate(own_fds):
+        if fields.get("drm-driver") == IVPU_DRIVER_NAME:
+            client = fields.get("drm-client-id") or f"fd-without-client-id-{index}"
+            clients[client] = fdinfo_bytes(fields.get("drm-resident-memory", "0")) or 0
+    return sum(clients.values()) if clients else None
+
+
+def npu_evidence(
+    own_fds: Sequence[Mapping[str, str]] | None,
+    other_holders: int | None,
+    uninspectable: int | None,
+    *,
+    complete: bool = True,
+) -> dict[str, Any]:
+    """Per-process evidence for one job, from what /proc showed while it ran (null where the
+    kernel or permissions do not tell).  ``own_fds`` are the fdinfo fields of this process's
+    fds on the counter's device.  There is no per-process NPU busy time in the kernel: this says
+    who held the device, not who used it.  ``complete`` is False when the scan ran out of time:
+    the two counts are then what it had found so far."""
     return {
         "holds_device": None if own_fds is None else bool(own_fds),
-        # Linux >= 6.19 prints ivpu memory in fdinfo; older kernels print no drm keys at all.
-        "resident_bytes": sum(value or 0 for value in resident) if ivpu else None,
+        "resident_bytes": None if own_fds is None else resident_bytes(own_fds),
         "other_holders": other_holders,
         "uninspectable_processes": uninspectable,
+        "scan_complete": complete,
     }
 
 
@@ -1477,6 +1538,8 @@ def pipeline_properties(settings: Settings) -> dict[str, Any]:
         properties["GENERATE_HINT"] = "FAST_COMPILE"
         if settings.emulate_npu:
             properties.update(EMULATED_NPU_PROPERTIES)
+        if settings.prefill_chunk_tokens is not None:
+            properties["NPUW_LLM_PREFILL_CHUNK_SIZE"] = settings.prefill_chunk_tokens
     else:
         # The stateful pipeline is what the NPU always uses; on CPU it must be asked for.
         properties["ATTENTION_BACKEND"] = "SDPA"
@@ -1724,62 +1787,139 @@ def find_busy_counter(explicit: Path | None, pattern: str = BUSY_COUNTER_GLOB) -
     return counter
 
 
-class AccelHolders:
-    """Which processes hold an NPU (accel) device open, read from /proc: this one, with what
-    fdinfo says of its memory (Linux >= 6.19), and the others this user may inspect.  A process
-    of another user can only be counted as uninspectable (/proc/PID/fd needs ptrace-read
-    access); kernel threads hold no files and are skipped.  ``proc_root`` is /proc, or a
-    synthetic tree in tests.  One scan reads a small file per process and lists the fds of
-    this user's processes: milliseconds, at the end of a job that took seconds."""
+def accel_device_number(counter_path: Path) -> int | None:
+    """The device number (st_rdev) of the accel node of the device whose busy counter this is, or
+    None if sysfs does not say.  The counter is an attribute of the PCI device
+    (/sys/class/accel/accelN/device is a link to it), and the accel class device below it holds
+    "major:minor" in accel/accelN/dev (drm_accel.c)."""
+    for dev_file in sorted(counter_path.parent.glob("accel/accel*/dev")):
+        try:
+            major, _, minor = dev_file.read_text().strip().partition(":")
+            return os.makedev(int(major), int(minor))
+        except (OSError, ValueError):
+            continue
+    return None
 
-    def __init__(self, proc_root: Path = Path("/proc"), pid: int | None = None) -> None:
+
+class AccelHolders:
+    """Which processes hold the NPU open, read from /proc: this one, with what fdinfo says of its
+    memory (Linux >= 6.19), and the others this user may inspect.
+
+    An fd counts when it points into /dev/accel/, its device number (stat's st_rdev) is that of
+    the busy counter's device (where sysfs gives it: ``device_number``), and its fdinfo names no
+    driver other than intel_vpu.  /proc/PID/fd can be listed only with ptrace-read access: the
+    processes of other users and this user's own non-dumpable ones (setuid programs, some
+    sandboxes) are counted as uninspectable; with /proc mounted hidepid=invisible other users'
+    processes are not listed at all, so not counted.  Kernel threads hold no files and are
+    skipped.  ``proc_root`` is /proc, or a synthetic tree in tests.
+
+    A scan lists every fd of every inspectable process (7.5-20 us an fd): it runs beside the
+    generation (EvidenceScan), never under the NPU lock after it, and stops at a deadline."""
+
+    def __init__(
+        self,
+        proc_root: Path = Path("/proc"),
+        pid: int | None = None,
+        *,
+        device_number: int | None = None,
+        device_dir: str = ACCEL_DEVICE_DIR,
+        budget_s: float = EVIDENCE_BUDGET_S,
+        wait_s: float = 0.0,
+    ) -> None:
         self.proc_root = proc_root
         self.pid = os.getpid() if pid is None else pid
+        self.device_number = device_number
+        self.device_dir = device_dir
+        self.budget_s = budget_s  # of a scan beside a generation (start_scan)
+        self.wait_s = wait_s  # what it may add to a job once the generation has ended
+        self._scans: queue.SimpleQueue[EvidenceScan | None] = queue.SimpleQueue()
+        self._scanner: threading.Thread | None = None
+        self._scanner_lock = threading.Lock()
 
-    def evidence(self) -> dict[str, Any]:
-        own = self._accel_fdinfos(self.pid)
-        others = hidden = 0
+    def start_scan(self) -> EvidenceScan:
+        """A scan in the scanner thread, which starts with the first one and then waits for the
+        next: handing it a scan costs the job a queue put, where starting a thread made the job
+        wait for the new thread to be scheduled (56 ms median on a loaded 2-core machine)."""
+        scan = EvidenceScan(time.monotonic() + self.budget_s, self.wait_s)
+        with self._scanner_lock:
+            if self._scanner is None:  # it holds only a weak reference: it ends with this object
+                self._scanner = threading.Thread(target=scan_forever, args=(weakref.ref(self), self._scans),
+                                                 name="npu-evidence", daemon=True)
+                self._scanner.start()
+        self._scans.put(scan)
+        return scan
+
+    def __del__(self) -> None:
+        self._scans.put(None)  # the scanner thread, if any, ends
+
+    def evidence(
+        self,
+        deadline: float | None = None,
+        stop: threading.Event | None = None,
+        tally: ScanTally | None = None,
+    ) -> dict[str, Any]:
+        """Scan /proc; with a (monotonic) deadline or a stop event, stop early and say so.  What
+        it finds goes into ``tally`` as it goes, for a reader in another thread (EvidenceScan)."""
+        tally = ScanTally() if tally is None else tally
+        stopped = False
+
+        def out_of_time() -> bool:
+            nonlocal stopped
+            stopped = (stopped or (stop is not None and stop.is_set())
+                       or (deadline is not None and time.monotonic() >= deadline))
+            return stopped
+
+        tally.own_fds = self._own_npu_fdinfos()
         try:
             entries = [entry for entry in os.scandir(self.proc_root) if entry.name.isdigit() and int(entry.name) != self.pid]
         except OSError:
-            return npu_evidence(own, None, None)
+            tally.other_holders = tally.uninspectable = None
+            entries = []
         for entry in entries:
+            if out_of_time():
+                break
             if self._is_kernel_thread(Path(entry.path)):
                 continue
             try:
-                if self._accel_fds(Path(entry.path)):
-                    others += 1
+                if self._npu_fds(Path(entry.path), out_of_time):
+                    tally.other_holders = (tally.other_holders or 0) + 1
             except PermissionError:
-                hidden += 1
+                tally.uninspectable = (tally.uninspectable or 0) + 1
             except OSError:
                 pass  # the process ended meanwhile
-        return npu_evidence(own, others, hidden)
+        tally.complete = not stopped
+        return tally.evidence()
 
-    def _accel_fds(self, process: Path) -> list[str]:
-        """The names of the process's fds that point at /dev/accel/*."""
+    def _npu_fds(
+        self, process: Path, out_of_time: Callable[[], bool] = lambda: False
+    ) -> list[dict[str, str]]:
+        """The fdinfo fields of the process's fds on the counter's NPU (see the class)."""
         found = []
-        for fd in os.listdir(process / "fd"):
+        for count, fd in enumerate(os.listdir(process / "fd"), start=1):
+            if count % 64 == 0:
+                if out_of_time():
+                    break
+                time.sleep(EVIDENCE_YIELD_S)  # the GIL, for the generating thread (EVIDENCE_YIELD_S)
+            link = process / "fd" / fd
             try:
-                target = os.readlink(process / "fd" / fd)
+                if not os.readlink(link).startswith(self.device_dir):
+                    continue
+                if self.device_number is not None:
+                    info = os.stat(link)
+                    if not stat.S_ISCHR(info.st_mode) or info.st_rdev != self.device_number:
+                        continue
+                fields = parse_fdinfo((process / "fdinfo" / fd).read_text())
             except OSError:
-                continue
-            if target.startswith(ACCEL_DEVICE_DIR):
-                found.append(fd)
+                continue  # closed meanwhile
+            if is_npu_fdinfo(fields):
+                found.append(fields)
         return found
 
-    def _accel_fdinfos(self, pid: int) -> list[dict[str, str]] | None:
-        process = self.proc_root / str(pid)
+    def _own_npu_fdinfos(self) -> list[dict[str, str]] | None:
         try:
-            fds = self._accel_fds(process)
+            return self._npu_fds(self.proc_root / str(self.pid))
         except OSError:
             return None
-        infos = []
-        for fd in fds:
-            try:
-                infos.append(parse_fdinfo((process / "fdinfo" / fd).read_text()))
-            except OSError:
-                infos.append({})
-        return infos
 
     @staticmethod
     def _is_kernel_thread(process: Path) -> bool:
@@ -1789,6 +1929,79 @@ class AccelHolders:
             return bool(int(fields[6]) & 0x00200000)
         except (OSError, ValueError, IndexError):
             return False
+
+
+def scan_forever(
+    holders: Callable[[], AccelHolders | None], scans: queue.SimpleQueue[EvidenceScan | None]
+) -> None:
+    """The scanner thread of one AccelHolders: runs its scans one by one, sleeping between them."""
+    while (scan := scans.get()) is not None:
+        try:
+            target = holders()
+            if target is not None:
+                target.evidence(scan.deadline, scan.stop, scan.tally)
+                del target
+        finally:
+            scan.done.set()
+
+
+@dataclasses.dataclass
+class ScanTally:
+    """What a scan has found so far: its thread writes it, EvidenceScan.finish reads it at any time."""
+
+    own_fds: list[dict[str, str]] | None = None
+    other_holders: int | None = 0
+    uninspectable: int | None = 0
+    complete: bool = False
+
+    def evidence(self) -> dict[str, Any]:
+        return npu_evidence(self.own_fds, self.other_holders, self.uninspectable, complete=self.complete)
+
+
+class EvidenceScan:
+    """One AccelHolders scan, run by its scanner thread from the start of the generation: the CPU
+    is idle while the NPU generates, and neither the job's latency nor the NPU lock waits for it.
+    ``finish``, called once the lock is released, gives it ``wait_s`` more (none by default),
+    then stops it and reports what it found by then (scan_complete: false if it had not ended)."""
+
+    def __init__(self, deadline: float, wait_s: float) -> None:
+        self.deadline = deadline
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.tally = ScanTally()
+        self._wait_s = wait_s
+
+    def finish(self) -> dict[str, Any]:
+        if self._wait_s > 0:
+            self.done.wait(self._wait_s)
+        self.stop.set()  # it looks every 64 fds and ends on its own; nobody waits for it
+        return self.tally.evidence()
+
+
+def process_resident_bytes() -> int | None:
+    """This process's resident set size: /proc/self/statm's second field, in pages (proc(5))."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the kernel back what an unload freed.  glibc's malloc keeps freed memory in its arenas
+    and returns only the top of the main heap by itself; malloc_trim(0) releases the free pages of
+    every arena (BENCHMARKS.md, "Memory back when idle", measures both).  False where there is no
+    glibc (musl) or nothing was released."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    malloc_trim.restype = ctypes.c_int
+    return bool(malloc_trim(0))
 
 
 def default_lock_path(environ: Mapping[str, str]) -> Path:
@@ -1973,6 +2186,8 @@ class Metrics:
         self.proof_failures = 0
         self.refusals: Counter[str] = Counter()
         self.model_load_seconds: float | None = None
+        self.model_loads = 0  # the first load and every reload after an idle unload
+        self.model_unloads = 0
         self.last_error: str | None = None  # type of the last answer that was the worker's fault
 
     def observe_request(
@@ -1997,9 +2212,8 @@ class Metrics:
             self.generate_seconds.observe(result["timing_ms"]["generate"] / 1000)
             self.prompt_tokens += result["tokens"]["prompt"]
             self.generated_tokens += result["tokens"]["generated"]
-            if result["npu_busy_delta_us"] is not None and result["npu_busy_delta_us"] > 0:
+            if result.get("npu_busy_ratio") is not None:  # a delta one device can produce (busy_ratio)
                 self.npu_busy_us += result["npu_busy_delta_us"]
-            if result.get("npu_busy_ratio") is not None:
                 self.busy_ratio.observe(result["npu_busy_ratio"])
             if result["npu_proof"] == PROOF_FAILED:
                 self.proof_failures += 1
@@ -2007,6 +2221,15 @@ class Metrics:
     def observe_lock_wait(self, seconds: float) -> None:
         with self._lock:
             self.lock_wait_seconds.observe(seconds)
+
+    def observe_load(self, seconds: float) -> None:
+        with self._lock:
+            self.model_loads += 1
+            self.model_load_seconds = seconds
+
+    def observe_unload(self) -> None:
+        with self._lock:
+            self.model_unloads += 1
 
     def render(self, *, build_info: Mapping[str, str], gauges: Mapping[str, float]) -> str:
         out: list[str] = []
@@ -2028,8 +2251,13 @@ class Metrics:
                 ("queue_waiting", "Jobs waiting for the NPU."),
                 ("jobs_in_flight", "Jobs accepted and not yet answered."),
                 ("ready", "1 when the model is loaded and warmed up."),
+                ("model_loaded", "1 while the pipeline is in memory (0 after an idle unload)."),
             ):
-                family(f"npu_worker_{name}", "gauge", help_text, [f"npu_worker_{name} {gauges[name]:g}"])
+                if name in gauges:
+                    family(f"npu_worker_{name}", "gauge", help_text, [f"npu_worker_{name} {gauges[name]:g}"])
+            if gauges.get("process_resident_memory_bytes") is not None:  # the Prometheus client's name
+                family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.",
+                       [f"process_resident_memory_bytes {gauges['process_resident_memory_bytes']:g}"])
             for name, histogram, help_text in (
                 ("request_duration_seconds", self.request_seconds, "HTTP request duration."),
                 ("queue_wait_seconds", self.queue_wait_seconds, "Time from receipt until the NPU was ours."),
@@ -2043,6 +2271,8 @@ class Metrics:
                 ("generated_tokens_total", self.generated_tokens, "Generated tokens of completed jobs."),
                 ("npu_busy_seconds_total", self.npu_busy_us / 1e6, "Sum of positive NPU busy-time deltas."),
                 ("npu_proof_failures_total", self.proof_failures, "Jobs whose NPU busy delta was not positive."),
+                ("model_loads_total", self.model_loads, "Model loads, the first and every reload."),
+                ("model_unloads_total", self.model_unloads, "Idle unloads (--idle-unload-s)."),
             ):
                 family(f"npu_worker_{name}", "counter", help_text, [f"npu_worker_{name} {value}"])
             if self.model_load_seconds is not None:
@@ -2076,9 +2306,11 @@ class Measured:
     max_new_tokens: int
     busy_before_us: int | None
     busy_after_us: int | None
-    evidence: dict[str, Any] | None  # npu_evidence() at the end of the job, on a verified NPU
+    evidence: dict[str, Any] | None  # npu_evidence() from beside the generation, on a verified NPU
     input_truncated: dict[str, int] | None
     timing_ms: dict[str, float]
+    busy_read_interval_us: float | None = None  # wall time from before the first read to after the second
+    busy_read_error: str | None = None  # why the counter could not be read after the generation
 
 
 def job_result(settings: Settings, job: str, request_id: str, measured: Measured) -> tuple[dict[str, Any], str | None]:
@@ -2087,10 +2319,15 @@ def job_result(settings: Settings, job: str, request_id: str, measured: Measured
     generation = measured.generation
     proof = settings.proof_mode
     delta_us = busy_delta_us(measured.busy_before_us, measured.busy_after_us)
-    ratio = busy_ratio(delta_us, measured.timing_ms["generate"]) if proof == PROOF_VERIFIED else None
+    ratio = None
+    if proof == PROOF_VERIFIED and measured.busy_read_interval_us is not None:
+        ratio = busy_ratio(delta_us, measured.busy_read_interval_us / 1000.0)
     problem = None
     if proof == PROOF_VERIFIED:
-        problem = proof_problem(measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio)
+        problem = proof_problem(
+            measured.busy_before_us, measured.busy_after_us, ratio, settings.min_busy_ratio,
+            read_interval_us=measured.busy_read_interval_us, read_error=measured.busy_read_error,
+        )
         if problem is not None:
             proof = PROOF_FAILED
     if proof == PROOF_FAILED:
@@ -2146,7 +2383,13 @@ class Worker:
         self._stopping = threading.Event()
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
+        # Idle unload: jobs and shutdown notify the unloader, which waits on this with the lock above.
+        self._activity = threading.Condition(self._in_flight_lock)
+        self._last_job_end = time.monotonic()
+        self._load_lock = threading.Lock()  # an unload's release and a reload never overlap
         self._generating_since: float | None = None  # monotonic start of the running generation
+        self._reloading_since: float | None = None  # monotonic start of a reload inside a job
+        self.idle_unloader: threading.Thread | None = None  # started by start_idle_unloader
         self.load_ms: float | None = None
         self.prompt_overhead_tokens: dict[str, int] | None = None  # known once the model is loaded
         self._failures_in_a_row = 0
@@ -2170,19 +2413,30 @@ class Worker:
             return self._in_flight
 
     @property
+    def model_loaded(self) -> bool:
+        """False before the first load and after an idle unload (the worker stays ready then)."""
+        return self._pipeline is not None
+
+    @property
     def busy_counter_path(self) -> str | None:
         return str(self._busy_counter.path) if isinstance(self._busy_counter, SysfsBusyCounter) else None
 
     def begin_shutdown(self) -> None:
         """New jobs get 503 shutting_down from now on; accepted ones still finish."""
         self._stopping.set()
+        with self._activity:
+            self._activity.notify_all()  # the idle unloader ends
 
     def health_problem(self) -> str | None:
         """Why this worker cannot be trusted to answer, or None: /livez and the watchdog fail on
         it, so that systemd restarts the process."""
-        since = self._generating_since  # a model load may take as long as it needs: not checked
-        if since is not None and time.monotonic() - since > self.settings.limits.request_timeout_s + STUCK_GRACE_S:
-            return f"a generation has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
+        # The start-up load may take as long as it needs: not checked.  A reload after an idle
+        # unload runs inside a job, and is bounded like its generation.
+        limit_s = self.settings.limits.request_timeout_s + STUCK_GRACE_S
+        for since, what in ((self._generating_since, "a generation"),
+                            (self._reloading_since, "a model reload")):
+            if since is not None and time.monotonic() - since > limit_s:
+                return f"{what} has held the NPU for {time.monotonic() - since:.0f} s, past every deadline"
         if self._device_lost:
             return "the device reports it is lost (DEVICE_LOST): a restart is needed"
         if self._failures_in_a_row >= DEVICE_LOST_FAILURES:
@@ -2207,7 +2461,7 @@ class Worker:
         }
         self._pipeline = pipeline
         self.load_ms = elapsed_ms(started)
-        self.metrics.model_load_seconds = self.load_ms / 1000
+        self.metrics.observe_load(self.load_ms / 1000)
         logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name, "device": self.settings.device,
                             "load_ms": f"{self.load_ms:.1f}"}))
         if warm_up:
@@ -2240,10 +2494,10 @@ class Worker:
         started = time.monotonic() if received_at is None else received_at
         if self._stopping.is_set():
             raise ShuttingDown("the worker is shutting down")
-        pipeline = self._pipeline
-        if pipeline is None or not (self._ready.is_set() or allow_before_ready):
-            raise Loading("the model is still loading")
-        with self._in_flight_lock:
+        with self._in_flight_lock:  # with the unload's check: a job either has the pipeline or reloads it
+            pipeline = self._pipeline
+            if not (self._ready.is_set() or (allow_before_ready and pipeline is not None)):
+                raise Loading("the model is still loading")
             self._in_flight += 1
         try:
             result, proof_failure = self._run(pipeline, request, request_id, started, client_gone)
@@ -2251,8 +2505,10 @@ class Worker:
             self._count_failure(exc.__cause__)
             raise
         finally:
-            with self._in_flight_lock:
+            with self._activity:
                 self._in_flight -= 1
+                self._last_job_end = time.monotonic()
+                self._activity.notify_all()
         self._failures_in_a_row = 0
         self.metrics.observe_job(result)
         if result["npu_evidence"] is not None:
@@ -2262,13 +2518,22 @@ class Worker:
         return result
 
     def _run(
-        self, pipeline: Pipeline, request: JobRequest, request_id: str, started: float, client_gone: Callable[[], bool]
+        self,
+        pipeline: Pipeline | None,
+        request: JobRequest,
+        request_id: str,
+        started: float,
+        client_gone: Callable[[], bool],
     ) -> tuple[dict[str, Any], str | None]:
-        """The adapters' part of a job: prompt, queue, lock, generation and counter; job_result decides."""
+        """The adapters' part of a job: prompt, queue, lock, generation and counter; job_result
+        decides.  ``pipeline`` is None after an idle unload: the job loads it again first."""
         job = JOBS[request.job]
         limits = self.settings.limits
         timeout_s = request.timeout_s or limits.request_timeout_s
         deadline = started + timeout_s
+        load_ms = None
+        if pipeline is None:
+            pipeline, load_ms = self._reload(deadline, timeout_s)
         prompt, truncation = job_prompt(pipeline, job, request, limits)
         max_new_tokens = plan_max_new_tokens(prompt.token_count, request.max_new_tokens or job_token_limits(job, limits)[0], limits)
 
@@ -2284,12 +2549,17 @@ class Worker:
 
         stop_rules = job.name if self.settings.stop_rules else None
         wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
+        scan: EvidenceScan | None = None
         try:
             with self.queue.turn(wait_s):
                 if time.monotonic() >= deadline:  # an uncancellable prefill is not worth starting
                     raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was free")
                 queue_ms = elapsed_ms(started)
-                before_us = self._read_busy_counter()
+                read_started = time.monotonic()
+                before_us = self._read_busy_counter()  # unreadable: NpuProofFailed, and nothing ran
+                # Who holds the NPU, read while it generates (verified NPU only): see EvidenceScan.
+                if self._holders is not None and before_us is not None:
+                    scan = self._holders.start_scan()
                 generate_started = self._generating_since = time.monotonic()
                 try:
                     generation = pipeline.generate(prompt, max_new_tokens, job.grammar, should_stop, stop_rules)
@@ -2298,13 +2568,18 @@ class Worker:
                 finally:
                     self._generating_since = None
                 generate_ms = elapsed_ms(generate_started)
-                after_us = self._read_busy_counter()
-                # Who holds the NPU as the job ends, its memory still resident (verified NPU only).
-                evidence = self._holders.evidence() if self._holders is not None and before_us is not None else None
+                after_us, read_error = None, None
+                try:
+                    after_us = self._read_busy_counter()
+                except NpuProofFailed as exc:  # the answer exists: it goes back with the failed proof
+                    read_error = exc.message
+                read_interval_us = (time.monotonic() - read_started) * 1e6
         except Busy:
             if time.monotonic() >= deadline:
                 raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s deadline") from None
             raise
+        finally:
+            evidence = scan.finish() if scan is not None else None  # the NPU lock is free again
         if generation.finish_reason == "cancelled":
             if cancelled_by == "client":
                 raise ClientGone("the client closed the connection; generation cancelled")
@@ -2315,10 +2590,103 @@ class Worker:
             busy_before_us=before_us,
             busy_after_us=after_us,
             evidence=evidence,
+            busy_read_interval_us=read_interval_us if before_us is not None else None,
+            busy_read_error=read_error,
             input_truncated=truncation,
-            timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started)},
+            timing_ms={"queue": queue_ms, "generate": generate_ms, "total": elapsed_ms(started),
+                       **({"load": load_ms} if load_ms is not None else {})},
         )
         return job_result(self.settings, job.name, request_id, measured)
+
+    def _reload(self, deadline: float, timeout_s: float) -> tuple[Pipeline, float]:
+        """Load the pipeline again after an idle unload, inside the job's deadline, under the NPU
+        lock like any load; jobs that come meanwhile wait for this one load.  Returns it and the
+        milliseconds this job spent on it (waits included)."""
+        started = time.monotonic()
+        if not self._load_lock.acquire(timeout=max(0.0, deadline - started)):
+            raise RequestTimeout(f"the model was still being loaded again at the {timeout_s:g} s deadline")
+        try:
+            pipeline = self._pipeline
+            if pipeline is None:
+                try:
+                    wait_s = min(self.settings.lock_timeout_s, deadline - time.monotonic())
+                    with self.queue.turn(max(0.0, wait_s), give_up=self._stopping.is_set):
+                        if time.monotonic() >= deadline:  # an uncancellable load is not worth starting
+                            raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was "
+                                                 "free")
+                        load_started = self._reloading_since = time.monotonic()
+                        try:
+                            pipeline = self._pipeline_factory(self.settings)
+                        except ConfigError as exc:  # the model or the device went away since start-up
+                            raise GenerationFailed(f"could not load the model again: {exc.message}") from exc
+                        finally:
+                            self._reloading_since = None
+                except Busy:
+                    if time.monotonic() >= deadline:
+                        raise RequestTimeout(f"no turn on the NPU within the {timeout_s:g} s "
+                                             "deadline") from None
+                    raise
+                with self._in_flight_lock:
+                    self._pipeline = pipeline
+                self.load_ms = elapsed_ms(load_started)
+                self.metrics.observe_load(self.load_ms / 1000)
+                logger.info(logfmt({"event": "model_loaded", "model": self.settings.model_name,
+                                    "reason": "job_after_idle", "load_ms": f"{self.load_ms:.1f}",
+                                    "resident_bytes": process_resident_bytes()}))
+        finally:
+            self._load_lock.release()
+        return pipeline, elapsed_ms(started)
+
+    def start_idle_unloader(self) -> threading.Thread | None:
+        """With --idle-unload-s, a thread that releases the pipeline once no job came for that long.
+        It sleeps until then (one wake-up per idle period), and not at all while unloaded."""
+        if self.settings.idle_unload_s is None:
+            return None
+        thread = threading.Thread(target=self._unload_when_idle, name="idle-unload", daemon=True)
+        self.idle_unloader = thread
+        thread.start()
+        return thread
+
+    def _unload_when_idle(self) -> None:
+        idle_s = self.settings.idle_unload_s or 0.0
+        while True:
+            with self._activity:
+                while True:
+                    if self._stopping.is_set():
+                        return
+                    if self._pipeline is None or self._in_flight:
+                        self._activity.wait()  # a job's end wakes it
+                        continue
+                    remaining_s = self._last_job_end + idle_s - time.monotonic()
+                    if remaining_s <= 0:
+                        break
+                    self._activity.wait(remaining_s)
+            self.unload_if_idle()
+
+    def unload_if_idle(self, now: float | None = None) -> bool:
+        """Release the pipeline if it is loaded, no job is running or waiting, and none ended in the
+        last --idle-unload-s (``now``: a monotonic time, for tests).  The worker stays ready: the
+        next job loads it again (Worker._reload).  Returns whether it unloaded."""
+        idle_s = self.settings.idle_unload_s
+        if idle_s is None or not self._load_lock.acquire(blocking=False):  # a reload is under way: not idle
+            return False
+        try:
+            with self._in_flight_lock:
+                now = time.monotonic() if now is None else now
+                if (self._pipeline is None or self._in_flight or self._stopping.is_set()
+                        or now - self._last_job_end < idle_s):
+                    return False
+                pipeline, self._pipeline = self._pipeline, None
+            self.metrics.observe_unload()
+            resident_before = process_resident_bytes()
+            del pipeline  # the last reference: GenAI frees the compiled model and the weights here
+            trimmed = release_free_memory()
+        finally:
+            self._load_lock.release()
+        logger.info(logfmt({"event": "model_unloaded", "idle_s": f"{idle_s:g}",
+                            "resident_before": resident_before, "resident_after": process_resident_bytes(),
+                            "malloc_trim": trimmed}))
+        return True
 
     def _read_busy_counter(self) -> int | None:
         if self._busy_counter is None or self.settings.proof_mode != PROOF_VERIFIED:
@@ -2361,7 +2729,9 @@ def build_worker(settings: Settings, pipeline_factory: PipelineFactory, proc_roo
     busy_counter = find_busy_counter(settings.busy_path) if verified else None
     metrics = Metrics()
     queue = JobQueue(NpuLock(settings.lock_path), settings.queue_depth, metrics)
-    holders = AccelHolders(proc_root) if verified else None
+    holders = None
+    if verified and busy_counter is not None:
+        holders = AccelHolders(proc_root, device_number=accel_device_number(busy_counter.path))
     return Worker(settings, pipeline_factory, busy_counter, queue, metrics, holders)
 
 
@@ -3184,7 +3554,13 @@ def metrics_text(settings: Settings, worker: Worker) -> str:
             "model": settings.model_name,
             "npu_proof": settings.proof_mode,
         },
-        gauges={"queue_waiting": worker.queue.waiting, "jobs_in_flight": worker.in_flight, "ready": int(worker.ready)},
+        gauges={
+            "queue_waiting": worker.queue.waiting,
+            "jobs_in_flight": worker.in_flight,
+            "ready": int(worker.ready),
+            "model_loaded": int(worker.model_loaded),
+            "process_resident_memory_bytes": process_resident_bytes(),
+        },
     )
 
 
@@ -3211,6 +3587,8 @@ def health_body(settings: Settings, worker: Worker) -> dict[str, Any]:
         "jobs_in_flight": worker.in_flight,
         "last_error": worker.metrics.last_error,
         "version": __version__,
+        "model_loaded": worker.model_loaded,  # false after an idle unload (ready stays true)
+        "resident_memory_bytes": process_resident_bytes(),
     }
 
 
@@ -3276,8 +3654,9 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
     evidence_schema = {
         **obj(
             {"holds_device": {"type": "boolean", "nullable": True}, "resident_bytes": nullable_integer,
-             "other_holders": nullable_integer, "uninspectable_processes": nullable_integer},
-            ["holds_device", "resident_bytes", "other_holders", "uninspectable_processes"],
+             "other_holders": nullable_integer, "uninspectable_processes": nullable_integer,
+             "scan_complete": {"type": "boolean"}},
+            ["holds_device", "resident_bytes", "other_holders", "uninspectable_processes", "scan_complete"],
         ),
         "nullable": True,
     }
@@ -3299,7 +3678,8 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "stop_rule": {"type": "string", "enum": list(STOP_RULES), "nullable": True},
             "input_truncated": {**obj({"dropped_chars": integer, "dropped_tokens": integer}, ["dropped_chars", "dropped_tokens"]),
                                 "nullable": True},
-            "timing_ms": obj({"queue": number, "generate": number, "total": number}, ["queue", "generate", "total"]),
+            "timing_ms": obj({"queue": number, "generate": number, "total": number, "load": number},
+                             ["queue", "generate", "total"]),
         },
         ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_busy_ratio", "npu_proof", "npu_evidence",
          "tokens", "finish_reason", "stop_rule", "input_truncated", "timing_ms"],
@@ -3336,10 +3716,10 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "status": {"type": "string", "enum": ["ok", "loading", "stopping"]}, "ready": {"type": "boolean"}, "model": string,
             "device": string, "npu_proof": string, "busy_counter": nullable_string, "npu_evidence": evidence_schema,
             "queue_waiting": integer, "queue_depth": integer, "jobs_in_flight": integer, "last_error": nullable_string,
-            "version": string,
+            "version": string, "model_loaded": {"type": "boolean"}, "resident_memory_bytes": nullable_integer,
         },
         ["status", "ready", "model", "device", "npu_proof", "busy_counter", "npu_evidence", "queue_waiting", "queue_depth",
-         "jobs_in_flight", "last_error", "version"],
+         "jobs_in_flight", "last_error", "version", "model_loaded", "resident_memory_bytes"],
     )
     document: dict[str, Any] = {
         "openapi": "3.0.3",
@@ -3447,6 +3827,7 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
         if not stop.is_set():
             notifier.notify("READY=1", f"STATUS=ready: {settings.model_name} on {settings.device}")
             logger.info(logfmt({"event": "ready"}))
+            worker.start_idle_unloader()
         # Only a systemd watchdog needs the self-check; without one the main thread sleeps until
         # told to stop (an idle daemon does not wake up: BENCHMARKS.md, "Idle").
         ping: threading.Event | None = None
@@ -3585,7 +3966,7 @@ def npu_holders_check(holders: AccelHolders) -> Check:
         return Check("npu holders", True, "not known: /proc is not readable here", warning=True)
     detail = f"{others} other process{'es' if others != 1 else ''} of this user hold {ACCEL_DEVICE_DIR}* open"
     if hidden:
-        detail += f"; {hidden} processes of other users cannot be inspected"
+        detail += f"; {hidden} processes cannot be inspected (other users', or this user's non-dumpable)"
     if others:
         return Check("npu holders", True, detail + ": their NPU work adds to every job's busy delta",
                      "stop them, or know that npu_busy_delta_us then counts their work too", warning=True)
@@ -3960,6 +4341,17 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=LOG_LEVELS, default=env("OV_GENAI_NPU_LOG_LEVEL", "info"),
                         help="info: jobs, errors and events; debug adds every health probe (default info) "
                              "[OV_GENAI_NPU_LOG_LEVEL]")
+    parser.add_argument("--prefill-chunk-tokens", type=int,
+                        default=env_int("OV_GENAI_NPU_PREFILL_CHUNK_TOKENS", None),
+                        help="NPU prefill width, NPUW_LLM_PREFILL_CHUNK_SIZE: a power of two dividing "
+                             "--max-prompt-tokens; a shorter prompt is padded to it, a longer one takes "
+                             "several (default: GenAI's; emulated 256; choose with smoke_llm_npu.py --tune) "
+                             "[OV_GENAI_NPU_PREFILL_CHUNK_TOKENS]")
+    parser.add_argument("--idle-unload-s", type=float,
+                        default=env_float("OV_GENAI_NPU_IDLE_UNLOAD_S", None),
+                        help="daemon: release the model after this many seconds without a job; the next job "
+                             "loads it again from the compile cache (default: never) "
+                             "[OV_GENAI_NPU_IDLE_UNLOAD_S]")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
     mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
@@ -4036,6 +4428,8 @@ def settings_from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> 
         min_busy_ratio=args.min_busy_ratio,
         emulate_npu=args.emulate_npu,
         stop_rules=not args.no_stop_rules,
+        idle_unload_s=args.idle_unload_s,
+        prefill_chunk_tokens=args.prefill_chunk_tokens,
         limits=limits,
         max_connections=args.max_connections,
         token=read_token_file(Path(args.token_file)) if args.token_file else None,
@@ -4068,6 +4462,15 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"--lock-timeout-s must be from 0 to {MAX_LOCK_TIMEOUT_S:g}")
     if not 0 < args.request_timeout_s <= MAX_LOCK_TIMEOUT_S:
         parser.error(f"--request-timeout-s must be above 0 and at most {MAX_LOCK_TIMEOUT_S:g}")
+    # NPUW itself (openvino 2026.4.1, tried on the emulated path) refuses only a chunk that is not a
+    # power of two ("chunk size (300) is not power of 2"); dividing the limit keeps every accepted
+    # prompt a whole number of chunks at most, so the longest one is not padded past it.
+    chunk = args.prefill_chunk_tokens
+    if chunk is not None and (chunk < 1 or chunk & (chunk - 1) or args.max_prompt_tokens % chunk):
+        parser.error(f"--prefill-chunk-tokens must be a power of two that divides --max-prompt-tokens "
+                     f"({args.max_prompt_tokens}), for example 256; got {chunk}")
+    if args.idle_unload_s is not None and not 0 < args.idle_unload_s <= MAX_IDLE_UNLOAD_S:  # also refuses nan
+        parser.error(f"--idle-unload-s must be above 0 and at most {MAX_IDLE_UNLOAD_S:g}")
     if args.job is None and (args.input is not None or args.input_file is not None or args.max_new_tokens is not None
                              or args.truncate):
         parser.error("--input, --input-file, --max-new-tokens and --truncate need --job")

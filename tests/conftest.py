@@ -73,9 +73,12 @@ class FakeNpuPipeline:
         self.calls.append({"prompt_tokens": prompt_tokens, "max_new_tokens": max_new_tokens, "grammar": grammar})
         if self.fail_with is not None:
             raise self.fail_with
+        busy_until = time.monotonic()
         if self.busy_file is not None:
             busy = int(self.busy_file.read_text())
             self.busy_file.write_text(str(busy + self.busy_increment_us))
+            # A device busy for that long takes that long: the worker refuses a delta over the wall time.
+            busy_until += max(0, self.busy_increment_us) / 1e6
         tokens = re.findall(r"\s*\S+", self.reply)
         ids = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
         triggers = frozenset(index for token, index in ids.items() if stop_rules and set(token) & set(worker.STOP_TRIGGER_CHARS[stop_rules]))
@@ -90,6 +93,7 @@ class FakeNpuPipeline:
             if verdict is not None:
                 generated, finish = index + 1, "cancelled" if verdict == worker.CANCEL else "stop"
                 break
+        time.sleep(max(0.0, busy_until - time.monotonic()))
         return worker.Generation(
             text="".join(tokens[:generated]).strip(), prompt_tokens=prompt_tokens, generated_tokens=generated,
             finish_reason=finish, stop_rule=watch.stop_rule if finish == "stop" else None,

@@ -74,6 +74,7 @@ def assert_error(response: Response, status: int, error_type: str) -> dict[str, 
 def test_healthz_is_200_once_loaded(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     status, _, body = call(start_server(), "GET", "/healthz")
     assert status == 200
+    assert body.pop("model_loaded") is True and body.pop("resident_memory_bytes") > 0  # tests/test_idle_unload.py
     assert body == {
         "status": "ok",
         "ready": True,

@@ -261,7 +261,9 @@ def test_result_health_and_error_schemas_are_the_contracts_tables(document: dict
     assert set(result["required"]) == top - {"candidates", "json_valid"}  # memory_candidate only
     for parent in ("tokens", "timing_ms"):
         nested = {name.split(".")[1] for name in fields if name.startswith(parent + ".")}
-        assert set(result["properties"][parent]["properties"]) == nested == set(result["properties"][parent]["required"])
+        optional = {"load"} if parent == "timing_ms" else set()  # only after an idle unload (issue 16)
+        assert set(result["properties"][parent]["properties"]) == nested
+        assert set(result["properties"][parent]["required"]) == nested - optional
     assert result["properties"]["finish_reason"]["enum"] == ["stop", "length"]
     assert result["properties"]["job"]["enum"] == list(worker.JOBS)
     health = resolve(document, document["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])

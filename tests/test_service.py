@@ -774,7 +774,10 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
         "npu_worker_refusals_total": "counter",
         "npu_worker_npu_busy_seconds_total": "counter",
         "npu_worker_npu_proof_failures_total": "counter",
+        "npu_worker_model_loads_total": "counter",
+        "npu_worker_model_unloads_total": "counter",
     }
+    assert metrics.value("npu_worker_model_loads_total") == 1 and metrics.value("npu_worker_model_unloads_total") == 0
 
 
 def test_metrics_add_up_npu_busy_time_and_count_proof_failures(
