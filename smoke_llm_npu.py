@@ -65,10 +65,10 @@ TUNE_PROMPTS = (
 
 def npu_present() -> bool:
     try:
-        import openvino
+        devices = worker.openvino_devices()
     except ImportError:
         raise worker.ConfigError("openvino-genai is not installed: pip install openvino-genai") from None
-    return any(name.split(".")[0] == "NPU" for name in openvino.Core().available_devices)
+    return any(name.split(".")[0] == "NPU" for name in devices)
 
 
 def build_parser() -> argparse.ArgumentParser:

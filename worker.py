@@ -1692,12 +1692,27 @@ def no_npu_message(devices: Sequence[str]) -> str:
     )
 
 
+def import_openvino() -> tuple[Any, Any]:
+    """openvino and openvino_genai, without OpenVINO's telemetry client.
+
+    `import openvino` imports its model converter, which starts openvino-telemetry: from a home
+    without a consent file that writes ~/intel/ and sends an "import" event to Google Analytics
+    (README.md, "OpenVINO's telemetry"). The worker reaches no network beyond loopback, so the
+    client is made unimportable first (None in sys.modules makes its import fail); the converter
+    then uses its own no-op stub, as it does wherever the package is missing.
+    """
+    sys.modules.setdefault("openvino_telemetry", None)
+    import openvino
+    import openvino_genai
+
+    return openvino, openvino_genai
+
+
 def load_genai_pipeline(settings: Settings) -> Pipeline:
     """The default PipelineFactory: checks the model and the device, then builds the pipeline."""
     check_model_path(settings.model_path, settings.device)
     try:
-        import openvino
-        import openvino_genai
+        openvino, openvino_genai = import_openvino()
     except ImportError:
         raise ConfigError("openvino-genai is not installed: pip install openvino-genai") from None
     if not settings.emulate_npu:  # emulation needs no NPU: that is its point
@@ -1718,8 +1733,7 @@ def load_genai_tokenizer(settings: Settings) -> PromptTokenizer | None:
     if not (settings.model_path / "openvino_tokenizer.xml").is_file():
         return None
     try:
-        import openvino_genai
-
+        _, openvino_genai = import_openvino()
         return GenAITokenizer(openvino_genai.Tokenizer(str(settings.model_path)))
     except Exception:  # noqa: BLE001 - an optimisation only: the model load decides
         return None
@@ -3871,14 +3885,12 @@ class Check:
 
 
 def openvino_devices() -> list[str]:
-    import openvino
-
+    openvino, _ = import_openvino()
     return list(openvino.Core().available_devices)
 
 
 def npu_properties() -> dict[str, str]:
-    import openvino
-
+    openvino, _ = import_openvino()
     core = openvino.Core()
     names = ("FULL_DEVICE_NAME", "NPU_DRIVER_VERSION", "NPU_COMPILER_VERSION")
     return {name: str(core.get_property("NPU", name)) for name in names}

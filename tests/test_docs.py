@@ -391,6 +391,23 @@ def test_telemetry_opt_out_leaves_only_the_consent_file(tmp_path: Path) -> None:
     assert sorted(path.name for path in intel.iterdir()) == ["openvino_telemetry"]
 
 
+def test_the_worker_and_the_smoke_test_keep_openvino_telemetry_out(tmp_path: Path) -> None:
+    """README, "OpenVINO's telemetry": from the same fresh home where a plain `import openvino`
+    writes ~/intel (the test above), a job through the worker and the smoke test write nothing there
+    and start no sender thread."""
+    env = session_env(tmp_path)
+    job = [sys.executable, "worker.py", "--device", "CPU", "--model", str(TINY_MODEL), "--job", "title",
+           "--input", "Telemetry check.", "--output", "text"]
+    smoke = [sys.executable, "smoke_llm_npu.py", "--emulate-npu", "--model", str(TINY_MODEL)]
+    threads = [sys.executable, "-c", "import threading, worker; worker.import_openvino(); "
+               "print(sorted(t.name for t in threading.enumerate()))"]
+    for command in (job, smoke):
+        assert subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=120).returncode == 0
+    names = subprocess.run(threads, cwd=REPO, env=env, capture_output=True, text=True, timeout=60).stdout
+    assert names.strip() == "['MainThread']"
+    assert not (tmp_path / "home" / "intel").exists()
+
+
 def test_every_documented_command_is_exercised() -> None:
     exercised = {command for _, command, _ in worker_commands()} | set(SETUP_COMMANDS) | set(EXPORTS)
     exercised |= set(SERVICE_COMMANDS) - set(NEEDS_USER_SESSION)  # run by tests/test_systemd.py
