@@ -128,7 +128,7 @@ BODY_OVERHEAD_BYTES = 4096
 HEAD_DEADLINE_S = 5.0
 BODY_DEADLINE_S = 10.0
 IDLE_TIMEOUT_S = 10.0  # a kept-alive connection with no request started in it
-# Connections the gate holds at once; past it, the one that has waited longest is dropped (503).
+# Connections the gate holds at once; past it, one makes room (WorkerHTTPServer._evict).
 MAX_PENDING_CONNECTIONS = 256
 HEALTH_SLOTS = 8  # /livez and /healthz answered at once, beside --max-connections
 WRITE_TIMEOUT_S = 10.0  # a client that does not read its answer loses it
@@ -671,17 +671,23 @@ class Head:
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 _ABSOLUTE_TARGET = re.compile(r"http://([^/?#\s]+)([^#\s]*)", re.IGNORECASE)
 
 
-def head_end(data: bytes | bytearray) -> int | None:
+def head_end(data: bytes | bytearray, resume_at: int = 0) -> tuple[int | None, int]:
     """Where the head in ``data`` ends (just after its empty line), or None while it is not all
-    there.  Lines end in CRLF or in a bare LF (RFC 9112, 2.2); empty lines before the request
-    line are skipped, as the RFC asks."""
-    start = len(data) - len(bytes(data).lstrip(b"\r\n"))
-    ends = [data.find(mark, start) + len(mark) for mark in (b"\n\r\n", b"\n\n") if data.find(mark, start) >= 0]
-    return min(ends) if ends else None
+    there; and where to resume the search once more bytes have arrived.  Lines end in CRLF or in
+    a bare LF (RFC 9112, 2.2).  ``data`` starts at the request line (the gate drops the empty lines
+    a client may send before it, as the RFC asks).  Resuming where the last search stopped, as
+    asyncio's ``StreamReader.readuntil`` does, looks at each byte of a trickled head about once:
+    searching the whole buffer after every read made a slow client cost the gate, which every
+    client waits for, time quadratic in its head."""
+    ends = [found + len(mark) for mark in (b"\n\r\n", b"\n\n") if (found := data.find(mark, resume_at)) >= 0]
+    if ends:
+        return min(ends), resume_at
+    return None, max(resume_at, len(data) - 2)  # an end mark straddling the next read starts here
 
 
 def parse_head(data: bytes) -> Head:
@@ -2521,10 +2527,14 @@ class Connection:
 
     sock: socket.socket
     address: Any
+    waiting_since: float  # accepted, or back from its last answer: the order of eviction
     buffer: bytearray = dataclasses.field(default_factory=bytearray)
     started: float | None = None  # monotonic time of the current request's first byte
     deadline: float = 0.0  # when the gate gives up on it (idle, head or body)
+    answered_before: bool = False  # kept alive after an answer: with nothing sent since, it is idle
     head: Head | None = None  # set once the head is complete and parsed
+    head_scanned: int = 0  # where head_end resumes
+    request_line_ended: bool = False
     head_size: int = 0
     body_size: int = 0  # body bytes to read; -1: none, the handler refuses before reading
     continue_sent: bool = False
@@ -2718,20 +2728,32 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         sock.setblocking(False)
         if len(self._pending) >= MAX_PENDING_CONNECTIONS:
             self._evict(now)
-        connection = Connection(sock=sock, address=address, deadline=now + IDLE_TIMEOUT_S)
+        connection = Connection(sock=sock, address=address, waiting_since=now, deadline=now + IDLE_TIMEOUT_S)
         self._pending[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, connection)
 
     def _evict(self, now: float) -> None:
-        """Make room: an idle kept-alive connection if there is one, else the request that has
-        been arriving longest.  An attacker's connections are the oldest; a real client's
-        request is complete before it could be the oldest."""
-        idle = [connection for connection in self._pending.values() if connection.started is None]
-        if idle:
-            self._close(min(idle, key=lambda connection: connection.deadline))
-        else:
-            oldest = min(self._pending.values(), key=lambda connection: connection.started or now)
-            self._refuse(oldest, Busy("too many connections; the slowest was dropped"), "evicted", now)
+        """Make room for one more connection.  First an idle kept-alive connection (a client must
+        expect those to close, RFC 9112, 9.3): the longest idle, unless the bytes of a next request
+        have arrived on it meanwhile.  Else the request that has waited longest, answered 503: an
+        attacker's stalled requests are the oldest, a real client's is complete soon after it
+        connects.  A connection the gate has not read yet counts from its accept; a connection
+        that sent bytes is never closed without an answer."""
+        while True:
+            idle = [connection for connection in self._pending.values()
+                    if connection.answered_before and connection.started is None]
+            if not idle:
+                break
+            candidate = min(idle, key=lambda connection: connection.waiting_since)
+            self._receive(candidate, now)  # read what arrived: a request started keeps it
+            if candidate.sock not in self._pending:
+                return  # it had closed, or its next request was complete and went on
+            if candidate.started is None:
+                self.worker.metrics.observe_refusal("evicted_idle")  # no request: counted, not answered
+                self._close(candidate)
+                return
+        oldest = min(self._pending.values(), key=lambda connection: connection.started or connection.waiting_since)
+        self._refuse(oldest, Busy("too many connections; the slowest was dropped"), "evicted", now)
 
     def _receive(self, connection: Connection, now: float) -> None:
         try:
@@ -2753,25 +2775,31 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         """Move a connection's request on: parse a complete head, decide about the body,
         dispatch a complete request, or refuse."""
         if connection.head is None:
-            end = head_end(connection.buffer)
+            buffer = connection.buffer
+            if not connection.head_scanned and buffer[:1] in (b"\r", b"\n"):
+                del buffer[: _EMPTY_LINES.match(buffer).end()]  # empty lines before a request line
+            end, connection.head_scanned = head_end(buffer, connection.head_scanned)
+            if end is None and not connection.request_line_ended and len(buffer) > MAX_REQUEST_LINE_BYTES + 2:
+                if buffer.find(b"\n", 0, MAX_REQUEST_LINE_BYTES + 3) < 0:
+                    self._refuse(connection, ProtocolError(414, "request head too large"), "head_too_large", now)
+                    return
+                connection.request_line_ended = True  # looked at once, not after every read
+            if (end or len(buffer)) > MAX_HEAD_BYTES:  # with its end or without: the whole head's limit
+                self._refuse(connection, ProtocolError(431, "request head too large"), "head_too_large", now)
+                return
             if end is None:
                 if connection.eof:
-                    if connection.buffer.strip(b"\r\n"):
+                    if buffer:
                         self._refuse(connection, ProtocolError(400, "the request ended before its head did"), "incomplete", now)
                     else:
                         self._close(connection)
-                elif len(connection.buffer) > MAX_HEAD_BYTES or (
-                    b"\n" not in connection.buffer and len(connection.buffer) > MAX_REQUEST_LINE_BYTES + 2
-                ):
-                    status = 431 if b"\n" in connection.buffer else 414
-                    self._refuse(connection, ProtocolError(status, "request head too large"), "head_too_large", now)
                 return
             try:
                 connection.head = parse_head(bytes(connection.buffer[:end]))
             except ProtocolError as exc:
                 self._refuse(connection, exc, "malformed_head", now)
                 return
-            connection.head_size = end
+            connection.head_size, connection.head_scanned, connection.request_line_ended = end, 0, False
             try:
                 connection.body_size = checks_before_body(
                     connection.head, self.allowed_hosts, self.settings.token, self.settings.limits.max_body_bytes
@@ -2849,6 +2877,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         for connection in returned:
             connection.sock.setblocking(False)
             connection.keep_alive = False
+            connection.answered_before = True
+            connection.waiting_since = now
             connection.deadline = now + IDLE_TIMEOUT_S
             self._pending[connection.sock] = connection
             self._selector.register(connection.sock, selectors.EVENT_READ, connection)

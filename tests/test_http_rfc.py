@@ -99,11 +99,10 @@ def test_the_canonical_head_is_what_http_server_reads() -> None:
 @pytest.mark.parametrize("data, end", [
     param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nrest", 27, id="crlf"),
     param(b"GET / HTTP/1.1\nHost: x\n\nrest", 24, id="lf"),
-    param(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", 22, id="empty-lines-first"),
     param(b"GET / HTTP/1.1\r\nHost: x\r\n", None, id="incomplete"),
 ])
 def test_head_end(data: bytes, end: int | None) -> None:
-    assert worker.head_end(data) == end
+    assert worker.head_end(data)[0] == end
 
 
 # --- the same over sockets: the Origin behind a malformed line can no longer hide -------------------
