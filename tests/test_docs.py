@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import pytest
 
 import worker
 from conftest import REPO
+from conftest import free_port
+from conftest import running_daemon
 from conftest import worker_env
 from test_systemd import INSTALL_COMMANDS
 from test_systemd import NEEDS_USER_SESSION
@@ -61,34 +62,14 @@ CONTRACT = doc_blocks(REPO / "CONTRACT.md")
 SETUP_COMMANDS = [command for heading, command, _ in README if heading == "Set-up"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, str]]]:
     """The documented daemon command, on the tiny model on CPU, on a free port."""
-    tmp_path = tmp_path_factory.mktemp("docs")
-    port = free_port()
-    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the daemon did not become ready")
-        yield port, env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+    env = {"OV_GENAI_NPU_PORT": str(free_port())}
+    with running_daemon(tmp_path_factory.mktemp("docs"), command=[sys.executable, "worker.py"], **env) as served:
+        port = served.wait_ready()
+        yield port, served.env
+        assert served.stop() == 0
 
 
 def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

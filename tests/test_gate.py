@@ -21,15 +21,15 @@ import pytest
 
 import worker
 from conftest import FakeNpuPipeline
+from conftest import assert_error
 from conftest import cpu_settings
+from conftest import wait_for
 from slow_clients import SlowHeadAttack
 from slow_clients import probe_once
 from test_hostile import Conn
-from test_hostile import assert_error
 from test_hostile import exchange
 from test_hostile import parse
 from test_hostile import request
-from test_hostile import wait_for
 
 STALL_S = 60.0  # an attacker's next header line: never, within a test
 REAL_CLIENTS = 20
@@ -236,7 +236,7 @@ def test_a_trickled_head_is_scanned_about_once(
             conn.send(piece)
             assert looked.acquire(timeout=5)  # each piece read and scanned on its own
         assert conn.reply().status == 200
-    assert len(scanned) == len(pieces)
+    assert len(scanned) >= len(pieces)  # one more when the close was read already
     # Linear: each byte about once (plus the two a straddling end mark needs), where a rescan of
     # the whole buffer after every read would look at len(pieces) / 2 times the head.
-    assert sum(scanned) <= len(data) + 2 * len(pieces), (sum(scanned), len(data), len(pieces))
+    assert sum(scanned) <= len(data) + 2 * len(scanned), (sum(scanned), len(data), len(scanned))

@@ -41,11 +41,12 @@ import pytest
 import worker
 from conftest import FakeNpuPipeline
 from conftest import TINY_MODEL
+from conftest import assert_error
 from conftest import cpu_settings
 from conftest import serve_in_thread
+from conftest import wait_for
 
 SOCKET_TIMEOUT_S = 5.0
-REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
 TOKEN = "hostile-test-token-0123456789"
 CANARY = "CANARY-h0st1le-5e1f"
@@ -222,31 +223,6 @@ def parse_replies(data: bytes) -> list[int]:
         length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
         data = rest[int(length.group(1)) if length and statuses[-1] >= 200 else 0:]
     return statuses
-
-
-def assert_error(reply: Reply, status: int, error_type: str, *, protocol: bool = False) -> dict[str, Any]:
-    """The documented error shape; ``protocol`` for http.server's own errors."""
-    assert (reply.status, reply.header("Content-Type")) == (status, "application/json"), reply.raw[:400]
-    body = reply.json()
-    assert body["error"]["type"] == error_type, body
-    assert set(body) == {"error", "request_id"}, body
-    assert set(body["error"]) == {"type", "message"}
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert REQUEST_ID.match(body["request_id"]), body
-    if not protocol:
-        assert reply.header("X-Request-Id") == body["request_id"]
-    assert b"<html" not in reply.body.lower() and b"Traceback" not in reply.body
-    assert not [name for name in reply.headers if name.startswith(CORS_PREFIX)]
-    return body
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def assert_serves(server: worker.WorkerHTTPServer, *headers: str) -> dict[str, Any]:
@@ -827,7 +803,7 @@ def test_14_request_line_over_64_kib_is_414_json(fake_server: worker.WorkerHTTPS
     with Conn(port) as conn:
         conn.send(request(port, "GET", path))
         reply = conn.reply()
-        assert_error(reply, 414, "uri_too_long", protocol=True)
+        assert_error(reply, 414, "uri_too_long")
         assert CANARY.encode() not in reply.raw and reply.header("Connection") == "close"
     assert_serves(fake_server)
 
@@ -837,7 +813,7 @@ def test_14_header_line_over_64_kib_is_431_json(fake_server: worker.WorkerHTTPSe
     with Conn(port) as conn:
         conn.send(request(port, headers=(f"X-Big: {CANARY}{'a' * 70_000}",)))
         reply = conn.reply()
-        assert_error(reply, 431, "headers_too_large", protocol=True)
+        assert_error(reply, 431, "headers_too_large")
         assert CANARY.encode() not in reply.raw and reply.header("Connection") == "close"
     assert_serves(fake_server)
 
@@ -851,7 +827,7 @@ def test_14_more_than_100_headers_is_431_json(fake_server: worker.WorkerHTTPServ
         with Conn(port) as conn:
             conn.send(request(port, headers=(*ninety_eight, *(f"X-More{i}: 1" for i in range(extra)))))
             reply = conn.reply()
-            assert_error(reply, 431, "headers_too_large", protocol=True)
+            assert_error(reply, 431, "headers_too_large")
             assert CANARY.encode() not in reply.raw
     assert_serves(fake_server)
 
@@ -874,7 +850,7 @@ def test_14_a_malformed_request_line_is_400_json(fake_server: worker.WorkerHTTPS
     with Conn(port) as conn:
         conn.send(line + b"\r\nHost: 127.0.0.1\r\n\r\n")
         reply = conn.reply()
-        assert_error(reply, 400, "bad_request", protocol=True)
+        assert_error(reply, 400, "bad_request")
         assert conn.closed_within(3)
     assert_serves(fake_server)
 

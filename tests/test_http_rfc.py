@@ -31,9 +31,9 @@ from pytest import param
 import worker
 from conftest import REPO
 from conftest import FakeNpuPipeline
+from conftest import assert_error
 from conftest import cpu_settings
 from test_hostile import Conn
-from test_hostile import assert_error
 from test_hostile import exchange
 from test_hostile import request
 

@@ -28,10 +28,11 @@ import worker
 from slow_clients import Prober
 from slow_clients import SlowBodyAttack
 from slow_clients import SlowHeadAttack
+from conftest import call
+from conftest import needs_tiny_model
+from conftest import running_daemon
 from test_service import NotifySocket
-from test_service import needs_tiny_model
 from test_service import notify_socket
-from test_service import running_daemon
 
 ATTACK_CONNECTIONS = 200
 ATTACK_INTERVAL_S = 1.0  # a header line or a body byte per connection per second: 200 a second in all
@@ -81,7 +82,6 @@ def test_200_slow_connections_do_not_starve_health_jobs_or_the_watchdog(tmp_path
 @needs_tiny_model
 def test_an_attackers_connections_are_refused_as_408_and_counted(tmp_path: Path) -> None:
     """What the attacker gets: 408 request_timeout at the deadline, counted by reason in /metrics."""
-    from test_service import call
     from test_service import scrape
 
     with running_daemon(tmp_path) as daemon:

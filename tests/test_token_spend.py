@@ -19,7 +19,7 @@ from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
 from conftest import make_worker
-from test_http import call
+from conftest import call
 
 # --- input that is there but shows nothing ---------------------------------------------------------
 
