@@ -5,10 +5,12 @@
                                 [--tokens 16] [--json OUT]
 
 Both daemons run at once (the tiny model on CPU, --no-stop-rules, each its own lock file); one
-keep-alive client each.  Every round sends the same job to A and to B and runs the same prompt
-through a direct ``LLMPipeline.generate`` in this process, in a fresh seeded order per round, so
-that whatever else loads the machine falls on all three alike.  overhead = latency - direct, p50
-(and the p50 of the per-round differences, which is steadier on a loaded machine).
+keep-alive client each.  Every round sends the same job to A and to B, runs the same prompt
+through a direct ``LLMPipeline.generate`` in this process, and the same job through this
+checkout's ``Worker.run`` in this process (no HTTP: what the worker adds besides the HTTP front),
+in a fresh seeded order per round, so that whatever else loads the machine falls on all four
+alike.  overhead = latency - direct, p50 (and the p50 of the per-round differences, which is
+steadier on a loaded machine); http_front = latency - Worker.run.
 
 bench/run.py's machinery is reused (the direct pipeline renders the worker's prompt byte for byte).
 """
@@ -21,6 +23,7 @@ import random
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 from typing import Sequence
@@ -56,7 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         (workdir / name).mkdir()
         lock = run.RunConfig(**{**config.__dict__, "lock_file": workdir / name / "npu.lock"})
         daemons[name] = run.Daemon(lock, name, command=[sys.executable, str(path.resolve())])
-    latency: dict[str, list[float]] = {"a": [], "b": [], "direct": []}
+    settings = run.worker.Settings(model_path=config.model, device="CPU", cache_dir=None, stop_rules=False,
+                                   lock_path=workdir / "in-process.lock")
+    in_process = run.worker.build_worker(settings, run.worker.load_genai_pipeline)
+    in_process.load()
+    job = run.worker.JobRequest(job=run.JOB, input_text=text, max_new_tokens=args.tokens)
+    latency: dict[str, list[float]] = {"a": [], "b": [], "direct": [], "run": []}
     server: dict[str, list[float]] = {"a": [], "b": []}
     try:
         clients = {}
@@ -66,9 +74,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             clients[name].connect()
         rng = random.Random(args.tokens)
         for index in range(args.warmup + args.iterations):
-            for mode in run.shuffled(["a", "b", "direct"], rng):
+            for mode in run.shuffled(["a", "b", "direct", "run"], rng):
                 if mode == "direct":
                     elapsed_ms, _ = direct.generate(prompt, args.tokens)
+                elif mode == "run":
+                    started = time.perf_counter()
+                    in_process.run(job, "bench")
+                    elapsed_ms = (time.perf_counter() - started) * 1000
                 else:
                     reply = clients[mode].post(body)
                     run.check_ok(reply)
@@ -83,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for daemon in daemons.values():
             daemon.stop()
     out: dict[str, Any] = {"tokens": args.tokens, "iterations": args.iterations,
-                           "direct_ms": run.summarize(latency["direct"])}
+                           "direct_ms": run.summarize(latency["direct"]),
+                           "worker_run_ms": run.summarize(latency["run"]),
+                           "worker_run_overhead_p50_ms": round(statistics.median(latency["run"])
+                                                               - statistics.median(latency["direct"]), 3)}
     for name in ("a", "b"):
         paired = [worker - direct for worker, direct in zip(latency[name], latency["direct"])]
         out[name] = {
@@ -92,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "overhead_p50_ms": round(statistics.median(latency[name]) - statistics.median(latency["direct"]), 3),
             "paired_overhead_p50_ms": round(statistics.median(paired), 3),
             "server_overhead_p50_ms": round(statistics.median(server[name]), 3),
+            "http_front_p50_ms": round(statistics.median(latency[name]) - statistics.median(latency["run"]), 3),
         }
     print(json.dumps(out, indent=2))
     if args.json:
