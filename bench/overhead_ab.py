@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_process.load()
     job = run.worker.JobRequest(job=run.JOB, input_text=text, max_new_tokens=args.tokens)
     latency: dict[str, list[float]] = {"a": [], "b": [], "direct": [], "run": []}
-    server: dict[str, list[float]] = {"a": [], "b": []}
+    server: dict[str, list[float]] = {"a": [], "b": [], "run": []}
     try:
         clients = {}
         for name, daemon in daemons.items():
@@ -79,8 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     elapsed_ms, _ = direct.generate(prompt, args.tokens)
                 elif mode == "run":
                     started = time.perf_counter()
-                    in_process.run(job, "bench")
+                    result = in_process.run(job, "bench")
                     elapsed_ms = (time.perf_counter() - started) * 1000
+                    if index >= args.warmup:
+                        server["run"].append(result["timing_ms"]["total"] - result["timing_ms"]["generate"])
                 else:
                     reply = clients[mode].post(body)
                     run.check_ok(reply)
@@ -98,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "direct_ms": run.summarize(latency["direct"]),
                            "worker_run_ms": run.summarize(latency["run"]),
                            "worker_run_overhead_p50_ms": round(statistics.median(latency["run"])
-                                                               - statistics.median(latency["direct"]), 3)}
+                                                               - statistics.median(latency["direct"]), 3),
+                           "worker_run_server_overhead_p50_ms": round(statistics.median(server["run"]), 3)}
     for name in ("a", "b"):
         paired = [worker - direct for worker, direct in zip(latency[name], latency["direct"])]
         out[name] = {

@@ -1082,17 +1082,36 @@ def test_16_a_burst_of_connections_is_served_at_once(start_server: Callable[...,
 # --- 17: a burst of jobs while the NPU is busy -----------------------------------------------------
 
 
+class HeldPipeline(FakeNpuPipeline):
+    """The fake, but once ``held`` each generate() waits until ``release`` is set: the job
+    holding the NPU stays there for as long as the test needs (the warm-up runs before)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def generate(self, *args: Any, **kwargs: Any) -> worker.Generation:
+        if self.held:
+            self.entered.set()
+            assert self.release.wait(15), "the test never released the pipeline"
+        return super().generate(*args, **kwargs)
+
+
 def test_17_a_burst_of_jobs_is_bounded_by_the_queue_then_503_with_retry_after(
     start_server: Callable[..., worker.WorkerHTTPServer],
 ) -> None:
+    """Eight jobs at once while the first holds the NPU: one runs, ``depth`` wait (as /healthz
+    says), the rest get 503 busy with Retry-After at once; the waiting ones run once it is free."""
     depth, clients = 2, 8
-    settings = cpu_settings(Path("/unused"), queue_depth=depth)
-    pipeline = FakeNpuPipeline(settings, seconds_per_token=0.12)  # 5 words: 0.6 s per job
+    pipeline = HeldPipeline(cpu_settings(Path("/unused"), queue_depth=depth))
     server = start_server(pipeline, queue_depth=depth, lock_timeout_s=10.0)
+    pipeline.held = True
     port = server.server_port
     conns = _hold(server, clients)
     statuses: list[tuple[int, str | None, str | None]] = []
-    observed: list[int] = []
+    answered = threading.Condition()
     barrier = threading.Barrier(clients)
 
     def client(conn: Conn) -> None:
@@ -1101,32 +1120,27 @@ def test_17_a_burst_of_jobs_is_bounded_by_the_queue_then_503_with_retry_after(
         conn.send(request(port, "POST", "/v1/worker/generate", body=JOB_BODY))
         reply = conn.reply()
         error = reply.json()["error"]["type"] if reply.status != 200 else None
-        statuses.append((reply.status, error, reply.header("Retry-After")))
+        with answered:
+            statuses.append((reply.status, error, reply.header("Retry-After")))
+            answered.notify_all()
 
     threads = [threading.Thread(target=client, args=(conn,), daemon=True) for conn in conns]
-    started = time.monotonic()
     try:
         for thread in threads:
             thread.start()
-        for _ in range(300):  # watch the queue from /healthz, at most 15 s
-            if not any(thread.is_alive() for thread in threads):
-                break
-            observed.append(exchange(port, request(port))[0].json()["queue_waiting"])
-            time.sleep(0.05)
+        with answered:  # the ones beyond the queue are refused while the first still runs
+            assert answered.wait_for(lambda: len(statuses) == clients - depth - 1, 10), statuses
+        assert pipeline.entered.is_set() and exchange(port, request(port))[0].json()["queue_waiting"] == depth
+        assert all(s == (503, "busy", str(worker.RETRY_AFTER_BUSY_S)) for s in statuses), statuses
+        pipeline.release.set()
         for thread in threads:
             thread.join(15)
     finally:
+        pipeline.release.set()
         for conn in conns:
             conn.close()
-    elapsed = time.monotonic() - started
-    assert len(statuses) == clients
-    ok = [s for s in statuses if s[0] == 200]
-    busy = [s for s in statuses if s[0] == 503]
-    assert len(ok) + len(busy) == clients, statuses
-    assert len(ok) >= depth + 1 and busy, statuses  # the running job and a full queue; the rest refused
-    assert all(s == (503, "busy", str(worker.RETRY_AFTER_BUSY_S)) for s in busy), busy
-    assert max(observed) == depth and all(0 <= n <= depth for n in observed), observed
-    assert elapsed < (len(ok) + 1) * 0.6 + 5  # never unbounded
+    assert sorted(status for status, _, _ in statuses) == [200] * (depth + 1) + [503] * (clients - depth - 1)
+    assert exchange(port, request(port))[0].json()["queue_waiting"] == 0
     assert_serves(server)
 
 
