@@ -79,6 +79,12 @@ def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", "-c", command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
+def test_the_docs_commands_find_this_interpreter_without_an_activated_venv() -> None:
+    """run() puts sys.executable's directory first on PATH: `python` is this one."""
+    completed = run("python -c 'import sys; print(sys.executable)'", {"PATH": "/usr/bin:/bin"})
+    assert completed.stdout.strip() == sys.executable
+
+
 def same_shape(example: Any, actual: Any, where: str = "") -> None:
     """Same keys all the way down and the same JSON types (null allowed where the device decides)."""
     if where.endswith((".npu_busy_delta_us", ".npu_busy_ratio", ".npu_evidence", ".busy_counter")) and actual is None:

@@ -240,3 +240,13 @@ def test_a_trickled_head_is_scanned_about_once(
     # Linear: each byte about once (plus the two a straddling end mark needs), where a rescan of
     # the whole buffer after every read would look at len(pieces) / 2 times the head.
     assert sum(scanned) <= len(data) + 2 * len(scanned), (sum(scanned), len(data), len(scanned))
+
+
+def test_threading_is_not_needed_for_a_refusal(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+    """The gate answers a malformed head itself: no handler thread is started for it."""
+    server = start_server()
+    port = server.server_port
+    before = threading.active_count()
+    for _ in range(20):
+        exchange(port, b"GET /livez HTTP/1.1\r\nHost : x\r\n\r\n")
+    assert threading.active_count() <= before + 1

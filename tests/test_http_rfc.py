@@ -12,13 +12,10 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler
@@ -438,21 +435,6 @@ def test_the_deadline_counts_from_the_first_byte_not_from_the_body(start_server:
     assert result["timing_ms"]["total"] >= 300  # from receipt: the wait for the body is in it
 
 
-# --- review findings -------------------------------------------------------------------------------
-
-
-def test_settings_default_to_the_lock_every_other_process_uses(tmp_path: Path) -> None:
-    assert worker.Settings(model_path=tmp_path).lock_path == worker.default_lock_path(os.environ)
-
-
-def test_the_docs_commands_find_this_interpreter_without_an_activated_venv() -> None:
-    """tests/test_docs.py puts sys.executable's directory first on PATH: `python` is this one."""
-    from test_docs import run
-
-    completed = run("python -c 'import sys; print(sys.executable)'", {"PATH": "/usr/bin:/bin"})
-    assert completed.stdout.strip() == sys.executable
-
-
 # --- errors become answers and exit codes in one place each ---------------------------------------------
 
 
@@ -513,13 +495,3 @@ def test_one_function_prints_every_cli_error(capsys: pytest.CaptureFixture[str])
     assert out.err == "smoke_llm_npu.py: input_too_long: too long\n"
     source = (REPO / "worker.py").read_text() + (REPO / "smoke_llm_npu.py").read_text()
     assert len(re.findall(r"\{exc\.type\}: \{exc\.message\}", source)) == 1  # only in report_cli_error
-
-
-def test_threading_is_not_needed_for_a_refusal(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    """The gate answers a malformed head itself: no handler thread is started for it."""
-    server = start_server()
-    port = server.server_port
-    before = threading.active_count()
-    for _ in range(20):
-        exchange(port, b"GET /livez HTTP/1.1\r\nHost : x\r\n\r\n")
-    assert threading.active_count() <= before + 1

@@ -488,6 +488,10 @@ def test_exception_in_turn_releases_queue_and_lock(lock_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+def test_settings_default_to_the_lock_every_other_process_uses(tmp_path: Path) -> None:
+    assert worker.Settings(model_path=tmp_path).lock_path == worker.default_lock_path(os.environ)
+
+
 def test_default_lock_path_uses_xdg_runtime_dir(tmp_path: Path) -> None:
     """An existing $XDG_RUNTIME_DIR holds the lock directory."""
     assert worker.default_lock_path({"XDG_RUNTIME_DIR": str(tmp_path)}) == (
