@@ -373,3 +373,12 @@ def running_daemon(tmp_path: Path, *args: str, **env: Any) -> Iterator[Daemon]:
         yield daemon
     finally:
         daemon.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worker:
+    """One loaded, warmed-up worker on the tiny model (CPU, default settings) for every test that
+    runs jobs on it without changing its settings: the model is loaded once per session."""
+    built = worker.build_worker(cpu_settings(tmp_path_factory.mktemp("tiny")), worker.load_genai_pipeline)
+    built.load()
+    return built

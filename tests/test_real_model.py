@@ -31,14 +31,6 @@ INPUT = (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worker:
-    settings = cpu_settings(tmp_path_factory.mktemp("tiny"))
-    built = worker.build_worker(settings, worker.load_genai_pipeline)
-    built.load()
-    return built
-
-
 def assert_documented_shape(result: dict[str, object]) -> None:
     """The output shape CONTRACT.md promises per job, whatever the model said."""
     text = result["text"]

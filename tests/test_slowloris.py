@@ -40,6 +40,7 @@ ATTACK_INTERVAL_S = 1.0  # a header line or a body byte per connection per secon
 PROBE_SECONDS = 8.0
 PROBE_INTERVAL_S = 0.5
 WATCHDOG_USEC = "2000000"  # the self-check every second (WatchdogSec/2)
+IDLE_WINDOW_S = 5.0
 
 
 def watchdog_pings(listener: NotifySocket) -> tuple[int, list[str]]:
@@ -130,18 +131,18 @@ def quiet(pid: int, timeout_s: float = 30.0) -> dict[int, int]:
 
 
 @needs_tiny_model
-@pytest.mark.parametrize("watchdog_s, at_most", [(None, 2), (10, 10)], ids=["no-watchdog", "watchdog-10s"])
+@pytest.mark.parametrize("watchdog_s, at_most", [(None, 2), (4, 8)], ids=["no-watchdog", "watchdog-4s"])
 def test_an_idle_daemon_does_not_wake_up(tmp_path: Path, watchdog_s: int | None, at_most: int) -> None:
-    """bench/idle.py measures this over 60 s for BENCHMARKS.md; here 10 s and a bound: nothing
-    without a watchdog, and at most one wake-up a second with a self-check every 5 s
-    (WatchdogSec=10 s; the unit's is 60 s)."""
+    """bench/idle.py measures this over 60 s for BENCHMARKS.md; here 5 s and a bound: nothing
+    without a watchdog, and about two wake-ups per self-check with one every 2 s (WatchdogSec=4 s;
+    the unit's is 60 s), where polling even once a second would exceed the bound."""
     env = {"WATCHDOG_USEC": str(watchdog_s * 1_000_000)} if watchdog_s else {}
     with notify_socket(f"@npu-worker-idle-{uuid.uuid4().hex}") as listener, \
             running_daemon(tmp_path, NOTIFY_SOCKET=listener.address, **env) as daemon:
         daemon.wait_listening()
         listener.until(lambda fields: "READY=1" in fields, 60)
         before = quiet(daemon.process.pid)  # the load and warm-up threads have ended or sleep
-        time.sleep(10.0)  # the window measured: what an idle daemon does in it
+        time.sleep(IDLE_WINDOW_S)  # the window measured: what an idle daemon does in it
         after = context_switches(daemon.process.pid)
     woken = {tid: after[tid] - before.get(tid, 0) for tid in after}
     assert sum(woken.values()) <= at_most, woken
