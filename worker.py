@@ -2707,7 +2707,9 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
             try:
                 while not self._gate_stop:
-                    for key, _ in selector.select(self._gate_timeout()):
+                    events = selector.select(self._gate_timeout())
+                    self._take_back_returned(time.monotonic())  # before their events are read
+                    for key, _ in events:
                         now = time.monotonic()
                         if key.data == "listen":
                             self._accept(now)
@@ -2716,18 +2718,19 @@ class WorkerHTTPServer(ThreadingHTTPServer):
                         else:
                             self._receive(key.data, now)
                     now = time.monotonic()
-                    self._take_back_returned(now)
                     self._expire(now)
                     if self._refusals.flush_due is not None and now >= self._refusals.flush_due:
                         self._refusals.flush(now)
             finally:
+                self._take_back_returned(time.monotonic())
                 for connection in list(self._pending.values()):
                     self._close(connection)
                 self._gate_done.set()
 
     def shutdown(self) -> None:
         """Stop the gate and wait for it; requests in service still finish (see drain)."""
-        self._gate_stop = True
+        with self._lock:  # no handler hands a connection back to the gate after this
+            self._gate_stop = True
         self._wake()
         self._gate_done.wait()
 
@@ -2740,6 +2743,10 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         wake_at = [connection.deadline for connection in self._pending.values()]
         if self._refusals.flush_due is not None:
             wake_at.append(self._refusals.flush_due)
+        if any(self._in_service.values()):
+            # A connection handed back (shutdown_request) is idle from then until the gate looks:
+            # looking at least this often keeps its IDLE_TIMEOUT_S without a wake-up per answer.
+            wake_at.append(time.monotonic() + IDLE_TIMEOUT_S)
         return max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
 
     def _wake(self) -> None:
@@ -2915,13 +2922,21 @@ class WorkerHTTPServer(ThreadingHTTPServer):
 
     def shutdown_request(self, request: Request) -> None:  # type: ignore[override]
         """After a handler: a kept-alive connection goes back to the gate, any other is closed."""
+        connection = request.connection
         with self._lock:
             self._in_service[request.slot] -= 1
-            keep = request.connection.keep_alive and not self._gate_stop and not request.half_closed
+            keep = connection.keep_alive and not self._gate_stop and not request.half_closed
             if keep:
-                self._returned.append(request.connection)
+                now = time.monotonic()
+                connection.keep_alive, connection.answered_before = False, True
+                connection.waiting_since, connection.deadline = now, now + IDLE_TIMEOUT_S
+                self._returned.append(connection)
+                # Registered from here (epoll allows it while the gate waits): the gate wakes for
+                # the next request's bytes, not once more for the hand-back.
+                self._selector.register(connection.sock, selectors.EVENT_READ, connection)
         if keep:
-            self._wake()
+            if connection.buffer:
+                self._wake()  # the next request came with this one: the gate has it read already
         else:
             super().shutdown_request(request.connection.sock)  # shutdown(SHUT_WR), then close
 
@@ -2933,12 +2948,7 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         with self._lock:
             returned, self._returned = list(self._returned), deque()
         for connection in returned:
-            connection.keep_alive = False
-            connection.answered_before = True
-            connection.waiting_since = now
-            connection.deadline = now + IDLE_TIMEOUT_S
             self._pending[connection.sock] = connection
-            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
             if connection.buffer:  # the next request arrived with the last one (pipelining)
                 connection.started = now
                 connection.deadline = now + HEAD_DEADLINE_S
