@@ -56,7 +56,6 @@ import importlib.util
 import json
 import logging
 import os
-import queue
 import re
 import select
 import selectors
@@ -2412,7 +2411,9 @@ def check_access(head: Head, allowed_hosts: set[str], token: str | None) -> None
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
 
 
-def checks_before_body(head: Head, allowed_hosts: set[str], token: str | None, max_body_bytes: int) -> tuple[Route, int]:
+def checks_before_body(
+    head: Head, allowed_hosts: set[str], token: str | None, max_body_bytes: int
+) -> tuple[Route, int]:
     """Everything decided from the head alone - access, method and path, media type, framing -
     and the body length to read, or the WorkerError the request is answered with instead (then
     nothing more of it is read, and no "100 Continue" is sent).  The gate runs it once per
@@ -2811,7 +2812,7 @@ class WorkerHTTPServer(ThreadingHTTPServer):
                 self.worker.metrics.observe_refusal("evicted_idle")  # no request: counted, not answered
                 self._close(candidate)
                 return
-        oldest = min(self._pending.values(), key=lambda connection: connection.started or connection.waiting_since)
+        oldest = min(self._pending.values(), key=lambda waiting: waiting.started or waiting.waiting_since)
         self._refuse(oldest, Busy("too many connections; the slowest was dropped"), "evicted", now)
 
     def _receive(self, connection: Connection, now: float) -> None:
@@ -2840,7 +2841,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             end, connection.head_scanned = head_end(buffer, connection.head_scanned)
             if end is None and not connection.request_line_ended and len(buffer) > MAX_REQUEST_LINE_BYTES + 2:
                 if buffer.find(b"\n", 0, MAX_REQUEST_LINE_BYTES + 3) < 0:
-                    self._refuse(connection, ProtocolError(414, "request head too large"), "head_too_large", now)
+                    error = ProtocolError(414, "request head too large")
+                    self._refuse(connection, error, "head_too_large", now)
                     return
                 connection.request_line_ended = True  # looked at once, not after every read
             if (end or len(buffer)) > MAX_HEAD_BYTES:  # with its end or without: the whole head's limit
@@ -2865,7 +2867,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
                 )
             except WorkerError as exc:
                 connection.route = ROUTE_BY_PATH.get(connection.head.path)
-                connection.refusal, connection.body_size = exc, 0  # a handler answers it; nothing more is read
+                # A handler answers it; nothing more of the request is read.
+                connection.refusal, connection.body_size = exc, 0
             connection.deadline = now + BODY_DEADLINE_S
         head = connection.head
         if connection.body_size > 0 and not connection.continue_sent and (head.get("Expect") or "").lower() == "100-continue":
@@ -2901,7 +2904,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             if free:
                 self._in_service[kind] += 1
         if not free:
-            self._refuse(connection, Busy(f"too many requests in service ({capacity})"), f"no_{kind}_slot", now)
+            busy = Busy(f"too many requests in service ({capacity})")
+            self._refuse(connection, busy, f"no_{kind}_slot", now)
             return
         del connection.buffer[:end]
         connection.head, connection.route, connection.refusal = None, None, None
@@ -2975,7 +2979,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         self.worker.metrics.observe_refusal(reason)
         self._refusals.note(reason, error.status, now)
         head_only = connection.head is not None and connection.head.method == "HEAD"
-        self._send_quietly(connection.sock, error_response(error, request_id, connection="close", head_only=head_only))
+        answer = error_response(error, request_id, connection="close", head_only=head_only)
+        self._send_quietly(connection.sock, answer)
         self._close(connection)
 
     def _send_quietly(self, sock: socket.socket, data: bytes) -> None:
@@ -3066,10 +3071,12 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
                 status, body, headers = route.answer(self.server)
             else:
                 self.body_consumed = True
-                job_request = validate_job_request(parse_json_body(request.body), self.server.settings.limits, job=route.job)
+                limits = self.server.settings.limits
+                job_request = validate_job_request(parse_json_body(request.body), limits, job=route.job)
                 job = job_request.job
                 body = self.server.worker.run(
-                    job_request, self.request_id, client_gone=self._client_gone, received_at=request.received_at
+                    job_request, self.request_id, client_gone=self._client_gone,
+                    received_at=request.received_at,
                 )
                 status, headers = 200, {}
         except ClientGone as exc:
@@ -3151,14 +3158,16 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
             data = error_response(error, self.request_id, connection=connection, head_only=head_only)
         else:
             payload = body.encode("utf-8") if isinstance(body, str) else json_payload(body)
-            data = http_response(status, payload, request_id=self.request_id, content_type=content_type, headers=headers,
-                                 connection=connection, head_only=head_only)
+            data = http_response(status, payload, request_id=self.request_id, content_type=content_type,
+                                 headers=headers, connection=connection, head_only=head_only)
         try:
             send_all(self.connection, data, WRITE_TIMEOUT_S)  # a client that does not read loses its answer
         except OSError:
             self.close_connection = True  # gone, or not reading: the answer is lost either way
 
-    def _record(self, endpoint: str, status: int, job: str | None, result: Any, error: WorkerError | None) -> None:
+    def _record(
+        self, endpoint: str, status: int, job: str | None, result: Any, error: WorkerError | None
+    ) -> None:
         """One logfmt line per request and its metrics: ids, sizes, counts and timings - never
         input or output text.  ``result`` is a job's result, if there is one (an error may carry it)."""
         method = self.request.head.method
@@ -3342,10 +3351,14 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
     )
     status_body = obj({"status": string, "problem": nullable_string}, ["status", "problem"])
     get_responses = {
-        "/livez": {"200": json_response(status_body), "503": json_response(status_body), "403": error_response},
+        "/livez": {
+            "200": json_response(status_body), "503": json_response(status_body), "403": error_response,
+        },
         "/healthz": {"200": json_response(health), "503": json_response(health), **get_errors},
         "/models": {"200": json_response({"type": "object"}), **get_errors},
-        "/metrics": {"200": {"description": "metrics", "content": {"text/plain": {"schema": string}}}, **get_errors},
+        "/metrics": {
+            "200": {"description": "metrics", "content": {"text/plain": {"schema": string}}}, **get_errors,
+        },
         "/openapi.json": {"200": json_response({"type": "object"}), **get_errors},
     }
 
@@ -3354,7 +3367,9 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
         if route.answer is not None:
             get = {"summary": route.summary, "responses": get_responses[route.path]}
             return {"get": {**get, "security": []} if not route.needs_token else get}
-        schema = any_job if route.job is None else obj(request_fields(route.job), ["input"], additionalProperties=False)
+        schema = any_job
+        if route.job is not None:
+            schema = obj(request_fields(route.job), ["input"], additionalProperties=False)
         return {"post": {
             "summary": route.summary,
             "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
@@ -3389,7 +3404,9 @@ def healthz_answer(server: WorkerHTTPServer) -> Answer:
     if worker.ready:
         return 200, health_body(server.settings, worker), {}
     # The Retry-After a job would get now, from the error it would get.
-    not_ready = ShuttingDown("the worker is shutting down") if worker.stopping else Loading("the model is still loading")
+    not_ready: WorkerError = Loading("the model is still loading")
+    if worker.stopping:
+        not_ready = ShuttingDown("the worker is shutting down")
     return 503, health_body(server.settings, worker), not_ready.response_headers()
 
 

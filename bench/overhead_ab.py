@@ -37,7 +37,8 @@ import run  # noqa: E402
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--a", type=Path, required=True, help="worker.py A (say, main's)")
-    parser.add_argument("--b", type=Path, default=run.WORKER_PY, help="worker.py B (default: this checkout's)")
+    parser.add_argument("--b", type=Path, default=run.WORKER_PY,
+                        help="worker.py B (default: this checkout's)")
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--tokens", type=int, default=16, help="max_new_tokens (default 16)")
@@ -102,15 +103,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                            "worker_run_overhead_p50_ms": round(statistics.median(latency["run"])
                                                                - statistics.median(latency["direct"]), 3),
                            "worker_run_server_overhead_p50_ms": round(statistics.median(server["run"]), 3)}
+    direct_p50 = statistics.median(latency["direct"])
     for name in ("a", "b"):
         paired = [worker - direct for worker, direct in zip(latency[name], latency["direct"])]
         out[name] = {
             "worker": str(getattr(args, name)),
             "latency_ms": run.summarize(latency[name]),
-            "overhead_p50_ms": round(statistics.median(latency[name]) - statistics.median(latency["direct"]), 3),
+            "overhead_p50_ms": round(statistics.median(latency[name]) - direct_p50, 3),
             "paired_overhead_p50_ms": round(statistics.median(paired), 3),
             "server_overhead_p50_ms": round(statistics.median(server[name]), 3),
-            "http_front_p50_ms": round(statistics.median(latency[name]) - statistics.median(latency["run"]), 3),
+            "http_front_p50_ms": round(statistics.median(latency[name]) - statistics.median(latency["run"]),
+                                       3),
         }
     print(json.dumps(out, indent=2))
     if args.json:

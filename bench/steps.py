@@ -43,7 +43,8 @@ def timed(name, function):
             times[name].append((time.perf_counter() - started) * 1000)
     return wrapper
 
-for name in ("job_prompt", "job_result", "validate_job_request", "parse_json_body", "http_response", "json_payload"):
+for name in ("job_prompt", "job_result", "validate_job_request", "parse_json_body", "http_response",
+             "json_payload"):
     setattr(worker, name, timed(name, getattr(worker, name)))
 worker.GenAIPipeline.generate = timed("generate", worker.GenAIPipeline.generate)
 worker.NpuLock.acquire = timed("NpuLock.acquire", worker.NpuLock.acquire)
@@ -87,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = {}
     for tree in args.trees:
-        run = subprocess.run([sys.executable, "-c", CLIENT, str(tree.resolve()), str(args.requests), str(BENCH_DIR)],
-                             capture_output=True, text=True, check=True, timeout=600)
+        argv = [sys.executable, "-c", CLIENT, str(tree.resolve()), str(args.requests), str(BENCH_DIR)]
+        run = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600)
         results[str(tree)] = json.loads(run.stdout.strip().splitlines()[-1])
     names = sorted({name for steps in results.values() for name in steps})
     print("| step (p50 ms) | " + " | ".join(results) + " |")

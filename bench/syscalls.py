@@ -31,14 +31,17 @@ import run  # noqa: E402
 LINE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+([a-z0-9_]+)\(")  # strace -f -o: "TID name(...", one a line
 
 
-def measure(worker_py: Path, requests: int, tokens: int, workdir: Path) -> dict[str, collections.Counter[str]]:
+def measure(
+    worker_py: Path, requests: int, tokens: int, workdir: Path
+) -> dict[str, collections.Counter[str]]:
     config = run.RunConfig(
         model=run.DEFAULT_MODEL, device="CPU", cache_dir=None, lock_file=workdir / "npu.lock",
         max_prompt_tokens=run.worker.DEFAULT_MAX_PROMPT_TOKENS, no_npu_proof=False, emulate_npu=False,
         workdir=workdir, plan=run.Plan(),
     )
     body = run.encode_job(run.JOB, run.make_text(run.OVERHEAD_INPUT_CHARS), tokens)
-    daemon = run.Daemon(config, worker_py.parent.name or "worker", command=[sys.executable, str(worker_py.resolve())])
+    command = [sys.executable, str(worker_py.resolve())]
+    daemon = run.Daemon(config, worker_py.parent.name or "worker", command=command)
     try:
         daemon.wait_ready()
         client = run.Client(daemon.port)
@@ -83,7 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"## {worker_py}")
         for kind in ("gate", "handler", "other"):
             total = sum(counts[kind].values()) / args.requests
-            detail = ", ".join(f"{name} {count / args.requests:.2f}" for name, count in counts[kind].most_common(12))
+            common = counts[kind].most_common(12)
+            detail = ", ".join(f"{name} {count / args.requests:.2f}" for name, count in common)
             print(f"{kind:8} {total:6.2f} per request: {detail}")
     return 0
 

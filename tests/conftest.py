@@ -308,7 +308,8 @@ class Daemon:
         self.lock_path = Path(environ["OV_GENAI_NPU_LOCK"])
         self.process = subprocess.Popen(
             command or [sys.executable, str(REPO / "worker.py"), "--port", "0", *args], cwd=REPO,
-            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
         )
         self.log: list[str] = []
         self.port: int | None = None
@@ -339,7 +340,8 @@ class Daemon:
         port = self.wait_listening()
         deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
         while True:
-            assert self.process.poll() is None, f"daemon exited {self.process.returncode}: {''.join(self.log)[-3000:]}"
+            log = "".join(self.log)[-3000:]
+            assert self.process.poll() is None, f"daemon exited {self.process.returncode}: {log}"
             with contextlib.suppress(OSError, http.client.HTTPException):
                 if fetch(port, "GET", "/healthz", timeout_s=2.0)[0] == 200:
                     return port

@@ -66,7 +66,8 @@ SETUP_COMMANDS = [command for heading, command, _ in README if heading == "Set-u
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, str]]]:
     """The documented daemon command, on the tiny model on CPU, on a free port."""
     env = {"OV_GENAI_NPU_PORT": str(free_port())}
-    with running_daemon(tmp_path_factory.mktemp("docs"), command=[sys.executable, "worker.py"], **env) as served:
+    command = [sys.executable, "worker.py"]
+    with running_daemon(tmp_path_factory.mktemp("docs"), command=command, **env) as served:
         port = served.wait_ready()
         yield port, served.env
         assert served.stop() == 0

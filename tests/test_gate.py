@@ -54,7 +54,8 @@ def real_clients_at_once(port: int, count: int = REAL_CLIENTS) -> list[str]:
 
 def stalled(port: int, connections: int) -> SlowHeadAttack:
     """Connections that each start a request and stall; a refused one does not come back."""
-    return SlowHeadAttack("127.0.0.1", port, connections=connections, interval_s=STALL_S, reopen_delay_s=STALL_S)
+    return SlowHeadAttack("127.0.0.1", port, connections=connections, interval_s=STALL_S,
+                          reopen_delay_s=STALL_S)
 
 
 def test_400_stalled_requests_and_20_real_clients_every_client_is_answered(
@@ -71,7 +72,8 @@ def test_400_stalled_requests_and_20_real_clients_every_client_is_answered(
         stats = attack.stats()
         assert stats.closed_by_server == 0, stats  # no connection closed without an answer
         # The real clients made room too: by evicting stalled requests, answered 503.
-        assert wait_for(lambda: server.worker.metrics.refusals["evicted"] == attack.stats().responses[503], 10)
+        refusals = server.worker.metrics.refusals
+        assert wait_for(lambda: refusals["evicted"] == attack.stats().responses[503], 10)
     assert set(stats.responses) == {503}, stats
 
 
@@ -166,7 +168,9 @@ def big_head(port: int, total_bytes: int) -> bytes:
 
 
 @pytest.mark.parametrize("with_end", [True, False], ids=["with-its-end", "without-its-end"])
-def test_a_head_over_128_kib_is_431(start_server: Callable[..., worker.WorkerHTTPServer], with_end: bool) -> None:
+def test_a_head_over_128_kib_is_431(
+    start_server: Callable[..., worker.WorkerHTTPServer], with_end: bool
+) -> None:
     server = start_server()
     port = server.server_port
     data = big_head(port, 167_000) + (b"\r\n\r\n" if with_end else b"")

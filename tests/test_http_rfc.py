@@ -103,7 +103,9 @@ def test_the_parsed_head_is_the_one_every_later_step_reads() -> None:
     param("HTTP/1.0", "keep-alive", True, id="1.0-keep-alive"),
     param("HTTP/1.0", "close", False, id="1.0-close"),
 ])
-def test_keep_alive_follows_rfc_9112_section_9_3(version: str, connection: str | None, keep_alive: bool) -> None:
+def test_keep_alive_follows_rfc_9112_section_9_3(
+    version: str, connection: str | None, keep_alive: bool
+) -> None:
     lines = [f"GET / {version}", "Host: x", *([f"Connection: {connection}"] if connection else [])]
     assert worker.parse_head(head(*lines)).keep_alive is keep_alive
 
@@ -465,7 +467,8 @@ def test_only_http_response_writes_a_status_line_and_only_two_places_send() -> N
     # One function turns a WorkerError into an answer, for the gate and the handlers alike (the CLI
     # prints the same body in report_cli_error and run_batch).
     builders = sorted(name for name, node in functions.items()
-                      if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "error_body" for n in ast.walk(node)))
+                      if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "error_body"
+                             for n in ast.walk(node)))
     assert builders == ["error_response", "report_cli_error", "run_batch"]
 
 
@@ -476,10 +479,12 @@ def test_http_servers_own_parsing_error_pages_and_logging_are_never_reached(
     log_message (which would log the request line) are not called, for answers and errors alike."""
     reached: list[str] = []
     for name in ("parse_request", "send_error", "send_response", "log_message", "handle_one_request"):
-        monkeypatch.setattr(BaseHTTPRequestHandler, name, lambda *args, name=name, **kwargs: reached.append(name))
+        monkeypatch.setattr(BaseHTTPRequestHandler, name,
+                            lambda *args, name=name, **kwargs: reached.append(name))
     server = start_server()
     port = server.server_port
-    for data in (request(port, "GET", "/livez"), request(port, "GET", "/nowhere"), request(port, "DELETE", "/models"),
+    for data in (request(port, "GET", "/livez"), request(port, "GET", "/nowhere"),
+                 request(port, "DELETE", "/models"),
                  request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x"}'),
                  request(port, "POST", "/v1/worker/generate", body=b"[")):
         assert exchange(port, data)[0].status in (200, 400, 404, 405)

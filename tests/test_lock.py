@@ -622,12 +622,14 @@ def test_daemon_answers_503_busy_while_another_process_holds_the_lock(tmp_path: 
         port = served.wait_ready()
         with lock_holder(lock_path) as holder:
             started = time.monotonic()
-            status, headers, body = call(port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"}, timeout_s=30)
+            status, headers, body = call(port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"},
+                                         timeout_s=30)
             assert time.monotonic() - started >= 0.5
             assert status == 503
             assert body["error"]["type"] == "busy"
             assert int(headers["Retry-After"]) > 0
             holder.kill()
-        status, _, body = call(port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"}, timeout_s=30)
+        status, _, body = call(port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"},
+                               timeout_s=30)
         assert status == 200, body
         assert served.stop() == 0, served.log_text()[-3000:]
