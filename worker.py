@@ -2744,7 +2744,11 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         wake_at = [connection.deadline for connection in self._pending.values()]
         if self._refusals.flush_due is not None:
             wake_at.append(self._refusals.flush_due)
-        if any(self._in_service.values()):
+        with self._lock:  # one view of both: a hand-back changes them together
+            returned, in_service = bool(self._returned), any(self._in_service.values())
+        if returned:
+            return 0.0  # handed back since the last look: into the books first
+        if in_service:
             # A connection handed back (shutdown_request) is idle from then until the gate looks:
             # looking at least this often keeps its IDLE_TIMEOUT_S without a wake-up per answer.
             wake_at.append(time.monotonic() + IDLE_TIMEOUT_S)

@@ -12,6 +12,7 @@ The attackers are tests/slow_clients.py; all traffic is on 127.0.0.1 and every l
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from typing import Callable
@@ -254,3 +255,20 @@ def test_threading_is_not_needed_for_a_refusal(start_server: Callable[..., worke
     for _ in range(20):
         exchange(port, b"GET /livez HTTP/1.1\r\nHost : x\r\n\r\n")
     assert threading.active_count() <= before + 1
+
+
+def test_a_kept_alive_connection_idle_after_its_answer_is_closed_at_the_idle_timeout(
+    start_server: Callable[..., worker.WorkerHTTPServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler hands the connection back without waking the gate; the gate, which had nothing
+    else to wait for, still closes it once it has been idle for IDLE_TIMEOUT_S."""
+    monkeypatch.setattr(worker, "IDLE_TIMEOUT_S", 0.5)
+    server = start_server()
+    port = server.server_port
+    with Conn(port) as conn:
+        conn.send(request(port, "GET", "/livez"))
+        assert conn.reply().status == 200
+        answered = time.monotonic()
+        assert conn.closed_within(5)
+        assert 0.4 <= time.monotonic() - answered < 3
+    assert server.open_connections == 0
