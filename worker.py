@@ -3010,8 +3010,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
     def open_connections(self) -> int:
         """Client connections open right now, held by the gate or in service.  Read by the
         tests and bench/ tools that check the gate holds what an attack opened."""
-        with self._lock:
-            return len(self._pending) + sum(self._in_service.values())
+        with self._lock:  # handed back but not yet in the gate's books counts too
+            return len(self._pending) + len(self._returned) + sum(self._in_service.values())
 
     @contextlib.contextmanager
     def active_request(self) -> Iterator[None]:

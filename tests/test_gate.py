@@ -149,8 +149,9 @@ def test_an_idle_kept_alive_connection_makes_room_silently_and_is_counted(
         idle.send(request(port, "GET", "/livez"))
         assert idle.reply().status == 200  # kept alive, idle from now on
         stalled_conn.send(b"GET /livez HTTP/1.1\r\n")
-        # Both held by the gate itself (the idle one back from its handler), not in service.
-        assert wait_for(lambda: len(server._pending) == 2, 5)  # noqa: SLF001
+        # Both held by the gate (the idle one handed back by its handler), none in service.
+        in_service = server._in_service  # noqa: SLF001
+        assert wait_for(lambda: server.open_connections == 2 and not any(in_service.values()), 5)
         reply, _ = exchange(port, request(port, "GET", "/livez"))
         assert reply.status == 200
         assert idle.closed_within(5)  # nothing sent since its answer: closed, no answer owed
