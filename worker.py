@@ -53,11 +53,9 @@ import glob
 import hmac
 import http
 import importlib.util
-import io
 import json
 import logging
 import os
-import queue
 import re
 import select
 import selectors
@@ -129,7 +127,7 @@ BODY_OVERHEAD_BYTES = 4096
 HEAD_DEADLINE_S = 5.0
 BODY_DEADLINE_S = 10.0
 IDLE_TIMEOUT_S = 10.0  # a kept-alive connection with no request started in it
-# Connections the gate holds at once; past it, the one that has waited longest is dropped (503).
+# Connections the gate holds at once; past it, one makes room (WorkerHTTPServer._evict).
 MAX_PENDING_CONNECTIONS = 256
 HEALTH_SLOTS = 8  # /livez and /healthz answered at once, beside --max-connections
 WRITE_TIMEOUT_S = 10.0  # a client that does not read its answer loses it
@@ -163,6 +161,7 @@ MAX_IDLE_UNLOAD_S = 7 * 24 * 3600.0
 BUSY_COUNTER_GLOB = "/sys/class/accel/accel*/device/npu_busy_time_us"
 # Where the accel character devices live (drm_accel.c: "accel/%s").
 ACCEL_DEVICE_DIR = "/dev/accel/"
+ACCEL_GLOB = "/dev/accel/accel*"
 # The /proc scan for npu_evidence runs beside the generation for at most EVIDENCE_BUDGET_S, and is
 # stopped as the job's NPU turn ends.  An fd costs it 7.5 us (issue 16) to 20 us (a loaded 2-core
 # machine, BENCHMARKS.md "Laptop citizen"): 25,000 to 65,000 fds in the budget.
@@ -175,6 +174,8 @@ IVPU_DRIVER_NAME = "intel_vpu"  # fdinfo's drm-driver (Linux >= 6.19 prints memo
 # The kernel truncates each read of the counter to whole microseconds (ivpu_sysfs.c, ktime_to_us).
 COUNTER_READ_SLACK_US = 2
 RATIO_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+# Histogram buckets of /metrics: seconds, and the NPU busy ratio.
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 LOCK_DIR_NAME = "openvino-genai-npu-worker"
 LOCK_FILE_NAME = "npu.lock"
 GENAI_MODEL_FILES = ("openvino_model.xml", "openvino_tokenizer.xml", "openvino_detokenizer.xml")
@@ -265,7 +266,7 @@ EXIT_CONFIG = 78
 # ==================================================================================================
 # Errors: every failure is a WorkerError; its class says the HTTP status, the error type, the CLI
 # exit code and the headers its response needs.  They become responses in one place
-# (WorkerRequestHandler.send_worker_error, which the gate shares) and exit codes in one
+# (error_response, for the gate's refusals and the handlers' errors alike) and exit codes in one
 # (report_cli_error).
 # ==================================================================================================
 
@@ -511,7 +512,9 @@ class Generation:
     generated_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
     stop_rule: str | None = None  # which of STOP_RULES ended it, when the worker did (finish "stop")
-    token_ids: tuple[int, ...] = ()  # what was generated, as the streamer saw it
+    # What was generated, as the streamer saw it: not needed to answer, kept because
+    # tools/record_token_streams.py records it and the real-pipeline tests compare it.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -532,7 +535,7 @@ class CleanOutput:
 #   every string at most 120 characters, as an unbounded one is never closed, and above 128
 #   (XGrammar's kUnzipThreshold) each token costs 0.6-0.8 s while more than 128 remain allowed;
 # - no escapes and no leading white space in a text, so what it writes is json.dumps-compact.
-# Five full English items take 172 tokens (../research: measured on SmolLM2, CPU and NPU path).
+# Five full English items take 172 tokens (measured on SmolLM2, on the CPU and the NPU path).
 MEMORY_GRAMMAR = (
     r'root ::= "{\"candidates\":[" ( item ( "," item ){0,%d} )? "]}"' % (MEMORY_MAX_CANDIDATES - 1) + "\n"
     + r'item ::= "{\"text\":\"" [^"\\\x00-\x20] [^"\\\x00-\x1f]{0,%d} "\"}"' % (MEMORY_CANDIDATE_MAX_CHARS - 1) + "\n"
@@ -676,12 +679,12 @@ def validate_input_text(value: Any, limits: Limits) -> str:
     return value
 
 
-# --- Request heads: RFC 9112, strictly, before http.server sees them. ------------------------------
+# --- Request heads: RFC 9112, strictly; the one parse of every request. --------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Head:
-    """A request head that passed parse_head: its request line and its fields, canonical."""
+    """A request head that passed parse_head: its request line and its fields."""
 
     method: str
     target: str  # origin-form: /path?query (an absolute-form target is turned into this)
@@ -699,24 +702,32 @@ class Head:
         values = self.get_all(name)
         return values[0] if values else None
 
-    def canonical(self) -> bytes:
-        """The head as http.server should read it: one form for every way of writing it."""
-        lines = [f"{self.method} {self.target} {self.version}", *(f"{name}: {value}" for name, value in self.fields)]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    @property
+    def keep_alive(self) -> bool:
+        """Whether the client wants the connection kept open after the answer (RFC 9112, 9.3):
+        HTTP/1.1 unless it says ``Connection: close``, HTTP/1.0 only with ``Connection: keep-alive``."""
+        connection = (self.get("Connection") or "").lower()
+        return connection == "keep-alive" or (connection != "close" and self.version == "HTTP/1.1")
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_EMPTY_LINES = re.compile(rb"[\r\n]*")
 _VERSION = re.compile(r"HTTP/(\d)\.(\d)")
 _ABSOLUTE_TARGET = re.compile(r"http://([^/?#\s]+)([^#\s]*)", re.IGNORECASE)
 
 
-def head_end(data: bytes | bytearray) -> int | None:
+def head_end(data: bytes | bytearray, resume_at: int = 0) -> tuple[int | None, int]:
     """Where the head in ``data`` ends (just after its empty line), or None while it is not all
-    there.  Lines end in CRLF or in a bare LF (RFC 9112, 2.2); empty lines before the request
-    line are skipped, as the RFC asks."""
-    start = len(data) - len(bytes(data).lstrip(b"\r\n"))
-    ends = [data.find(mark, start) + len(mark) for mark in (b"\n\r\n", b"\n\n") if data.find(mark, start) >= 0]
-    return min(ends) if ends else None
+    there; and where to resume the search once more bytes have arrived.  Lines end in CRLF or in
+    a bare LF (RFC 9112, 2.2).  ``data`` starts at the request line (the gate drops the empty lines
+    a client may send before it, as the RFC asks).  Resuming where the last search stopped, as
+    asyncio's ``StreamReader.readuntil`` does, looks at each byte of a trickled head about once:
+    searching the whole buffer after every read made a slow client cost the gate, which every
+    client waits for, time quadratic in its head."""
+    ends = [found + len(mark) for mark in (b"\n\r\n", b"\n\n") if (found := data.find(mark, resume_at)) >= 0]
+    if ends:
+        return min(ends), resume_at
+    return None, max(resume_at, len(data) - 2)  # an end mark straddling the next read starts here
 
 
 def parse_head(data: bytes) -> Head:
@@ -1128,6 +1139,12 @@ def clean_summary(raw: str) -> str:
     return " ".join(sentences[:SUMMARY_MAX_SENTENCES])
 
 
+def json_start(text: str) -> int | None:
+    """Where the model's JSON value starts (its first "{" or "["), or None without one."""
+    starts = [index for index in (text.find("{"), text.find("[")) if index >= 0]
+    return min(starts) if starts else None
+
+
 def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
     """Candidates from the model's JSON, and whether that JSON was valid.
 
@@ -1136,13 +1153,13 @@ def parse_memory_candidates(raw: str) -> tuple[list[dict[str, str]], bool]:
     json_valid False); anything else that is not valid JSON gives ([], False): nothing is guessed.
     """
     text = without_reasoning(raw)
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
+    start = json_start(text)
+    if start is None:
         return [], False
     try:
-        value, _ = json.JSONDecoder().raw_decode(text, min(starts))
+        value, _ = json.JSONDecoder().raw_decode(text, start)
     except (ValueError, RecursionError):
-        return memory_candidates(complete_items(text, min(starts))), False
+        return memory_candidates(complete_items(text, start)), False
     items = value.get("candidates") if isinstance(value, dict) else value
     if not isinstance(items, list):
         return [], False
@@ -1183,12 +1200,12 @@ def complete_items_at(text: str, start: int) -> list[tuple[Any, int]]:
 def repeat_cut(text: str) -> int | None:
     """Where a candidates list that has started repeating an item should end: right after the
     last new item before the first repeat; None while every item is new."""
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
+    start = json_start(text)
+    if start is None:
         return None
     seen: set[str] = set()
     end = None
-    for item, position in complete_items_at(text, min(starts)):
+    for item, position in complete_items_at(text, start):
         fact = item.get("text") if isinstance(item, dict) else item
         key = _WHITESPACE.sub(" ", fact).strip().casefold() if isinstance(fact, str) else repr(item)
         if key in seen:
@@ -1201,23 +1218,23 @@ def repeat_cut(text: str) -> int | None:
 def last_item_end(text: str) -> int | None:
     """Right after the last complete item of the candidates list (or its opening bracket), where
     a list that a loop inside its next item cut short ends; None when no list has opened."""
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts:
+    start = json_start(text)
+    if start is None:
         return None
-    items = complete_items_at(text, min(starts))
+    items = complete_items_at(text, start)
     if items:
         return items[-1][1]
-    opening = _CANDIDATES_ARRAY.match(text, min(starts))
+    opening = _CANDIDATES_ARRAY.match(text, start)
     if opening is not None:
         return opening.end()
-    return min(starts) + 1 if text.startswith("[", min(starts)) else None
+    return start + 1 if text.startswith("[", start) else None
 
 
 def close_list(raw: str, cut: int | None) -> str:
     """The model's JSON up to ``cut``, with its list and object closed; unchanged without a cut."""
     if cut is None:
         return raw
-    opened_object = _CANDIDATES_ARRAY.match(raw, min(i for i in (raw.find("{"), raw.find("[")) if i >= 0))
+    opened_object = _CANDIDATES_ARRAY.match(raw, json_start(raw) or 0)  # a cut means a list opened
     return raw[:cut] + ("]}" if opened_object else "]")
 
 
@@ -1337,11 +1354,11 @@ def summary_complete(text: str) -> str | None:
 def json_complete(text: str) -> bool:
     """The model's JSON value has closed: whatever follows it is never parsed."""
     text = without_reasoning(text)
-    starts = [i for i in (text.find("{"), text.find("[")) if i >= 0]
-    if not starts or not text.rstrip().endswith(("}", "]")):
+    start = json_start(text)
+    if start is None or not text.rstrip().endswith(("}", "]")):
         return False
     try:
-        json.JSONDecoder().raw_decode(text, min(starts))
+        json.JSONDecoder().raw_decode(text, start)
     except (ValueError, RecursionError):
         return False
     return True
@@ -1364,7 +1381,7 @@ class StopWatch:
     Loops are found on the ids alone.  The text rules run after a trigger token (one whose text
     holds a STOP_TRIGGER_CHARS character), on the token after it ("a sentence is finished once
     white space follows"), and at least every STOP_CHECK_EVERY_TOKENS tokens.  One decode costs
-    about 0.5 ms whatever its length (BENCHMARKS.md); a token on the NPU about 50 ms.
+    0.148 ms for 100 ids (BENCHMARKS.md, "What the stop rules cost"); a token on the NPU about 50 ms.
     """
 
     def __init__(
@@ -1383,7 +1400,7 @@ class StopWatch:
         self.token_ids: list[int] = []
         self.cancelled = False
         self.stop_rule: str | None = None
-        self.decodes = 0
+        self.decodes = 0  # how often the rules decoded: what bench/stopwatch.py and the tests count
 
     def step(self, new_ids: Sequence[int]) -> str | None:
         new_ids = [int(token_id) for token_id in new_ids]
@@ -2158,9 +2175,6 @@ class JobQueue:
 # Metrics: Prometheus text exposition, written by hand (the format is a few lines of text)
 # ==================================================================================================
 
-SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-
 class Histogram:
     def __init__(self, buckets: Sequence[float] = SECONDS_BUCKETS) -> None:
         self.buckets = tuple(buckets)
@@ -2782,13 +2796,6 @@ class SystemdNotifier:
 # HTTP: access rules, the one response format, logfmt
 # ==================================================================================================
 
-JOB_ENDPOINTS: dict[str, str | None] = {
-    "/v1/worker/generate": None,  # the job is named in the body
-    "/v1/worker/extract-memory-candidates": "memory_candidate",
-    "/v1/worker/condense-notification": "notification",
-}
-HEALTH_ENDPOINTS = ("/livez", "/healthz")
-GET_ENDPOINTS = (*HEALTH_ENDPOINTS, "/models", "/metrics", "/openapi.json")
 LOOPBACK_HOST_HEADERS = ("127.0.0.1", "localhost", "[::1]")
 # Methods this server knows (RFC 9110); any other is 501, a known one on the wrong path 405.
 KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
@@ -2799,11 +2806,7 @@ SERVER_NAME = "openvino-genai-npu-worker"  # no Python version: nothing to adver
 
 def endpoint_of(path: str) -> str:
     """The path as a metrics and log label: a known endpoint or "<other>" (paths are input)."""
-    return path if path in GET_ENDPOINTS or path in JOB_ENDPOINTS else "<other>"
-
-
-def is_health_check(head: Head) -> bool:
-    return head.method in ("GET", "HEAD") and head.path in HEALTH_ENDPOINTS
+    return path if path in ROUTE_BY_PATH else "<other>"
 
 
 def check_access(head: Head, allowed_hosts: set[str], token: str | None) -> None:
@@ -2815,7 +2818,7 @@ def check_access(head: Head, allowed_hosts: set[str], token: str | None) -> None
         raise Forbidden("requests from web pages (with an Origin header) are not accepted")
     if (head.get("Sec-Fetch-Site") or "").lower() in ("cross-site", "same-site"):
         raise Forbidden("cross-site requests are not accepted")
-    if token is not None and head.path != "/livez":
+    if token is not None:
         scheme, _, supplied = (head.get("Authorization") or "").partition(" ")
         # The scheme name is case-insensitive (RFC 9110); the token is compared in constant time.
         if scheme.lower() != "bearer" or not hmac.compare_digest(
@@ -2824,20 +2827,20 @@ def check_access(head: Head, allowed_hosts: set[str], token: str | None) -> None
             raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
 
 
-def checks_before_body(head: Head, allowed_hosts: set[str], token: str | None, max_body_bytes: int) -> int:
+def checks_before_body(
+    head: Head, allowed_hosts: set[str], token: str | None, max_body_bytes: int
+) -> tuple[Route, int]:
     """Everything decided from the head alone - access, method and path, media type, framing -
     and the body length to read, or the WorkerError the request is answered with instead (then
-    nothing more of it is read, and no "100 Continue" is sent).  The gate decides with this
-    whether to read a body at all; the handler raises the same error from the same rules."""
+    nothing more of it is read, and no "100 Continue" is sent).  The gate runs it once per
+    request; a handler answers what it raised."""
     if head.method not in KNOWN_METHODS:  # what this server can do at all, before who asks
         raise ProtocolError(501, "this method is not implemented")
-    check_access(head, allowed_hosts, token)
-    if head.path in GET_ENDPOINTS:
-        require_method(head.method, ("GET", "HEAD"))
-    elif head.path in JOB_ENDPOINTS:
-        require_method(head.method, ("POST",))
-    else:
+    route = ROUTE_BY_PATH.get(head.path)
+    check_access(head, allowed_hosts, token if route is None or route.needs_token else None)
+    if route is None:
         raise NotFound("no such endpoint; GET /openapi.json lists them")
+    require_method(head.method, route.methods)
     if head.method == "POST":
         media_type = (head.get("Content-Type") or "").split(";")[0].strip().lower()
         if media_type != JSON_CONTENT_TYPE:
@@ -2850,13 +2853,13 @@ def checks_before_body(head: Head, allowed_hosts: set[str], token: str | None, m
     if not lengths:
         if head.method == "POST":
             raise LengthRequired("Content-Length is required")
-        return 0
+        return route, 0
     if len(lengths) > 1 or not lengths[0].isdigit() or not lengths[0].isascii():
         raise InvalidRequest("Content-Length is invalid or repeated")
     length = int(lengths[0])
     if length > max_body_bytes:
         raise BodyTooLarge(f"request body has {length} bytes; the limit is {max_body_bytes}")
-    return length
+    return route, length
 
 
 def require_method(method: str, allowed: Sequence[str]) -> None:
@@ -2899,6 +2902,14 @@ def json_payload(body: Any) -> bytes:
     return (json.dumps(body, ensure_ascii=False) + "\n").encode("utf-8", "replace")
 
 
+def error_response(error: WorkerError, request_id: str, *, connection: str | None, head_only: bool) -> bytes:
+    """The one way a WorkerError becomes an answer, for the gate's refusals and the handlers'
+    errors alike: its status, its type and message in the error shape, its headers (Retry-After,
+    Allow, WWW-Authenticate)."""
+    return http_response(error.status, json_payload(error_body(error, request_id)), request_id=request_id,
+                         headers=error.response_headers(), connection=connection, head_only=head_only)
+
+
 class RefusalLog:
     """Refusals made by the gate, logged at most once per REFUSAL_LOG_INTERVAL_S as one logfmt
     line per reason with a count: an attack used to write one line per refused connection
@@ -2937,51 +2948,80 @@ class Connection:
 
     sock: socket.socket
     address: Any
+    waiting_since: float  # accepted, or back from its last answer: the order of eviction
     buffer: bytearray = dataclasses.field(default_factory=bytearray)
     started: float | None = None  # monotonic time of the current request's first byte
     deadline: float = 0.0  # when the gate gives up on it (idle, head or body)
+    answered_before: bool = False  # kept alive after an answer: with nothing sent since, it is idle
     head: Head | None = None  # set once the head is complete and parsed
+    head_scanned: int = 0  # where head_end resumes
+    request_line_ended: bool = False
     head_size: int = 0
-    body_size: int = 0  # body bytes to read; -1: none, the handler refuses before reading
+    route: Route | None = None
+    refusal: WorkerError | None = None  # what checks_before_body said: no body is read, a handler answers it
+    body_size: int = 0  # body bytes to read
     continue_sent: bool = False
     eof: bool = False  # the client has shut down its sending side (or closed)
-    keep_alive: bool = False  # set by the handler: the answered connection goes back to the gate
+    keep_alive: bool = False  # set once answered: the connection goes back to the gate
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """A complete request, handed from the gate to a handler thread."""
+    """A complete request: what the gate hands through socketserver (as its ``request``) to a
+    handler thread, parsed once."""
 
+    connection: Connection
     head: Head
+    route: Route | None  # None only with a refusal
+    refusal: WorkerError | None
     body: bytes
     received_at: float  # monotonic time of its first byte: deadlines count from here
     half_closed: bool  # the client had shut down its sending side once it sent it all
 
+    @property
+    def slot(self) -> str:
+        """The slots it takes while in service: a health check has its own."""
+        health = self.route is not None and self.route.health and self.head.method in self.route.methods
+        return "health" if health else "jobs"
+
 
 class HandlerThreads:
-    """Handler threads kept for the next request.  Starting a thread per request (the gate hands
-    over requests, not connections) added about 0.5 ms to every answer; an idle one waits on the
-    queue and costs nothing.  Their number follows the peak of requests in service, which the
-    slots bound (--max-connections + HEALTH_SLOTS).  Daemon threads, as ThreadingHTTPServer's."""
+    """Handler threads kept for the next request, the one idle most recently first.  Starting a
+    thread per request (the gate hands over requests, not connections) added about 0.5 ms to
+    every answer; an idle one waits on a lock of its own and costs nothing.  Last in, first out:
+    a kept-alive client's next job runs in the thread that ran its last one, while that thread's
+    caches (and OpenVINO's state for it) are warm; a shared queue woke the idle threads in turn.
+    Their number follows the peak of requests in service, which the slots bound
+    (--max-connections + HEALTH_SLOTS).  Daemon threads, as ThreadingHTTPServer's."""
+
+    @dataclasses.dataclass
+    class _Idle:
+        wake: threading.Lock  # held while the thread waits; released with a job to run
+        job: Callable[[], None] | None = None
 
     def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        self._idle = 0
+        self._idle: list[HandlerThreads._Idle] = []  # a stack
 
     def submit(self, job: Callable[[], None]) -> None:
         with self._lock:
-            if self._idle:
-                self._idle -= 1
-            else:
-                threading.Thread(target=self._serve, name="handler", daemon=True).start()
-        self._jobs.put(job)
+            idle = self._idle.pop() if self._idle else None
+        if idle is None:
+            threading.Thread(target=self._serve, args=(job,), name="handler", daemon=True).start()
+        else:
+            idle.job = job
+            idle.wake.release()
 
-    def _serve(self) -> None:
+    def _serve(self, job: Callable[[], None]) -> None:
+        me = HandlerThreads._Idle(wake=threading.Lock())
+        me.wake.acquire()
         while True:
-            self._jobs.get()()
+            job()
             with self._lock:
-                self._idle += 1
+                self._idle.append(me)
+            me.wake.acquire()  # until submit() hands over the next job
+            assert me.job is not None
+            job, me.job = me.job, None
 
 
 def peer_has_shut_down(sock: socket.socket) -> bool:
@@ -2994,21 +3034,45 @@ def peer_has_shut_down(sock: socket.socket) -> bool:
         return True
 
 
+def send_all(sock: socket.socket, data: bytes, timeout_s: float) -> None:
+    """sendall on a non-blocking socket, against one deadline for the whole answer.  Client
+    sockets stay non-blocking from accept to close: switching them to a timeout for the handler
+    and back for the gate cost three system calls per request, and an answer fits the socket's
+    buffer at once."""
+    view = memoryview(data)
+    deadline = time.monotonic() + timeout_s
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            pass
+        if view:
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or not select.select([], [sock], [], remaining_s)[1]:
+                raise TimeoutError("the client did not read its answer")
+
+
 class WorkerHTTPServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer whose accept loop is the gate.
 
     The gate is one thread with one selector over the listening socket and every connection that
     has no request in service: it reads each request whole, against deadlines for the head and the
-    body as a whole, and only then starts a handler thread for it, a health check beside the
-    --max-connections job slots.  Slow or idle clients therefore cost a buffer and a selector
-    entry, never a thread or a slot, and /livez and /healthz answer through any such attack.
-    After its answer a kept-alive connection comes back to the gate.  Refusals the gate makes
-    itself (deadlines, malformed heads, no free slot, too many connections) are answered in the
-    one response format, counted in /metrics and logged once a second.  The gate sleeps until the
-    next deadline, or indefinitely when nothing is pending.
+    body as a whole, and only then hands it on (socketserver's ``process_request``) to a handler
+    thread from a pool, a health check beside the --max-connections job slots.  Slow or idle
+    clients therefore cost a buffer and a selector entry, never a thread or a slot, and /livez and
+    /healthz answer through any such attack.  After its answer a kept-alive connection comes back
+    to the gate (``shutdown_request``).  Refusals the gate makes itself (deadlines, malformed heads,
+    no free slot, too many connections) are answered in the one response format, counted in
+    /metrics and logged once a second.
+
+    ``serve_forever`` and ``shutdown`` are socketserver's caller methods, overridden all the same:
+    the stock loop polls the listening socket alone every ``poll_interval``, where the gate waits
+    on every connection at once and sleeps until its next deadline (indefinitely when nothing is
+    pending), woken through a socket pair for anything else.  Everything else is a socketserver
+    hook: ``get_request``, ``process_request``, ``finish_request``, ``shutdown_request``,
+    ``handle_error``; socketserver's ``request`` is the gate's parsed Request.
     """
 
-    daemon_threads = True
     # SO_REUSEADDR only lets us rebind past TIME_WAIT; it never shares a port with a live listener.
     # SO_REUSEPORT (allow_reuse_port) would, so it stays off.
     allow_reuse_address = True
@@ -3025,7 +3089,6 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         self._active_requests = 0
         self._in_service = {"health": 0, "jobs": 0}
         self._pending: dict[socket.socket, Connection] = {}  # gate thread only
-        self._dispatched: dict[socket.socket, tuple[Connection, Request]] = {}
         self._returned: deque[Connection] = deque()
         self._pings: list[threading.Event] = []
         self._gate_stop = False
@@ -3061,7 +3124,9 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             selector.register(self._wake_reader, selectors.EVENT_READ, "wake")
             try:
                 while not self._gate_stop:
-                    for key, _ in selector.select(self._gate_timeout()):
+                    events = selector.select(self._gate_timeout())
+                    self._take_back_returned(time.monotonic())  # before their events are read
+                    for key, _ in events:
                         now = time.monotonic()
                         if key.data == "listen":
                             self._accept(now)
@@ -3070,18 +3135,19 @@ class WorkerHTTPServer(ThreadingHTTPServer):
                         else:
                             self._receive(key.data, now)
                     now = time.monotonic()
-                    self._take_back_returned(now)
                     self._expire(now)
                     if self._refusals.flush_due is not None and now >= self._refusals.flush_due:
                         self._refusals.flush(now)
             finally:
+                self._take_back_returned(time.monotonic())
                 for connection in list(self._pending.values()):
                     self._close(connection)
                 self._gate_done.set()
 
     def shutdown(self) -> None:
         """Stop the gate and wait for it; requests in service still finish (see drain)."""
-        self._gate_stop = True
+        with self._lock:  # no handler hands a connection back to the gate after this
+            self._gate_stop = True
         self._wake()
         self._gate_done.wait()
 
@@ -3094,6 +3160,14 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         wake_at = [connection.deadline for connection in self._pending.values()]
         if self._refusals.flush_due is not None:
             wake_at.append(self._refusals.flush_due)
+        with self._lock:  # one view of both: a hand-back changes them together
+            returned, in_service = bool(self._returned), any(self._in_service.values())
+        if returned:
+            return 0.0  # handed back since the last look: into the books first
+        if in_service:
+            # A connection handed back (shutdown_request) is idle from then until the gate looks:
+            # looking at least this often keeps its IDLE_TIMEOUT_S without a wake-up per answer.
+            wake_at.append(time.monotonic() + IDLE_TIMEOUT_S)
         return max(0.0, min(wake_at) - time.monotonic()) if wake_at else None
 
     def _wake(self) -> None:
@@ -3104,8 +3178,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
 
     def _drain_wake(self) -> None:
         try:
-            while self._wake_reader.recv(4096):
-                pass
+            while len(self._wake_reader.recv(4096)) == 4096:
+                pass  # less than asked for: nothing more is there
         except BlockingIOError:
             pass
         with self._lock:
@@ -3124,30 +3198,42 @@ class WorkerHTTPServer(ThreadingHTTPServer):
 
     def _accept(self, now: float) -> None:
         try:
-            sock, address = self.socket.accept()
+            sock, address = self.get_request()
         except BlockingIOError:
             return
         except OSError as exc:  # out of file descriptors: make room, let the client retry
             if exc.errno in (errno.EMFILE, errno.ENFILE) and self._pending:
                 self._evict(now)
             return
-        sock.setblocking(False)
+        sock.setblocking(False)  # for good: the gate and the handlers both use it so (send_all)
         if len(self._pending) >= MAX_PENDING_CONNECTIONS:
             self._evict(now)
-        connection = Connection(sock=sock, address=address, deadline=now + IDLE_TIMEOUT_S)
+        connection = Connection(sock=sock, address=address, waiting_since=now, deadline=now + IDLE_TIMEOUT_S)
         self._pending[sock] = connection
         self._selector.register(sock, selectors.EVENT_READ, connection)
 
     def _evict(self, now: float) -> None:
-        """Make room: an idle kept-alive connection if there is one, else the request that has
-        been arriving longest.  An attacker's connections are the oldest; a real client's
-        request is complete before it could be the oldest."""
-        idle = [connection for connection in self._pending.values() if connection.started is None]
-        if idle:
-            self._close(min(idle, key=lambda connection: connection.deadline))
-        else:
-            oldest = min(self._pending.values(), key=lambda connection: connection.started or now)
-            self._refuse(oldest, Busy("too many connections; the slowest was dropped"), "evicted", now)
+        """Make room for one more connection.  First an idle kept-alive connection (a client must
+        expect those to close, RFC 9112, 9.3): the longest idle, unless the bytes of a next request
+        have arrived on it meanwhile.  Else the request that has waited longest, answered 503: an
+        attacker's stalled requests are the oldest, a real client's is complete soon after it
+        connects.  A connection the gate has not read yet counts from its accept; a connection
+        that sent bytes is never closed without an answer."""
+        while True:
+            idle = [connection for connection in self._pending.values()
+                    if connection.answered_before and connection.started is None]
+            if not idle:
+                break
+            candidate = min(idle, key=lambda connection: connection.waiting_since)
+            self._receive(candidate, now)  # read what arrived: a request started keeps it
+            if candidate.sock not in self._pending:
+                return  # it had closed, or its next request was complete and went on
+            if candidate.started is None:
+                self.worker.metrics.observe_refusal("evicted_idle")  # no request: counted, not answered
+                self._close(candidate)
+                return
+        oldest = min(self._pending.values(), key=lambda waiting: waiting.started or waiting.waiting_since)
+        self._refuse(oldest, Busy("too many connections; the slowest was dropped"), "evicted", now)
 
     def _receive(self, connection: Connection, now: float) -> None:
         try:
@@ -3169,31 +3255,40 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         """Move a connection's request on: parse a complete head, decide about the body,
         dispatch a complete request, or refuse."""
         if connection.head is None:
-            end = head_end(connection.buffer)
+            buffer = connection.buffer
+            if not connection.head_scanned and buffer[:1] in (b"\r", b"\n"):
+                del buffer[: _EMPTY_LINES.match(buffer).end()]  # empty lines before a request line
+            end, connection.head_scanned = head_end(buffer, connection.head_scanned)
+            if end is None and not connection.request_line_ended and len(buffer) > MAX_REQUEST_LINE_BYTES + 2:
+                if buffer.find(b"\n", 0, MAX_REQUEST_LINE_BYTES + 3) < 0:
+                    error = ProtocolError(414, "request head too large")
+                    self._refuse(connection, error, "head_too_large", now)
+                    return
+                connection.request_line_ended = True  # looked at once, not after every read
+            if (end or len(buffer)) > MAX_HEAD_BYTES:  # with its end or without: the whole head's limit
+                self._refuse(connection, ProtocolError(431, "request head too large"), "head_too_large", now)
+                return
             if end is None:
                 if connection.eof:
-                    if connection.buffer.strip(b"\r\n"):
+                    if buffer:
                         self._refuse(connection, ProtocolError(400, "the request ended before its head did"), "incomplete", now)
                     else:
                         self._close(connection)
-                elif len(connection.buffer) > MAX_HEAD_BYTES or (
-                    b"\n" not in connection.buffer and len(connection.buffer) > MAX_REQUEST_LINE_BYTES + 2
-                ):
-                    status = 431 if b"\n" in connection.buffer else 414
-                    self._refuse(connection, ProtocolError(status, "request head too large"), "head_too_large", now)
                 return
             try:
-                connection.head = parse_head(bytes(connection.buffer[:end]))
+                connection.head = parse_head(bytes(buffer[:end]))
             except ProtocolError as exc:
                 self._refuse(connection, exc, "malformed_head", now)
                 return
-            connection.head_size = end
+            connection.head_size, connection.head_scanned, connection.request_line_ended = end, 0, False
             try:
-                connection.body_size = checks_before_body(
+                connection.route, connection.body_size = checks_before_body(
                     connection.head, self.allowed_hosts, self.settings.token, self.settings.limits.max_body_bytes
                 )
-            except WorkerError:
-                connection.body_size = -1  # the handler answers with that error; nothing more is read
+            except WorkerError as exc:
+                connection.route = ROUTE_BY_PATH.get(connection.head.path)
+                # A handler answers it; nothing more of the request is read.
+                connection.refusal, connection.body_size = exc, 0
             connection.deadline = now + BODY_DEADLINE_S
         head = connection.head
         if connection.body_size > 0 and not connection.continue_sent and (head.get("Expect") or "").lower() == "100-continue":
@@ -3210,64 +3305,74 @@ class WorkerHTTPServer(ThreadingHTTPServer):
     def _dispatch(self, connection: Connection, now: float) -> None:
         head = connection.head
         assert head is not None and connection.started is not None
-        kind = "health" if is_health_check(head) else "jobs"
+        end = connection.head_size + connection.body_size
+        if not connection.eof and len(connection.buffer) == end:
+            connection.eof = peer_has_shut_down(connection.sock)  # a FIN right behind the request
+        request = Request(
+            connection=connection,
+            head=head,
+            route=connection.route,
+            refusal=connection.refusal,
+            body=bytes(connection.buffer[connection.head_size : end]),
+            received_at=connection.started,
+            half_closed=connection.eof,
+        )
+        kind = request.slot
         with self._lock:
             capacity = HEALTH_SLOTS if kind == "health" else self.settings.max_connections
             free = self._in_service[kind] < capacity
             if free:
                 self._in_service[kind] += 1
         if not free:
-            self._refuse(connection, Busy(f"too many requests in service ({capacity})"), f"no_{kind}_slot", now)
+            busy = Busy(f"too many requests in service ({capacity})")
+            self._refuse(connection, busy, f"no_{kind}_slot", now)
             return
-        end = connection.head_size + max(0, connection.body_size)
-        if not connection.eof and len(connection.buffer) == end:
-            connection.eof = peer_has_shut_down(connection.sock)  # a FIN right behind the request
-        request = Request(
-            head=head,
-            body=bytes(connection.buffer[connection.head_size : end]),
-            received_at=connection.started,
-            half_closed=connection.eof,
-        )
         del connection.buffer[:end]
-        connection.head, connection.started, connection.continue_sent = None, None, False
+        connection.head, connection.route, connection.refusal = None, None, None
+        connection.started, connection.continue_sent = None, False
         self._selector.unregister(connection.sock)
         del self._pending[connection.sock]
-        with self._lock:
-            self._dispatched[connection.sock] = (connection, request)
-        connection.sock.setblocking(True)
-        self._handlers.submit(functools.partial(self.process_request_thread, connection.sock, connection.address))
+        self.process_request(request, connection.address)
 
-    def request_for(self, sock: socket.socket) -> Request:
-        with self._lock:
-            return self._dispatched[sock][1]
+    # --- socketserver's hooks, from the gate to a handler thread and back ---------------------------
 
-    def answered(self, sock: socket.socket, *, keep_alive: bool) -> None:
-        """The handler is done; shutdown_request, called next, acts on keep_alive."""
-        with self._lock:
-            self._dispatched[sock][0].keep_alive = keep_alive
+    def process_request(self, request: Request, client_address: Any) -> None:  # type: ignore[override]
+        """Hand a complete request to a pooled handler thread (ThreadingMixIn starts one each)."""
+        self._handlers.submit(functools.partial(self.process_request_thread, request, client_address))
 
-    def shutdown_request(self, request: Any) -> None:
+    def finish_request(self, request: Request, client_address: Any) -> None:  # type: ignore[override]
+        handler = self.RequestHandlerClass(request, client_address, self)
+        request.connection.keep_alive = not handler.close_connection
+
+    def shutdown_request(self, request: Request) -> None:  # type: ignore[override]
         """After a handler: a kept-alive connection goes back to the gate, any other is closed."""
+        connection = request.connection
         with self._lock:
-            connection, handled = self._dispatched.pop(request)
-            self._in_service["health" if is_health_check(handled.head) else "jobs"] -= 1
-            keep = connection.keep_alive and not self._gate_stop and not handled.half_closed
+            self._in_service[request.slot] -= 1
+            keep = connection.keep_alive and not self._gate_stop and not request.half_closed
             if keep:
+                now = time.monotonic()
+                connection.keep_alive, connection.answered_before = False, True
+                connection.waiting_since, connection.deadline = now, now + IDLE_TIMEOUT_S
                 self._returned.append(connection)
+                # Registered from here (epoll allows it while the gate waits): the gate wakes for
+                # the next request's bytes, not once more for the hand-back.
+                self._selector.register(connection.sock, selectors.EVENT_READ, connection)
         if keep:
-            self._wake()
+            if connection.buffer:
+                self._wake()  # the next request came with this one: the gate has it read already
         else:
-            super().shutdown_request(request)  # shutdown(SHUT_WR), then close
+            super().shutdown_request(request.connection.sock)  # shutdown(SHUT_WR), then close
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The stock version prints a traceback, whose frames can hold request data.
+        logger.error(logfmt({"event": "connection_error", "error": sys.exc_info()[0].__name__}))
 
     def _take_back_returned(self, now: float) -> None:
         with self._lock:
             returned, self._returned = list(self._returned), deque()
         for connection in returned:
-            connection.sock.setblocking(False)
-            connection.keep_alive = False
-            connection.deadline = now + IDLE_TIMEOUT_S
             self._pending[connection.sock] = connection
-            self._selector.register(connection.sock, selectors.EVENT_READ, connection)
             if connection.buffer:  # the next request arrived with the last one (pipelining)
                 connection.started = now
                 connection.deadline = now + HEAD_DEADLINE_S
@@ -3293,12 +3398,9 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         self.worker.metrics.observe_request(endpoint_of(path), None, error.status, duration_s, error)
         self.worker.metrics.observe_refusal(reason)
         self._refusals.note(reason, error.status, now)
-        payload = json_payload(error_body(error, request_id))
         head_only = connection.head is not None and connection.head.method == "HEAD"
-        self._send_quietly(connection.sock, http_response(
-            error.status, payload, request_id=request_id, headers=error.response_headers(), connection="close",
-            head_only=head_only,
-        ))
+        answer = error_response(error, request_id, connection="close", head_only=head_only)
+        self._send_quietly(connection.sock, answer)
         self._close(connection)
 
     def _send_quietly(self, sock: socket.socket, data: bytes) -> None:
@@ -3322,9 +3424,10 @@ class WorkerHTTPServer(ThreadingHTTPServer):
 
     @property
     def open_connections(self) -> int:
-        """Client connections open right now: held by the gate or in service."""
-        with self._lock:
-            return len(self._pending) + len(self._dispatched)
+        """Client connections open right now, held by the gate or in service.  Read by the
+        tests and bench/ tools that check the gate holds what an attack opened."""
+        with self._lock:  # handed back but not yet in the gate's books counts too
+            return len(self._pending) + len(self._returned) + sum(self._in_service.values())
 
     @contextlib.contextmanager
     def active_request(self) -> Iterator[None]:
@@ -3342,103 +3445,72 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         with self._lock:
             return self._lock.wait_for(lambda: self._active_requests == 0, timeout_s)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The stock version prints a traceback, whose frames can hold request data.
-        logger.error(logfmt({"event": "connection_error", "error": sys.exc_info()[0].__name__}))
-
 
 # ==================================================================================================
-# HTTP: the handler - one complete request, in a thread of its own
+# HTTP: the handler - one complete request, in a pooled thread
 # ==================================================================================================
 
 
 class WorkerRequestHandler(BaseHTTPRequestHandler):
-    """Answers the one request the gate read for it; every answer, error or not, leaves through
-    send_body or send_worker_error, and both build it with http_response."""
+    """Answers the one request the gate read and parsed for it (socketserver's ``request``); every
+    answer, error or not, leaves through ``_answer``, errors through ``error_response``.  Of
+    BaseHTTPRequestHandler it keeps the settings and ``close_connection``; http.server's own
+    parsing, error pages and logging are never reached."""
 
     server: WorkerHTTPServer
+    request: Request  # type: ignore[assignment]
     protocol_version = "HTTP/1.1"  # keep-alive
-    server_version = SERVER_NAME
-    sys_version = ""
 
     def setup(self) -> None:
-        self.connection = self.request
-        self.connection.settimeout(WRITE_TIMEOUT_S)  # a client that does not read loses its answer
-        self.pending = self.server.request_for(self.request)
-        # http.server parses the canonical head (parse_head) and nothing else: the body is here too.
-        self.rfile = io.BytesIO(self.pending.head.canonical() + self.pending.body)
-        self.wfile = io.BytesIO()  # unused: answers leave in one sendall (http_response)
+        self.connection = self.request.connection.sock
+        self.close_connection = not self.request.head.keep_alive
+        self.request_version = self.request.head.version
+        self.half_closed = self.request.half_closed
+        self.body_consumed = False
+        self.request_id = uuid.uuid4().hex
         self._last_client_check = 0.0
         self._dispatched_at = time.monotonic()
-        self.half_closed = self.pending.half_closed
-        self.request_id = uuid.uuid4().hex
 
     def handle(self) -> None:
-        """One request: the gate takes a kept-alive connection back for the next one."""
-        self.close_connection = True
-        self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE_BYTES + 1)
-        if self.parse_request():  # sets command, path, headers, close_connection (Connection:)
-            with self.server.active_request():
-                self._handle_request()
-        self.server.answered(self.request, keep_alive=not self.close_connection)
+        with self.server.active_request():
+            self._handle_request()
 
     def finish(self) -> None:
-        pass  # nothing is buffered: the answer has left
-
-    def handle_expect_100(self) -> bool:
-        return True  # the gate said "100 Continue" once the checks before the body had passed
+        pass  # nothing is buffered: the answer has left (StreamRequestHandler would flush a wfile)
 
     def _handle_request(self) -> None:
-        """Route one request; every failure becomes a JSON error in send_worker_error."""
-        head = self.pending.head
-        method, path = head.method, head.path
-        endpoint, job = endpoint_of(path), None
-        headers: dict[str, str] = {}
-        content_type = JSON_CONTENT_TYPE
-        settings = self.server.settings
-        self.body_consumed = False
+        """Route one request; every failure becomes a JSON error in _answer_error."""
+        request = self.request
+        route = request.route
+        endpoint, job = endpoint_of(request.head.path), None
         try:
-            checks_before_body(head, self.server.allowed_hosts, settings.token, settings.limits.max_body_bytes)
-            if path in GET_ENDPOINTS:
-                status, body, headers = self._get(path)
-                if path == "/metrics":
-                    content_type = METRICS_CONTENT_TYPE
+            if request.refusal is not None:
+                raise request.refusal
+            assert route is not None
+            if route.answer is not None:
+                status, body, headers = route.answer(self.server)
             else:
                 self.body_consumed = True
-                request = validate_job_request(parse_json_body(self.pending.body), settings.limits, job=JOB_ENDPOINTS[path])
-                job = request.job
+                limits = self.server.settings.limits
+                job_request = validate_job_request(parse_json_body(request.body), limits, job=route.job)
+                job = job_request.job
                 body = self.server.worker.run(
-                    request, self.request_id, client_gone=self._client_gone, received_at=self.pending.received_at
+                    job_request, self.request_id, client_gone=self._client_gone,
+                    received_at=request.received_at,
                 )
-                status = 200
+                status, headers = 200, {}
         except ClientGone as exc:
             self.close_connection = True  # nobody is listening: count it and log it, answer nothing
-            self._record(method, endpoint, exc.status, job, {"error": {"type": exc.type}}, exc)
+            self._record(endpoint, exc.status, job, exc.result, exc)
             return
         except WorkerError as exc:
-            self.send_worker_error(exc, endpoint=endpoint, job=job)
+            self._answer_error(exc, endpoint=endpoint, job=job)
             return
         except Exception as exc:  # a bug: answer 500 JSON, log the type only (messages may hold input)
             logger.error(logfmt({"request_id": self.request_id, "event": "internal_error", "error": type(exc).__name__}))
-            self.send_worker_error(WorkerError("internal error"), endpoint=endpoint, job=job)
+            self._answer_error(WorkerError("internal error"), endpoint=endpoint, job=job)
             return
-        self.send_body(status, body, headers, content_type=content_type, endpoint=endpoint, job=job)
-
-    def _get(self, path: str) -> tuple[int, Any, dict[str, str]]:
-        worker = self.server.worker
-        settings = self.server.settings
-        if path == "/livez":
-            problem = worker.health_problem()
-            return (503 if problem else 200), {"status": "unhealthy" if problem else "alive", "problem": problem}, {}
-        if path == "/healthz":
-            if worker.ready:
-                return 200, health_body(settings, worker), {}
-            return 503, health_body(settings, worker), {"Retry-After": str(RETRY_AFTER_LOADING_S)}
-        if path == "/metrics":
-            return 200, metrics_text(settings, worker), {}
-        if path == "/openapi.json":
-            return 200, openapi_document(settings, base_url=self.server.base_url), {}
-        return 200, models_body(settings, worker), {}
+        self._answer(status, body, headers, content_type=route.content_type, endpoint=endpoint, job=job)
 
     def _client_gone(self) -> bool:
         """Called between generated tokens: has the client closed its connection?
@@ -3466,16 +3538,15 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
             return False
         return gone
 
-    # --- the only two ways out ------------------------------------------------------------------
+    # --- the only way out -------------------------------------------------------------------------
 
-    def send_worker_error(self, exc: WorkerError, *, endpoint: str = "<other>", job: str | None = None) -> None:
-        """Any WorkerError as an answer: its status, its type, its headers (Retry-After, Allow,
-        WWW-Authenticate); the cause's type in the log, never its message."""
+    def _answer_error(self, exc: WorkerError, *, endpoint: str, job: str | None) -> None:
+        """Any WorkerError as an answer; the cause's type in the log, never its message."""
         if exc.__cause__ is not None:
             logger.error(logfmt({"request_id": self.request_id, "event": "failed", "error": type(exc.__cause__).__name__}))
-        self.send_body(exc.status, error_body(exc, self.request_id), exc.response_headers(), endpoint=endpoint, job=job, error=exc)
+        self._answer(exc.status, None, {}, endpoint=endpoint, job=job, error=exc)
 
-    def send_body(
+    def _answer(
         self,
         status: int,
         body: Any,
@@ -3486,9 +3557,9 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         job: str | None,
         error: WorkerError | None = None,
     ) -> None:
-        head = self.pending.head
+        head = self.request.head
         announced_body = head.get("Content-Length") not in (None, "0") or head.get("Transfer-Encoding") is not None
-        if not getattr(self, "body_consumed", False) and (status >= 400 or announced_body):
+        if not self.body_consumed and (status >= 400 or announced_body):
             # A request refused before its body was used (Host, Origin, token, framing) loses its
             # connection, and so does one whose body the endpoint did not want (a GET with one).
             self.close_connection = True
@@ -3498,58 +3569,43 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             connection = "close"
         elif self.request_version == "HTTP/1.0":
-            connection = "keep-alive"  # it asked (parse_request kept it open only then): say so
-        payload = body.encode("utf-8") if isinstance(body, str) else json_payload(body)
+            connection = "keep-alive"  # it asked (Head.keep_alive kept it open only then): say so
         # Counted and logged before the answer leaves: a client that reads /metrics or the log
         # right after its answer finds its own request there.
-        self._record(self.pending.head.method, endpoint, status, job, body, error)
-        data = http_response(status, payload, request_id=self.request_id, content_type=content_type, headers=headers,
-                             connection=connection, head_only=self.pending.head.method == "HEAD")
+        self._record(endpoint, status, job, body if error is None else error.result, error)
+        head_only = head.method == "HEAD"
+        if error is not None:
+            data = error_response(error, self.request_id, connection=connection, head_only=head_only)
+        else:
+            payload = body.encode("utf-8") if isinstance(body, str) else json_payload(body)
+            data = http_response(status, payload, request_id=self.request_id, content_type=content_type,
+                                 headers=headers, connection=connection, head_only=head_only)
         try:
-            self.connection.sendall(data)
+            send_all(self.connection, data, WRITE_TIMEOUT_S)  # a client that does not read loses its answer
         except OSError:
             self.close_connection = True  # gone, or not reading: the answer is lost either way
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's own errors (it re-parses the canonical head, so this is rare), as ours.
-        The stock page echoes the request line; ours has a fixed message per status."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"
-        self.send_worker_error(ProtocolError(code))
-
-    def version_string(self) -> str:
-        return self.server_version  # the stock one appends the Python version
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        pass  # _record writes one line per request, without the request line
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Through logging, without the arguments: stock callers pass the request line, headers
-        # and exception messages, which are input.
-        logger.warning(logfmt({"event": "http_server", "message": format}))
-
     def _record(
-        self, method: str, endpoint: str, status: int, job: str | None, body: Any, error: WorkerError | None
+        self, endpoint: str, status: int, job: str | None, result: Any, error: WorkerError | None
     ) -> None:
         """One logfmt line per request and its metrics: ids, sizes, counts and timings - never
-        input or output text."""
-        duration_s = time.monotonic() - self.pending.received_at
+        input or output text.  ``result`` is a job's result, if there is one (an error may carry it)."""
+        method = self.request.head.method
+        duration_s = time.monotonic() - self.request.received_at
         self.server.worker.metrics.observe_request(endpoint, job, status, duration_s, error)
         fields: dict[str, Any] = {"request_id": self.request_id, "method": method if method in KNOWN_METHODS else "<other>",
                                   "path": endpoint, "status": status}
         if job is not None:
             fields["job"] = job
-        result = body.get("result", body) if isinstance(body, dict) else {}
-        if isinstance(result.get("tokens"), dict):
+        if isinstance(result, dict) and isinstance(result.get("tokens"), dict):
             fields["prompt_tokens"] = result["tokens"]["prompt"]
             fields["generated_tokens"] = result["tokens"]["generated"]
             fields["stop_rule"] = result.get("stop_rule")
             fields["queue_ms"] = result["timing_ms"]["queue"]
             fields["generate_ms"] = result["timing_ms"]["generate"]
             fields["npu_busy_delta_us"] = result["npu_busy_delta_us"]
-        if isinstance(body, dict) and "error" in body:
-            fields["error"] = body["error"]["type"]
+        if error is not None:
+            fields["error"] = error.type
         fields["total_ms"] = f"{duration_s * 1000:.1f}"
         # A watchdog or a monitor probes every few seconds: its answers (ready or not) are DEBUG,
         # so the journal keeps jobs and errors; /metrics counts the probes either way.
@@ -3710,15 +3766,6 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
     def json_response(schema: dict[str, Any]) -> dict[str, Any]:
         return {"description": "success", "content": {"application/json": {"schema": schema}}}
 
-    def job_operation(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "post": {
-                "summary": summary,
-                "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
-                "responses": {"200": json_response({"$ref": "#/components/schemas/Result"}), **job_errors},
-            }
-        }
-
     # One branch per job: each job has its own max_new_tokens maximum.
     any_job = {"oneOf": [
         obj({"job": {"type": "string", "enum": [name]}, **request_fields(name)}, ["job", "input"], additionalProperties=False)
@@ -3735,32 +3782,110 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
         ["status", "ready", "model", "device", "npu_proof", "busy_counter", "npu_evidence", "queue_waiting", "queue_depth",
          "jobs_in_flight", "last_error", "version", "model_loaded", "resident_memory_bytes"],
     )
+    status_body = obj({"status": string, "problem": nullable_string}, ["status", "problem"])
+    get_responses = {
+        "/livez": {
+            "200": json_response(status_body), "503": json_response(status_body), "403": error_response,
+        },
+        "/healthz": {"200": json_response(health), "503": json_response(health), **get_errors},
+        "/models": {"200": json_response({"type": "object"}), **get_errors},
+        "/metrics": {
+            "200": {"description": "metrics", "content": {"text/plain": {"schema": string}}}, **get_errors,
+        },
+        "/openapi.json": {"200": json_response({"type": "object"}), **get_errors},
+    }
+
+    def operation(route: Route) -> dict[str, Any]:
+        """A path of the route table: its GET (HEAD is implied) or its job's POST."""
+        if route.answer is not None:
+            get = {"summary": route.summary, "responses": get_responses[route.path]}
+            return {"get": {**get, "security": []} if not route.needs_token else get}
+        schema = any_job
+        if route.job is not None:
+            schema = obj(request_fields(route.job), ["input"], additionalProperties=False)
+        return {"post": {
+            "summary": route.summary,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+            "responses": {"200": json_response({"$ref": "#/components/schemas/Result"}), **job_errors},
+        }}
+
     document: dict[str, Any] = {
         "openapi": "3.0.3",
         "info": {"title": "openvino-genai-npu-worker", "version": __version__, "description": "See CONTRACT.md."},
         "servers": [{"url": base_url}],  # the address actually bound
-        "paths": {
-            "/livez": {"get": {"summary": "liveness", "security": [], "responses": {
-                "200": json_response(obj({"status": string, "problem": nullable_string}, ["status", "problem"])),
-                "503": json_response(obj({"status": string, "problem": nullable_string}, ["status", "problem"])),
-                "403": error_response}}},
-            "/healthz": {"get": {"summary": "readiness", "responses": {"200": json_response(health), "503": json_response(health), **get_errors}}},
-            "/models": {"get": {"summary": "model, jobs and limits", "responses": {"200": json_response({"type": "object"}), **get_errors}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "metrics", "content": {"text/plain": {"schema": string}}}, **get_errors}}},
-            "/openapi.json": {"get": {"summary": "this document", "responses": {"200": json_response({"type": "object"}), **get_errors}}},
-            "/v1/worker/generate": job_operation("run any job", any_job),
-            "/v1/worker/extract-memory-candidates": job_operation(
-                "run memory_candidate", obj(request_fields("memory_candidate"), ["input"], additionalProperties=False)),
-            "/v1/worker/condense-notification": job_operation(
-                "run notification", obj(request_fields("notification"), ["input"], additionalProperties=False)),
-        },
+        "paths": {route.path: operation(route) for route in ROUTES},
         "components": {"schemas": {"Result": result, "Error": error}},
     }
     if settings.token is not None:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         document["security"] = [{"bearer": []}]
     return document
+
+
+# --- The route table: dispatch, Allow, the checks before a body and the OpenAPI paths read it -----
+
+Answer = tuple[int, Any, Mapping[str, str]]  # status, body (a JSON document, or text), headers
+
+
+def livez_answer(server: WorkerHTTPServer) -> Answer:
+    problem = server.worker.health_problem()
+    return (503 if problem else 200), {"status": "unhealthy" if problem else "alive", "problem": problem}, {}
+
+
+def healthz_answer(server: WorkerHTTPServer) -> Answer:
+    worker = server.worker
+    if worker.ready:
+        return 200, health_body(server.settings, worker), {}
+    # The Retry-After a job would get now, from the error it would get.
+    not_ready: WorkerError = Loading("the model is still loading")
+    if worker.stopping:
+        not_ready = ShuttingDown("the worker is shutting down")
+    return 503, health_body(server.settings, worker), not_ready.response_headers()
+
+
+def models_answer(server: WorkerHTTPServer) -> Answer:
+    return 200, models_body(server.settings, server.worker), {}
+
+
+def metrics_answer(server: WorkerHTTPServer) -> Answer:
+    return 200, metrics_text(server.settings, server.worker), {}
+
+
+def openapi_answer(server: WorkerHTTPServer) -> Answer:
+    return 200, openapi_document(server.settings, base_url=server.base_url), {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Route:
+    """One endpoint.  A document route takes GET and HEAD and is answered by ``answer``; a job
+    route takes POST and runs ``job``, or the job its body names when that is None."""
+
+    path: str
+    summary: str  # the OpenAPI operation's
+    answer: Callable[[WorkerHTTPServer], Answer] | None = None
+    job: str | None = None
+    health: bool = False  # answered in a slot of its own (HEALTH_SLOTS), beside --max-connections
+    needs_token: bool = True
+    content_type: str = JSON_CONTENT_TYPE
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        return ("GET", "HEAD") if self.answer is not None else ("POST",)
+
+
+ROUTES = (
+    Route("/livez", "liveness", livez_answer, health=True, needs_token=False),
+    Route("/healthz", "readiness", healthz_answer, health=True),
+    Route("/models", "model, jobs and limits", models_answer),
+    Route("/metrics", "Prometheus metrics", metrics_answer, content_type=METRICS_CONTENT_TYPE),
+    Route("/openapi.json", "this document", openapi_answer),
+    Route("/v1/worker/generate", "run any job"),
+    Route("/v1/worker/extract-memory-candidates", "run memory_candidate", job="memory_candidate"),
+    Route("/v1/worker/condense-notification", "run notification", job="notification"),
+)
+ROUTE_BY_PATH = {route.path: route for route in ROUTES}
+JOB_ENDPOINTS = {route.path: route.job for route in ROUTES if route.answer is None}  # None: the body names it
+GET_ENDPOINTS = tuple(route.path for route in ROUTES if route.answer is not None)
 
 
 # ==================================================================================================
@@ -3819,7 +3944,7 @@ def self_check(server: WorkerHTTPServer, worker: Worker, previous_ping: threadin
     """The watchdog's check, from inside: the worker is not stuck or lost, and the gate, which
     reads every request, took the turn asked of it at the previous check (a ping through its
     socket pair: no connection, no slot, so no client can starve it).  Not waiting for this
-    check's own ping keeps an idle check to about four context switches (BENCHMARKS.md, "Idle");
+    check's own ping keeps an idle check to about two context switches (BENCHMARKS.md, "Idle");
     a dead gate is still found one interval later, within systemd's WatchdogSec."""
     problem = worker.health_problem()
     if problem is None and previous_ping is not None and not previous_ping.is_set():
@@ -3868,7 +3993,6 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
 # Doctor: explain what this host lacks, each with a fix
 # ==================================================================================================
 
-ACCEL_GLOB = "/dev/accel/accel*"
 BUSY_COUNTER_MIN_KERNEL = (6, 11)  # npu_busy_time_us appeared in Linux 6.11
 DOCTOR_PROBE_TIMEOUT_S = 1.0  # asking the worker that holds the port for its /healthz
 # A doctor run without a model: model_check is not asked, it reports "no model given" itself.
@@ -4313,7 +4437,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              f"{DEFAULT_QUEUE_DEPTH}) [OV_GENAI_NPU_QUEUE_DEPTH]")
     parser.add_argument("--max-connections", type=int,
                         default=env_int("OV_GENAI_NPU_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS),
-                        help="open connections served in full; more get health checks only (default "
+                        help="requests in service at once; health checks have 8 more (default "
                              f"{DEFAULT_MAX_CONNECTIONS}) [OV_GENAI_NPU_MAX_CONNECTIONS]")
     parser.add_argument("--busy-path", type=Path, default=env("OV_GENAI_NPU_BUSY_PATH"),
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import http.client
+import json
 import os
 import re
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -202,3 +208,183 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServ
     for server in servers:
         server.shutdown()
         server.server_close()
+
+
+# --------------------------------------------------------------------------------------------------
+# One helper per purpose for every test file: HTTP calls, the error shape, waiting, a free port and
+# the daemon as a subprocess.  (Each had been copied into three or four files and drifted apart.)
+# --------------------------------------------------------------------------------------------------
+
+HTTP_TIMEOUT_S = 10.0
+DAEMON_START_TIMEOUT_S = 60.0
+DAEMON_STOP_TIMEOUT_S = 30.0
+REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
+Response = tuple[int, http.client.HTTPMessage, Any]
+
+needs_tiny_model = pytest.mark.skipif(not TINY_MODEL.is_dir(), reason=f"tiny model missing: {TINY_MODEL}")
+
+
+def free_port() -> int:
+    """A port free right now on 127.0.0.1 (for a process that must be told its port up front)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
+    """Poll a state that has no event of its own (another thread's counter, another process's
+    /proc) for at most ``timeout_s``; whether it came true."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def fetch(
+    target: int | worker.WorkerHTTPServer,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = HTTP_TIMEOUT_S,
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One request on a new connection (a port, or an in-process server); a body that is not
+    bytes is sent as JSON, any body with ``Content-Type: application/json``."""
+    port = target if isinstance(target, int) else target.server_port
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
+    try:
+        payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        all_headers = {"Content-Type": "application/json"} if payload is not None else {}
+        all_headers.update(headers or {})
+        connection.request(method, path, body=payload, headers=all_headers)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+def call(
+    target: int | worker.WorkerHTTPServer,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout_s: float = HTTP_TIMEOUT_S,
+) -> Response:
+    """fetch() of a JSON answer: (status, headers, decoded body)."""
+    status, response_headers, data = fetch(target, method, path, body, headers, timeout_s)
+    assert response_headers["Content-Type"] == "application/json", (status, data[:200])
+    return status, response_headers, json.loads(data)
+
+
+def assert_error(response: Any, status: int, error_type: str) -> dict[str, Any]:
+    """An answer in the one error shape (CONTRACT.md, Errors): a Response from call(), or a raw
+    reply with ``status``, ``headers`` (lower-case names), ``header()``, ``body`` and ``json()``
+    (test_hostile's Reply).  Its body is returned."""
+    if isinstance(response, tuple):
+        got_status, headers, body = response
+        header, names, raw = headers.get, [name.lower() for name in headers], json.dumps(body).encode()
+    else:
+        got_status, header, names, raw, body = response.status, response.header, list(response.headers), \
+            response.body, response.json()
+    assert (got_status, body["error"]["type"]) == (status, error_type), body
+    assert header("Content-Type") == "application/json"
+    assert {"error", "request_id"} <= set(body) <= {"error", "request_id", "result"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    assert REQUEST_ID.match(body["request_id"]) and header("X-Request-Id") == body["request_id"], body
+    assert b"<html" not in raw.lower() and b"Traceback" not in raw
+    assert not [name for name in names if name.startswith("access-control-")]  # no CORS, ever
+    return body
+
+
+class Daemon:
+    """``python worker.py --port 0 ARGS`` (or ``command``) with the tiny model on CPU, a private
+    lock and cache; its port comes from its "listening" log line, its log is kept in memory."""
+
+    def __init__(self, tmp_path: Path, *args: str, command: list[str] | None = None, **env: str) -> None:
+        environ = worker_env(tmp_path)
+        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # in case pytest runs under systemd
+            environ.pop(name, None)
+        environ.update(env)
+        self.env = environ
+        self.lock_path = Path(environ["OV_GENAI_NPU_LOCK"])
+        self.process = subprocess.Popen(
+            command or [sys.executable, str(REPO / "worker.py"), "--port", "0", *args], cwd=REPO,
+            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.log: list[str] = []
+        self.port: int | None = None
+        self._listening = threading.Event()
+        self._reader = threading.Thread(target=self._read_log, daemon=True)
+        self._reader.start()
+
+    def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self.log.append(line)
+            match = re.search(r"event=listening url=http://127\.0\.0\.1:(\d+)/", line)
+            if match:
+                self.port = int(match.group(1))
+                self._listening.set()
+        self._listening.set()  # end of output: wake a waiter, who then finds no port
+
+    def wait_listening(self) -> int:
+        assert self._listening.wait(DAEMON_START_TIMEOUT_S) and self.port is not None, "".join(self.log)
+        return self.port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.wait_listening()}"
+
+    def wait_ready(self) -> int:
+        """Until /healthz says 200 (the model loaded and warmed up); the port."""
+        port = self.wait_listening()
+        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
+        while True:
+            log = "".join(self.log)[-3000:]
+            assert self.process.poll() is None, f"daemon exited {self.process.returncode}: {log}"
+            with contextlib.suppress(OSError, http.client.HTTPException):
+                if fetch(port, "GET", "/healthz", timeout_s=2.0)[0] == 200:
+                    return port
+            assert time.monotonic() < deadline, f"daemon not ready: {''.join(self.log)[-3000:]}"
+            time.sleep(0.02)  # another process: no event to wait on
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(DAEMON_STOP_TIMEOUT_S)
+
+    def log_text(self) -> str:
+        """The whole log; call once the process has exited."""
+        self._reader.join(HTTP_TIMEOUT_S)
+        return "".join(self.log)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(DAEMON_STOP_TIMEOUT_S)
+        self._reader.join(HTTP_TIMEOUT_S)
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+
+@contextlib.contextmanager
+def running_daemon(tmp_path: Path, *args: str, **env: Any) -> Iterator[Daemon]:
+    """A Daemon, killed on the way out if it is still running."""
+    daemon = Daemon(tmp_path, *args, **env)
+    try:
+        yield daemon
+    finally:
+        daemon.kill()
+
+
+@pytest.fixture(scope="session")
+def tiny_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worker:
+    """One loaded, warmed-up worker on the tiny model (CPU, default settings) for every test that
+    runs jobs on it without changing its settings: the model is loaded once per session."""
+    built = worker.build_worker(cpu_settings(tmp_path_factory.mktemp("tiny")), worker.load_genai_pipeline)
+    built.load()
+    return built

@@ -599,7 +599,11 @@ def test_parse_memory_candidates_cuts_overlong_text(fact: str) -> None:
 
 
 def test_memory_candidates_are_valid_unicode() -> None:
-    candidates, _ = worker.parse_memory_candidates('{"candidates": [{"text": "Prefers tea \\ud800 over coffee"}]}')
+    """A lone surrogate (valid JSON, not sendable as UTF-8) drops its fact; the others stay."""
+    candidates, valid = worker.parse_memory_candidates(
+        '{"candidates": [{"text": "Prefers tea \\ud800 over coffee"}, {"text": "Works from Lisbon"}]}'
+    )
+    assert (candidates, valid) == ([{"text": "Works from Lisbon"}], True)
     for candidate in candidates:
         candidate["text"].encode("utf-8")
 

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,8 @@ import pytest
 import worker
 from conftest import REPO
 from conftest import TINY_MODEL
+from conftest import free_port
+from conftest import running_daemon
 from conftest import worker_env
 from test_systemd import NEEDS_USER_SESSION
 from test_systemd import SERVICE_COMMANDS
@@ -95,35 +96,16 @@ def session_home(tmp_path: Path) -> Path:
     return home
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, dict[str, str]]]:
     """The documented daemon command, on the tiny model on CPU, on a free port."""
     tmp_path = tmp_path_factory.mktemp("docs")
-    port = free_port()
-    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(port), HOME=str(session_home(tmp_path)))
-    # Its log is not read: a pipe nobody drains would stop the daemon once full.
-    process = subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("the daemon did not become ready")
-        yield port, env
-    finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=30) == 0
+    env = {"OV_GENAI_NPU_PORT": str(free_port()), "HOME": str(session_home(tmp_path))}
+    command = [sys.executable, "worker.py"]
+    with running_daemon(tmp_path, command=command, **env) as served:
+        port = served.wait_ready()
+        yield port, served.env
+        assert served.stop() == 0
 
 
 def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -135,6 +117,12 @@ def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     pasted = as_pasted(command) if documented else command
     return subprocess.run(["bash", "-c", pasted], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
+
+
+def test_the_docs_commands_find_this_interpreter_without_an_activated_venv() -> None:
+    """run() puts sys.executable's directory first on PATH: `python` is this one."""
+    completed = run("python -c 'import sys; print(sys.executable)'", {"PATH": "/usr/bin:/bin"})
+    assert completed.stdout.strip() == sys.executable
 
 
 def same_shape(example: Any, actual: Any, where: str = "") -> None:

@@ -41,11 +41,12 @@ import pytest
 import worker
 from conftest import FakeNpuPipeline
 from conftest import TINY_MODEL
+from conftest import assert_error
 from conftest import cpu_settings
 from conftest import serve_in_thread
+from conftest import wait_for
 
 SOCKET_TIMEOUT_S = 5.0
-REQUEST_ID = re.compile(r"^[0-9a-f]{32}$")
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
 TOKEN = "hostile-test-token-0123456789"
 CANARY = "CANARY-h0st1le-5e1f"
@@ -222,31 +223,6 @@ def parse_replies(data: bytes) -> list[int]:
         length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
         data = rest[int(length.group(1)) if length and statuses[-1] >= 200 else 0:]
     return statuses
-
-
-def assert_error(reply: Reply, status: int, error_type: str, *, protocol: bool = False) -> dict[str, Any]:
-    """The documented error shape; ``protocol`` for http.server's own errors."""
-    assert (reply.status, reply.header("Content-Type")) == (status, "application/json"), reply.raw[:400]
-    body = reply.json()
-    assert body["error"]["type"] == error_type, body
-    assert set(body) == {"error", "request_id"}, body
-    assert set(body["error"]) == {"type", "message"}
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    assert REQUEST_ID.match(body["request_id"]), body
-    if not protocol:
-        assert reply.header("X-Request-Id") == body["request_id"]
-    assert b"<html" not in reply.body.lower() and b"Traceback" not in reply.body
-    assert not [name for name in reply.headers if name.startswith(CORS_PREFIX)]
-    return body
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def assert_serves(server: worker.WorkerHTTPServer, *headers: str) -> dict[str, Any]:
@@ -827,7 +803,7 @@ def test_14_request_line_over_64_kib_is_414_json(fake_server: worker.WorkerHTTPS
     with Conn(port) as conn:
         conn.send(request(port, "GET", path))
         reply = conn.reply()
-        assert_error(reply, 414, "uri_too_long", protocol=True)
+        assert_error(reply, 414, "uri_too_long")
         assert CANARY.encode() not in reply.raw and reply.header("Connection") == "close"
     assert_serves(fake_server)
 
@@ -837,7 +813,7 @@ def test_14_header_line_over_64_kib_is_431_json(fake_server: worker.WorkerHTTPSe
     with Conn(port) as conn:
         conn.send(request(port, headers=(f"X-Big: {CANARY}{'a' * 70_000}",)))
         reply = conn.reply()
-        assert_error(reply, 431, "headers_too_large", protocol=True)
+        assert_error(reply, 431, "headers_too_large")
         assert CANARY.encode() not in reply.raw and reply.header("Connection") == "close"
     assert_serves(fake_server)
 
@@ -851,7 +827,7 @@ def test_14_more_than_100_headers_is_431_json(fake_server: worker.WorkerHTTPServ
         with Conn(port) as conn:
             conn.send(request(port, headers=(*ninety_eight, *(f"X-More{i}: 1" for i in range(extra)))))
             reply = conn.reply()
-            assert_error(reply, 431, "headers_too_large", protocol=True)
+            assert_error(reply, 431, "headers_too_large")
             assert CANARY.encode() not in reply.raw
     assert_serves(fake_server)
 
@@ -874,7 +850,7 @@ def test_14_a_malformed_request_line_is_400_json(fake_server: worker.WorkerHTTPS
     with Conn(port) as conn:
         conn.send(line + b"\r\nHost: 127.0.0.1\r\n\r\n")
         reply = conn.reply()
-        assert_error(reply, 400, "bad_request", protocol=True)
+        assert_error(reply, 400, "bad_request")
         assert conn.closed_within(3)
     assert_serves(fake_server)
 
@@ -1106,17 +1082,36 @@ def test_16_a_burst_of_connections_is_served_at_once(start_server: Callable[...,
 # --- 17: a burst of jobs while the NPU is busy -----------------------------------------------------
 
 
+class HeldPipeline(FakeNpuPipeline):
+    """The fake, but once ``held`` each generate() waits until ``release`` is set: the job
+    holding the NPU stays there for as long as the test needs (the warm-up runs before)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def generate(self, *args: Any, **kwargs: Any) -> worker.Generation:
+        if self.held:
+            self.entered.set()
+            assert self.release.wait(15), "the test never released the pipeline"
+        return super().generate(*args, **kwargs)
+
+
 def test_17_a_burst_of_jobs_is_bounded_by_the_queue_then_503_with_retry_after(
     start_server: Callable[..., worker.WorkerHTTPServer],
 ) -> None:
+    """Eight jobs at once while the first holds the NPU: one runs, ``depth`` wait (as /healthz
+    says), the rest get 503 busy with Retry-After at once; the waiting ones run once it is free."""
     depth, clients = 2, 8
-    settings = cpu_settings(Path("/unused"), queue_depth=depth)
-    pipeline = FakeNpuPipeline(settings, seconds_per_token=0.12)  # 5 words: 0.6 s per job
+    pipeline = HeldPipeline(cpu_settings(Path("/unused"), queue_depth=depth))
     server = start_server(pipeline, queue_depth=depth, lock_timeout_s=10.0)
+    pipeline.held = True
     port = server.server_port
     conns = _hold(server, clients)
     statuses: list[tuple[int, str | None, str | None]] = []
-    observed: list[int] = []
+    answered = threading.Condition()
     barrier = threading.Barrier(clients)
 
     def client(conn: Conn) -> None:
@@ -1125,32 +1120,27 @@ def test_17_a_burst_of_jobs_is_bounded_by_the_queue_then_503_with_retry_after(
         conn.send(request(port, "POST", "/v1/worker/generate", body=JOB_BODY))
         reply = conn.reply()
         error = reply.json()["error"]["type"] if reply.status != 200 else None
-        statuses.append((reply.status, error, reply.header("Retry-After")))
+        with answered:
+            statuses.append((reply.status, error, reply.header("Retry-After")))
+            answered.notify_all()
 
     threads = [threading.Thread(target=client, args=(conn,), daemon=True) for conn in conns]
-    started = time.monotonic()
     try:
         for thread in threads:
             thread.start()
-        for _ in range(300):  # watch the queue from /healthz, at most 15 s
-            if not any(thread.is_alive() for thread in threads):
-                break
-            observed.append(exchange(port, request(port))[0].json()["queue_waiting"])
-            time.sleep(0.05)
+        with answered:  # the ones beyond the queue are refused while the first still runs
+            assert answered.wait_for(lambda: len(statuses) == clients - depth - 1, 10), statuses
+        assert pipeline.entered.is_set() and exchange(port, request(port))[0].json()["queue_waiting"] == depth
+        assert all(s == (503, "busy", str(worker.RETRY_AFTER_BUSY_S)) for s in statuses), statuses
+        pipeline.release.set()
         for thread in threads:
             thread.join(15)
     finally:
+        pipeline.release.set()
         for conn in conns:
             conn.close()
-    elapsed = time.monotonic() - started
-    assert len(statuses) == clients
-    ok = [s for s in statuses if s[0] == 200]
-    busy = [s for s in statuses if s[0] == 503]
-    assert len(ok) + len(busy) == clients, statuses
-    assert len(ok) >= depth + 1 and busy, statuses  # the running job and a full queue; the rest refused
-    assert all(s == (503, "busy", str(worker.RETRY_AFTER_BUSY_S)) for s in busy), busy
-    assert max(observed) == depth and all(0 <= n <= depth for n in observed), observed
-    assert elapsed < (len(ok) + 1) * 0.6 + 5  # never unbounded
+    assert sorted(status for status, _, _ in statuses) == [200] * (depth + 1) + [503] * (clients - depth - 1)
+    assert exchange(port, request(port))[0].json()["queue_waiting"] == 0
     assert_serves(server)
 
 

@@ -15,31 +15,10 @@ import pytest
 
 import worker
 from conftest import FakeNpuPipeline
+from conftest import assert_error
+from conftest import call
 from conftest import cpu_settings
-
-Response = tuple[int, http.client.HTTPMessage, dict[str, Any]]
 CANARY = "CANARY-7f3a9c"
-
-
-def call(
-    server: worker.WorkerHTTPServer,
-    method: str,
-    path: str,
-    body: Any = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
-    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
-    try:
-        payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        all_headers = {"Content-Type": "application/json"} if payload is not None else {}
-        all_headers.update(headers or {})
-        connection.request(method, path, body=payload, headers=all_headers)
-        response = connection.getresponse()
-        data = response.read()
-        assert response.getheader("Content-Type") == "application/json"
-        return response.status, response.headers, json.loads(data)
-    finally:
-        connection.close()
 
 
 def raw(server: worker.WorkerHTTPServer, data: bytes) -> bytes:
@@ -57,15 +36,6 @@ def raw_json(reply: bytes) -> tuple[int, dict[str, Any]]:
     status = int(head.split(b" ", 2)[1])
     assert b"Content-Type: application/json" in head
     return status, json.loads(body)
-
-
-def assert_error(response: Response, status: int, error_type: str) -> dict[str, Any]:
-    got_status, headers, body = response
-    assert (got_status, body["error"]["type"]) == (status, error_type)
-    assert set(body) >= {"error", "request_id"}
-    assert body["request_id"] == headers["X-Request-Id"]
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    return body
 
 
 # --- success paths ---------------------------------------------------------------------------------

@@ -12,15 +12,13 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
-import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from typing import Callable
@@ -31,9 +29,9 @@ from pytest import param
 import worker
 from conftest import REPO
 from conftest import FakeNpuPipeline
+from conftest import assert_error
 from conftest import cpu_settings
 from test_hostile import Conn
-from test_hostile import assert_error
 from test_hostile import exchange
 from test_hostile import request
 
@@ -91,19 +89,34 @@ def test_parse_head_accepts_what_rfc_9112_says_to_accept() -> None:
     assert worker.parse_head(head("OPTIONS * HTTP/1.1")).target == "*"
 
 
-def test_the_canonical_head_is_what_http_server_reads() -> None:
+def test_the_parsed_head_is_the_one_every_later_step_reads() -> None:
     parsed = worker.parse_head(b"GET http://localhost/models HTTP/1.0\nX-A:  b \n\n")
-    assert parsed.canonical() == b"GET /models HTTP/1.0\r\nX-A: b\r\nHost: localhost\r\n\r\n"
+    assert (parsed.method, parsed.target, parsed.version) == ("GET", "/models", "HTTP/1.0")
+    assert parsed.fields == (("X-A", "b"), ("Host", "localhost"))
+
+
+@pytest.mark.parametrize("version, connection, keep_alive", [
+    param("HTTP/1.1", None, True, id="1.1-default"),
+    param("HTTP/1.1", "close", False, id="1.1-close"),
+    param("HTTP/1.1", "Keep-Alive", True, id="1.1-keep-alive"),
+    param("HTTP/1.0", None, False, id="1.0-default"),
+    param("HTTP/1.0", "keep-alive", True, id="1.0-keep-alive"),
+    param("HTTP/1.0", "close", False, id="1.0-close"),
+])
+def test_keep_alive_follows_rfc_9112_section_9_3(
+    version: str, connection: str | None, keep_alive: bool
+) -> None:
+    lines = [f"GET / {version}", "Host: x", *([f"Connection: {connection}"] if connection else [])]
+    assert worker.parse_head(head(*lines)).keep_alive is keep_alive
 
 
 @pytest.mark.parametrize("data, end", [
     param(b"GET / HTTP/1.1\r\nHost: x\r\n\r\nrest", 27, id="crlf"),
     param(b"GET / HTTP/1.1\nHost: x\n\nrest", 24, id="lf"),
-    param(b"\r\n\r\nGET / HTTP/1.1\r\n\r\n", 22, id="empty-lines-first"),
     param(b"GET / HTTP/1.1\r\nHost: x\r\n", None, id="incomplete"),
 ])
 def test_head_end(data: bytes, end: int | None) -> None:
-    assert worker.head_end(data) == end
+    assert worker.head_end(data)[0] == end
 
 
 # --- the same over sockets: the Origin behind a malformed line can no longer hide -------------------
@@ -424,28 +437,6 @@ def test_the_deadline_counts_from_the_first_byte_not_from_the_body(start_server:
     assert result["timing_ms"]["total"] >= 300  # from receipt: the wait for the body is in it
 
 
-# --- review findings -------------------------------------------------------------------------------
-
-
-def test_settings_default_to_the_lock_every_other_process_uses(tmp_path: Path) -> None:
-    assert worker.Settings(model_path=tmp_path).lock_path == worker.default_lock_path(os.environ)
-
-
-def test_http_servers_own_messages_go_to_the_log_without_their_arguments(caplog: pytest.LogCaptureFixture) -> None:
-    handler = worker.WorkerRequestHandler.__new__(worker.WorkerRequestHandler)
-    with caplog.at_level(logging.WARNING, logger="openvino_genai_npu_worker"):
-        handler.log_message("code %d, message %s", 400, "SECRET-REQUEST-LINE")
-    assert "SECRET-REQUEST-LINE" not in caplog.text and 'event=http_server message="code %d, message %s"' in caplog.text
-
-
-def test_the_docs_commands_find_this_interpreter_without_an_activated_venv() -> None:
-    """tests/test_docs.py puts sys.executable's directory first on PATH: `python` is this one."""
-    from test_docs import run
-
-    completed = run("python -c 'import sys; print(sys.executable)'", {"PATH": "/usr/bin:/bin"})
-    assert completed.stdout.strip() == sys.executable
-
-
 # --- errors become answers and exit codes in one place each ---------------------------------------------
 
 
@@ -470,9 +461,34 @@ def test_only_http_response_writes_a_status_line_and_only_two_places_send() -> N
     senders = sorted(name for name, node in functions.items()
                      if any(isinstance(n, ast.Attribute) and n.attr in ("send", "sendall", "send_response", "send_header")
                             for n in ast.walk(node)))
-    # send_body (handlers), _send_quietly (the gate's refusals and 100 Continue), _wake (the gate's
+    # send_all (handlers), _send_quietly (the gate's refusals and 100 Continue), _wake (the gate's
     # own socket pair): nothing else writes to a client (SystemdNotifier uses sendto).
-    assert senders == ["_send_quietly", "_wake", "send_body"]
+    assert senders == ["_send_quietly", "_wake", "send_all"]
+    # One function turns a WorkerError into an answer, for the gate and the handlers alike (the CLI
+    # prints the same body in report_cli_error and run_batch).
+    builders = sorted(name for name, node in functions.items()
+                      if any(isinstance(n, ast.Call) and getattr(n.func, "id", None) == "error_body"
+                             for n in ast.walk(node)))
+    assert builders == ["error_response", "report_cli_error", "run_batch"]
+
+
+def test_http_servers_own_parsing_error_pages_and_logging_are_never_reached(
+    start_server: Callable[..., worker.WorkerHTTPServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate parses every head once; http.server's parse_request, send_error, send_response and
+    log_message (which would log the request line) are not called, for answers and errors alike."""
+    reached: list[str] = []
+    for name in ("parse_request", "send_error", "send_response", "log_message", "handle_one_request"):
+        monkeypatch.setattr(BaseHTTPRequestHandler, name,
+                            lambda *args, name=name, **kwargs: reached.append(name))
+    server = start_server()
+    port = server.server_port
+    for data in (request(port, "GET", "/livez"), request(port, "GET", "/nowhere"),
+                 request(port, "DELETE", "/models"),
+                 request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x"}'),
+                 request(port, "POST", "/v1/worker/generate", body=b"[")):
+        assert exchange(port, data)[0].status in (200, 400, 404, 405)
+    assert reached == []
 
 
 def test_one_function_prints_every_cli_error(capsys: pytest.CaptureFixture[str]) -> None:
@@ -484,13 +500,3 @@ def test_one_function_prints_every_cli_error(capsys: pytest.CaptureFixture[str])
     assert out.err == "smoke_llm_npu.py: input_too_long: too long\n"
     source = (REPO / "worker.py").read_text() + (REPO / "smoke_llm_npu.py").read_text()
     assert len(re.findall(r"\{exc\.type\}: \{exc\.message\}", source)) == 1  # only in report_cli_error
-
-
-def test_threading_is_not_needed_for_a_refusal(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    """The gate answers a malformed head itself: no handler thread is started for it."""
-    server = start_server()
-    port = server.server_port
-    before = threading.active_count()
-    for _ in range(20):
-        exchange(port, b"GET /livez HTTP/1.1\r\nHost : x\r\n\r\n")
-    assert threading.active_count() <= before + 1

@@ -12,21 +12,15 @@ import fcntl
 import json
 import os
 import select
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-from typing import Callable
 from typing import Iterator
 
 import pytest
@@ -34,9 +28,11 @@ import pytest
 import worker
 from conftest import REPO
 from conftest import TINY_MODEL
+from conftest import call
+from conftest import needs_tiny_model
+from conftest import running_daemon
+from conftest import wait_for
 from conftest import worker_env
-
-needs_tiny_model = pytest.mark.skipif(not TINY_MODEL.is_dir(), reason=f"tiny model missing: {TINY_MODEL}")
 
 # A child that takes the lock, says so on stdout, and holds it until killed or until stdin closes.
 HOLDER_CODE = textwrap.dedent(
@@ -53,7 +49,6 @@ HOLDER_CODE = textwrap.dedent(
 
 CHILD_START_TIMEOUT_S = 10.0
 CLI_TIMEOUT_S = 60.0
-DAEMON_START_TIMEOUT_S = 60.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,16 +108,6 @@ def release(fd: int) -> None:
     os.close(fd)
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> bool:
-    """Poll a state that has no event of its own (queue length, /proc) for at most timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
 class FlockSpy:
     """Stands in for the fcntl module inside worker: records (thread, inode, outcome) of each flock."""
 
@@ -180,77 +165,6 @@ def start_cli(tmp_path: Path, lock_path: Path, *extra: str) -> subprocess.Popen[
         stderr=subprocess.PIPE,
         text=True,
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def http(url: str, body: dict[str, Any] | None = None, timeout_s: float = 30.0) -> tuple[int, dict[str, str], dict[str, Any]]:
-    """GET (body None) or POST JSON; returns status, headers and the decoded JSON body."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if body is None else "POST")
-    if body is not None:
-        request.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, dict(response.headers), json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, dict(exc.headers), json.loads(exc.read())
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    url: str
-    log: Path
-
-    def stop(self) -> int:
-        """SIGTERM, then the exit code."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=15)
-
-
-@contextlib.contextmanager
-def daemon(tmp_path: Path, lock_path: Path, lock_timeout_s: float) -> Iterator[Daemon]:
-    """The HTTP daemon on the tiny model (CPU), ready (healthz 200); SIGKILLed on exit if still alive."""
-    port = free_port()
-    log = tmp_path / f"daemon-{port}.log"
-    with log.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable, "worker.py", "--port", str(port), "--device", "CPU",
-                "--model", str(TINY_MODEL), "--lock-file", str(lock_path),
-                "--lock-timeout-s", str(lock_timeout_s),
-            ],
-            cwd=REPO,
-            env=worker_env(tmp_path),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"daemon exited {proc.returncode}: {log.read_text()[-3000:]}")
-            try:
-                if http(url + "/healthz", timeout_s=2.0)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"daemon not ready in {DAEMON_START_TIMEOUT_S} s: {log.read_text()[-3000:]}")
-            time.sleep(0.05)
-        yield Daemon(proc, url, log)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
 
 
 def has_open(pid: int, path: Path) -> bool:
@@ -487,7 +401,7 @@ def test_queue_is_first_in_first_out(lock_path: Path) -> None:
             futures = []
             for index in range(5):
                 futures.append(pool.submit(_take_turn, queue, 10.0, order, index))
-                assert wait_until(lambda: queue.waiting == index + 1), f"job {index} did not queue"
+                assert wait_for(lambda: queue.waiting == index + 1), f"job {index} did not queue"
             assert order == []
         for future in futures:
             future.result(timeout=10)
@@ -502,9 +416,9 @@ def test_full_queue_rejects_at_once(lock_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         with queue.turn(1.0):
             futures = [pool.submit(_take_turn, queue, 10.0, order, 0)]
-            assert wait_until(lambda: queue.waiting == 1)
+            assert wait_for(lambda: queue.waiting == 1)
             futures.append(pool.submit(_take_turn, queue, 10.0, order, 1))
-            assert wait_until(lambda: queue.waiting == 2)
+            assert wait_for(lambda: queue.waiting == 2)
             started = time.monotonic()
             with pytest.raises(worker.Busy) as info:
                 with queue.turn(5.0):
@@ -526,7 +440,7 @@ def test_queue_wait_times_out_with_busy(lock_path: Path) -> None:
     with ThreadPoolExecutor(max_workers=2) as pool:
         with queue.turn(1.0):
             head = pool.submit(_take_turn, queue, 10.0, order, 0)
-            assert wait_until(lambda: queue.waiting == 1)
+            assert wait_for(lambda: queue.waiting == 1)
             started = time.monotonic()
             late = pool.submit(_take_turn, queue, 0.3, order, 1)
             with pytest.raises(worker.Busy) as info:
@@ -573,6 +487,10 @@ def test_exception_in_turn_releases_queue_and_lock(lock_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 # 5. default_lock_path
 # --------------------------------------------------------------------------------------------------
+
+
+def test_settings_default_to_the_lock_every_other_process_uses(tmp_path: Path) -> None:
+    assert worker.Settings(model_path=tmp_path).lock_path == worker.default_lock_path(os.environ)
 
 
 def test_default_lock_path_uses_xdg_runtime_dir(tmp_path: Path) -> None:
@@ -670,15 +588,17 @@ def test_cli_succeeds_once_the_holder_is_killed(tmp_path: Path, lock_path: Path)
 @needs_tiny_model
 def test_daemon_and_two_clis_all_wait_for_each_other_and_succeed(tmp_path: Path, lock_path: Path) -> None:
     """An HTTP job and two CLI jobs, all blocked on the same lock, run one after another once it frees."""
-    with daemon(tmp_path, lock_path, lock_timeout_s=30.0) as served:
+    with running_daemon(tmp_path, "--lock-file", str(lock_path), "--lock-timeout-s", "30") as served:
+        port = served.wait_ready()
         clis: list[subprocess.Popen[str]] = []
         try:
             with lock_holder(lock_path) as holder, ThreadPoolExecutor(max_workers=1) as pool:
-                request = pool.submit(http, served.url + "/v1/worker/generate", {"job": "title", "input": "hi"}, 60.0)
+                request = pool.submit(call, port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"},
+                                      timeout_s=60.0)
                 clis = [start_cli(tmp_path, lock_path), start_cli(tmp_path, lock_path)]
                 # All three are inside NpuLock.acquire (they have the lock file open) before it frees.
-                for pid in (served.proc.pid, *(cli.pid for cli in clis)):
-                    assert wait_until(lambda: has_open(pid, lock_path), 20.0), f"pid {pid} never reached the lock"
+                for pid in (served.process.pid, *(cli.pid for cli in clis)):
+                    assert wait_for(lambda: has_open(pid, lock_path), 20.0), f"pid {pid} never reached the lock"
                 assert not request.done()
                 holder.kill()
                 status, _, body = request.result(timeout=60)
@@ -693,21 +613,24 @@ def test_daemon_and_two_clis_all_wait_for_each_other_and_succeed(tmp_path: Path,
                 if cli.poll() is None:
                     cli.kill()
                 cli.communicate(timeout=10)
-        assert served.stop() == 0, served.log.read_text()[-3000:]
+        assert served.stop() == 0, served.log_text()[-3000:]
 
 
 @needs_tiny_model
 def test_daemon_answers_503_busy_while_another_process_holds_the_lock(tmp_path: Path, lock_path: Path) -> None:
     """The daemon waits --lock-timeout-s for a lock held elsewhere, then 503 busy with Retry-After."""
-    with daemon(tmp_path, lock_path, lock_timeout_s=0.5) as served:
+    with running_daemon(tmp_path, "--lock-file", str(lock_path), "--lock-timeout-s", "0.5") as served:
+        port = served.wait_ready()
         with lock_holder(lock_path) as holder:
             started = time.monotonic()
-            status, headers, body = http(served.url + "/v1/worker/generate", {"job": "title", "input": "hi"})
+            status, headers, body = call(port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"},
+                                         timeout_s=30)
             assert time.monotonic() - started >= 0.5
             assert status == 503
             assert body["error"]["type"] == "busy"
             assert int(headers["Retry-After"]) > 0
             holder.kill()
-        status, _, body = http(served.url + "/v1/worker/generate", {"job": "title", "input": "hi"})
+        status, _, body = call(port, "POST", "/v1/worker/generate", {"job": "title", "input": "hi"},
+                               timeout_s=30)
         assert status == 200, body
-        assert served.stop() == 0, served.log.read_text()[-3000:]
+        assert served.stop() == 0, served.log_text()[-3000:]

@@ -11,7 +11,6 @@ test_npu.py, and only smoke_llm_npu.py on an NPU host decides it.
 from __future__ import annotations
 
 import dataclasses
-import http.client
 import importlib.util
 import json
 import os
@@ -28,6 +27,9 @@ import pytest
 import smoke_llm_npu
 import worker
 from conftest import TINY_MODEL
+from conftest import call
+from conftest import fetch
+from conftest import running_daemon
 from conftest import serve_in_thread
 
 openvino_genai = pytest.importorskip("openvino_genai")
@@ -110,33 +112,17 @@ def real_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[work
     server.server_close()
 
 
-def call(server: worker.WorkerHTTPServer, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=30)
-    try:
-        headers = {"Host": f"127.0.0.1:{server.server_port}"}
-        data = None
-        if body is not None:
-            data = json.dumps(body).encode()
-            headers["Content-Type"] = "application/json"
-        connection.request(method, path, body=data, headers=headers)
-        response = connection.getresponse()
-        payload = response.read().decode()
-        return response.status, payload if path == "/metrics" else json.loads(payload)
-    finally:
-        connection.close()
-
-
 def test_every_endpoint_answers_on_both_paths(real_server: worker.WorkerHTTPServer) -> None:
     expected_proof = worker.PROOF_EMULATED if real_server.settings.emulate_npu else worker.PROOF_NOT_APPLICABLE
-    status, livez = call(real_server, "GET", "/livez")
+    status, _, livez = call(real_server, "GET", "/livez")
     assert (status, livez["status"]) == (200, "alive")
-    status, health = call(real_server, "GET", "/healthz")
+    status, _, health = call(real_server, "GET", "/healthz")
     assert (status, health["ready"], health["npu_proof"], health["busy_counter"]) == (200, True, expected_proof, None)
-    status, models = call(real_server, "GET", "/models")
+    status, _, models = call(real_server, "GET", "/models")
     assert (status, models["npu_proof"]) == (200, expected_proof)
-    status, metrics = call(real_server, "GET", "/metrics")
-    assert status == 200 and f'npu_proof="{expected_proof}"' in metrics
-    status, document = call(real_server, "GET", "/openapi.json")
+    status, _, metrics = fetch(real_server, "GET", "/metrics")
+    assert status == 200 and f'npu_proof="{expected_proof}"'.encode() in metrics
+    status, _, document = call(real_server, "GET", "/openapi.json")
     assert status == 200 and expected_proof in document["components"]["schemas"]["Result"]["properties"]["npu_proof"]["enum"]
     for path, body in (
         ("/v1/worker/generate", {"job": "title", "input": INPUT}),
@@ -144,7 +130,7 @@ def test_every_endpoint_answers_on_both_paths(real_server: worker.WorkerHTTPServ
         ("/v1/worker/extract-memory-candidates", {"input": INPUT}),
         ("/v1/worker/condense-notification", {"input": INPUT}),
     ):
-        status, result = call(real_server, "POST", path, body)
+        status, _, result = call(real_server, "POST", path, body, timeout_s=30)
         assert status in (200, 502), result  # 502 empty_output is a documented answer for byte soup
         if status == 200:
             assert (result["npu_proof"], result["npu_busy_delta_us"]) == (expected_proof, None)
@@ -485,36 +471,12 @@ def test_the_same_combinations_from_the_environment_are_configuration_errors(
 
 
 def test_the_daemon_logs_and_serves_emulated_proof(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    from conftest import REPO
-    from conftest import worker_env
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(port), OV_GENAI_NPU_DEVICE="NPU", OV_GENAI_NPU_EMULATE="1")
-    process = subprocess.Popen([sys.executable, "worker.py"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        first = process.stderr.readline() if process.stderr else ""
-        assert "npu_proof=emulated" in first and "device=NPU" in first
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                connection.request("GET", "/healthz", headers={"Host": f"127.0.0.1:{port}"})
-                health = json.loads(connection.getresponse().read())
-                connection.close()
-                if health["ready"]:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        assert health["npu_proof"] == "emulated" and health["device"] == "NPU"
-    finally:
-        process.terminate()
-        process.communicate(timeout=30)
+    with running_daemon(tmp_path, OV_GENAI_NPU_DEVICE="NPU", OV_GENAI_NPU_EMULATE="1") as daemon:
+        port = daemon.wait_ready()
+        status, _, health = call(port, "GET", "/healthz")
+        (listening,) = [line for line in daemon.log if "event=listening" in line]
+    assert "npu_proof=emulated" in listening and "device=NPU" in listening
+    assert (status, health["npu_proof"], health["device"]) == (200, "emulated", "NPU")
 
 
 def test_smoke_test_runs_the_whole_flow_on_the_emulated_npu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

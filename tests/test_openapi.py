@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import copy
-import http.client
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,7 @@ from schemathesis.specs.openapi.checks import status_code_conformance
 import worker
 from conftest import REPO
 from conftest import FakeNpuPipeline
+from conftest import call
 from conftest import cpu_settings
 from conftest import serve_in_thread
 
@@ -101,20 +100,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[worker.WorkerHTTP
     server.server_close()
 
 
-def call(server: worker.WorkerHTTPServer, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
-    try:
-        payload = None if body is None else json.dumps(body).encode()
-        connection.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
-        response = connection.getresponse()
-        return response.status, json.loads(response.read())
-    finally:
-        connection.close()
-
-
 @pytest.fixture(scope="module")
 def document(live: worker.WorkerHTTPServer) -> dict[str, Any]:
-    status, body = call(live, "GET", "/openapi.json")
+    status, _, body = call(live, "GET", "/openapi.json")
     assert status == 200
     return body
 
@@ -146,7 +134,7 @@ def test_the_document_is_also_valid_with_a_token_and_marks_the_bearer_scheme(tmp
     server = start(cpu_settings(tmp_path, port=0, token=TOKEN))
     try:
         assert call(server, "GET", "/openapi.json")[0] == 401
-        status, document = call(server, "GET", "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
+        status, _, document = call(server, "GET", "/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"})
     finally:
         server.shutdown()
         server.server_close()
@@ -324,7 +312,7 @@ def test_schemathesis_sees_every_operation(api_schema: Any) -> None:
 def test_null_for_an_optional_number_is_400_as_the_schema_says(live: worker.WorkerHTTPServer, document: dict[str, Any], field: str) -> None:
     body = {"job": "title", "input": "x", field: None}
     assert not OAS30Validator(request_schema(document, "/v1/worker/generate")).is_valid(body)
-    status, reply = call(live, "POST", "/v1/worker/generate", body)
+    status, _, reply = call(live, "POST", "/v1/worker/generate", body)
     assert (status, reply["error"]["type"]) == (400, "invalid_request")
 
 

@@ -31,14 +31,6 @@ INPUT = (
 )
 
 
-@pytest.fixture(scope="module")
-def tiny_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worker:
-    settings = cpu_settings(tmp_path_factory.mktemp("tiny"))
-    built = worker.build_worker(settings, worker.load_genai_pipeline)
-    built.load()
-    return built
-
-
 def assert_documented_shape(result: dict[str, object]) -> None:
     """The output shape CONTRACT.md promises per job, whatever the model said."""
     text = result["text"]
@@ -188,10 +180,9 @@ DEMO_INPUTS = [
 @pytest.mark.parametrize("job", list(worker.JOBS))
 @pytest.mark.parametrize("text", DEMO_INPUTS, ids=["personal", "backup", "meeting"])
 def test_demo_model_output_is_cleaned_to_the_documented_shape(demo_worker: worker.Worker, job: str, text: str) -> None:
-    try:
-        result = demo_worker.run(worker.JobRequest(job, text), "r1")
-    except worker.EmptyOutput:
-        return  # a documented outcome: 502 empty_output, never a malformed 200
+    # No except for EmptyOutput: 502 empty_output is documented for byte soup, and these are real
+    # inputs that the demo model answers; swallowing it let all 12 cases pass with no answer at all.
+    result = demo_worker.run(worker.JobRequest(job, text), "r1")
     assert_documented_shape(result)
 
 

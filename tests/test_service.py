@@ -44,21 +44,27 @@ from typing import TypeVar
 import pytest
 
 import worker
+from conftest import DAEMON_START_TIMEOUT_S
+from conftest import DAEMON_STOP_TIMEOUT_S
+from conftest import HTTP_TIMEOUT_S
 from conftest import REPO
 from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
+from conftest import Response
+from conftest import assert_error
+from conftest import call
 from conftest import cpu_settings
+from conftest import fetch
+from conftest import free_port
 from conftest import ir_header
+from conftest import needs_tiny_model
+from conftest import running_daemon
 from conftest import worker_env
 
 WARM_UPS = len(worker.WARMUP_REQUESTS)  # generations before a worker turns ready
 
-Response = tuple[int, http.client.HTTPMessage, Any]
 T = TypeVar("T")
 
-HTTP_TIMEOUT_S = 10.0
-DAEMON_START_TIMEOUT_S = 60.0
-DAEMON_STOP_TIMEOUT_S = 30.0
 SUBPROCESS_TIMEOUT_S = 120.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 GENERATE = "/v1/worker/generate"
@@ -71,39 +77,11 @@ LONG_INPUT = " ".join(f"word{index} is here." for index in range(90))
 # Over 1024 prompt tokens for the tiny model, under 6000 characters.
 PROMPT_TOO_LONG_INPUT = " ".join(f"word{index} is here." for index in range(400))[:5990]
 
-needs_tiny_model = pytest.mark.skipif(not TINY_MODEL.is_dir(), reason=f"tiny model missing: {TINY_MODEL}")
 
 
 # --------------------------------------------------------------------------------------------------
 # Helpers: HTTP, polling, a recording fake, the Prometheus text format
 # --------------------------------------------------------------------------------------------------
-
-
-def fetch(
-    port: int, method: str, path: str, body: Any = None, timeout_s: float = HTTP_TIMEOUT_S
-) -> tuple[int, http.client.HTTPMessage, bytes]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout_s)
-    try:
-        payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        connection.request(method, path, body=payload, headers=headers)
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
-
-
-def call(port: int, method: str, path: str, body: Any = None, timeout_s: float = HTTP_TIMEOUT_S) -> Response:
-    status, headers, data = fetch(port, method, path, body, timeout_s)
-    assert headers["Content-Type"] == "application/json"
-    return status, headers, json.loads(data)
-
-
-def assert_error(response: Response, status: int, error_type: str) -> dict[str, Any]:
-    got_status, headers, body = response
-    assert (got_status, body["error"]["type"]) == (status, error_type), body
-    assert body["request_id"] == headers["X-Request-Id"]
-    return body
 
 
 def settle(server: worker.WorkerHTTPServer) -> None:
@@ -293,62 +271,6 @@ def notify_socket(address: str) -> Iterator[NotifySocket]:
         yield listener
     finally:
         listener.close()
-
-
-class Daemon:
-    """``python worker.py --port 0`` with the tiny model on CPU; the port comes from its log."""
-
-    def __init__(self, tmp_path: Path, *args: str, **env: str) -> None:
-        environ = worker_env(tmp_path)
-        for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):  # in case pytest runs under systemd
-            environ.pop(name, None)
-        environ.update(env)
-        self.lock_path = Path(environ["OV_GENAI_NPU_LOCK"])
-        self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "worker.py"), "--port", "0", *args],
-            env=environ, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        self.log: list[str] = []
-        self.port: int | None = None
-        self._listening = threading.Event()
-        self._reader = threading.Thread(target=self._read_log, daemon=True)
-        self._reader.start()
-
-    def _read_log(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
-            match = re.search(r"event=listening url=http://127\.0\.0\.1:(\d+)/", line)
-            if match:
-                self.port = int(match.group(1))
-                self._listening.set()
-        self._listening.set()  # end of output: wake a waiter, who then finds no port
-
-    def wait_listening(self) -> int:
-        assert self._listening.wait(DAEMON_START_TIMEOUT_S) and self.port is not None, "".join(self.log)
-        return self.port
-
-    def log_text(self) -> str:
-        """The whole log; call once the process has exited."""
-        self._reader.join(HTTP_TIMEOUT_S)
-        return "".join(self.log)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(DAEMON_STOP_TIMEOUT_S)
-        self._reader.join(HTTP_TIMEOUT_S)
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-
-
-@contextlib.contextmanager
-def running_daemon(tmp_path: Path, *args: str, **env: str) -> Iterator[Daemon]:
-    daemon = Daemon(tmp_path, *args, **env)
-    try:
-        yield daemon
-    finally:
-        daemon.kill()
 
 
 def lock_is_free(lock_path: Path) -> bool:
@@ -937,12 +859,6 @@ def test_healthz_names_the_busy_counter_on_the_npu(
 # --------------------------------------------------------------------------------------------------
 # 7. Doctor
 # --------------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclasses.dataclass

@@ -6,25 +6,16 @@ accepts a few connections (the fix's own tests assert what the worker does under
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import pytest
 
 import worker
+from conftest import wait_for
 from slow_clients import Prober
 from slow_clients import SlowBodyAttack
 from slow_clients import SlowHeadAttack
 from slow_clients import probe_once
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def test_slow_head_holds_its_connections_and_closes_them_all_on_exit(

@@ -19,7 +19,7 @@ from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
 from conftest import cpu_settings
 from conftest import make_worker
-from test_http import call
+from conftest import call
 
 # --- input that is there but shows nothing ---------------------------------------------------------
 
@@ -111,13 +111,6 @@ def test_truncate_cannot_fit_a_job_whose_fixed_prompt_is_over_the_limit(tmp_path
 
 
 # --- the real tokenizer: truncation counted exactly, and the CLI's count before the model load -------
-
-
-@pytest.fixture(scope="module")
-def tiny_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worker:
-    built = worker.build_worker(cpu_settings(tmp_path_factory.mktemp("tiny")), worker.load_genai_pipeline)
-    built.load(warm_up=False)
-    return built
 
 
 def test_truncate_with_the_models_tokenizer_fills_the_limit_and_no_more(tiny_worker: worker.Worker) -> None:
