@@ -57,6 +57,7 @@ import json
 import logging
 import os
 import re
+import queue
 import select
 import selectors
 import signal
@@ -3609,7 +3610,8 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         fields["total_ms"] = f"{duration_s * 1000:.1f}"
         # A watchdog or a monitor probes every few seconds: its answers (ready or not) are DEBUG,
         # so the journal keeps jobs and errors; /metrics counts the probes either way.
-        probe = endpoint in HEALTH_ENDPOINTS and status in (200, 503)
+        route = ROUTE_BY_PATH.get(endpoint)
+        probe = route is not None and route.health and status in (200, 503)
         logger.log(logging.DEBUG if probe else logging.INFO, logfmt(fields))
 
 
