@@ -4047,6 +4047,7 @@ def doctor_checks(
     checks.append(cache_dir_check(settings.cache_dir))
     checks.append(lock_check(settings.lock_path))
     checks.append(port_check(settings))
+    checks.append(mcp_bridge_check(settings))
     return checks
 
 
@@ -4208,6 +4209,32 @@ def port_check(settings: Settings) -> Check:
         return Check("port", False, f"{settings.host}:{settings.port}: {exc.strerror}",
                      f"stop the process listening there (ss -ltnp 'sport = :{settings.port}') or pass --port")
     return Check("port", True, f"{settings.host}:{settings.port} is free")
+
+
+def mcp_bridge_check(settings: Settings) -> Check:
+    """Would `worker.py --mcp`, started here with these settings, reach a daemon?  A warning, not a
+    failure: the daemon may just not be started yet, and the host can serve either way."""
+    address = DaemonAddress(settings.host, settings.port, settings.token)
+    start = f"systemctl --user start {SERVICE_UNIT}"
+    try:
+        status, _, payload = DaemonCall(address, MCP_MODELS_TIMEOUT_S).request("GET", "/healthz")
+        health = json.loads(payload)
+    except OSError as exc:
+        return Check("mcp bridge", True, f"no daemon answers on {address.url} ({type(exc).__name__}): a bridge "
+                                         "(worker.py --mcp) started now would answer every call with daemon_not_running",
+                     start, warning=True)
+    except ValueError:
+        health = None
+    if status == 401:
+        return Check("mcp bridge", True, f"the daemon on {address.url} wants a token and this environment has none "
+                                         "that it takes", "give the bridge --token-file (or OV_GENAI_NPU_TOKEN_FILE)",
+                     warning=True)
+    if not isinstance(health, dict) or "ready" not in health:
+        return Check("mcp bridge", True, f"something that is not the worker answers on {address.url} (HTTP {status})",
+                     "give the bridge the worker's --host and --port", warning=True)
+    state = "ready" if health["ready"] else str(health.get("status"))
+    return Check("mcp bridge", True, f"a bridge (worker.py --mcp) reaches the daemon on {address.url}: {state}, "
+                                     f"model {health.get('model')} on {health.get('device')}")
 
 
 def run_doctor(settings: Settings) -> int:
