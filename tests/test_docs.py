@@ -27,6 +27,7 @@ import pytest
 import worker
 from conftest import REPO
 from conftest import worker_env
+from test_mcp_docs import AGENT_COMMANDS
 from test_systemd import INSTALL_COMMANDS
 from test_systemd import NEEDS_USER_SESSION
 
@@ -265,6 +266,7 @@ def test_token_commands_create_a_private_token_and_enforce_it(tmp_path: Path) ->
 def test_every_documented_command_is_exercised() -> None:
     exercised = {command for _, command, _ in worker_commands()} | set(SETUP_COMMANDS)
     exercised |= set(INSTALL_COMMANDS)  # run by tests/test_systemd.py
+    exercised |= set(AGENT_COMMANDS)  # the bridge each names is run by tests/test_mcp_docs.py
     exercised |= {command for _, command, _ in README if "smoke_llm_npu.py" in command or command.endswith("python worker.py")}
     exercised |= {command for _, command, _ in CONTRACT if "--batch" in command or "--doctor" in command}
     exercised |= {command for _, command, _ in README if command.endswith("--doctor")

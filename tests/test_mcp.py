@@ -17,24 +17,21 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
-from typing import AsyncIterator
-from typing import Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
+from conftest import REPO, FakeNpuPipeline, TinyDaemon, cpu_settings
 
 import worker
-from conftest import REPO
-from conftest import FakeNpuPipeline
-from conftest import TinyDaemon
-from conftest import cpu_settings
 
 mcp = pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
-from mcp import ClientSession  # noqa: E402
-from mcp import StdioServerParameters  # noqa: E402
-from mcp import types  # noqa: E402
-from mcp.client.stdio import stdio_client  # noqa: E402
+from mcp import (
+    ClientSession,
+    StdioServerParameters,
+    types,
+)
+from mcp.client.stdio import stdio_client
 
 GENERATE = "/v1/worker/generate"
 CALL_TIMEOUT_S = 60.0
@@ -81,11 +78,13 @@ async def open_version(session: ClientSession, version: str) -> None:
 async def bridge(port: int, tmp_path: Path, *args: str, version: str = VERSIONS[0],
                  env: dict[str, str] | None = None) -> AsyncIterator[ClientSession]:
     """A session with a fresh `worker.py --mcp`; its stderr (the log) goes to tmp_path/bridge.log."""
-    with open(tmp_path / "bridge.log", "a") as log:
-        async with stdio_client(bridge_parameters(port, *args, env=env), errlog=log) as (read, write):
-            async with ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT_S) as session:
-                await open_version(session, version)
-                yield session
+    with (tmp_path / "bridge.log").open("a") as log:  # opened once, before the session
+        async with (
+            stdio_client(bridge_parameters(port, *args, env=env), errlog=log) as (read, write),
+            ClientSession(read, write, read_timeout_seconds=CALL_TIMEOUT_S) as session,
+        ):
+            await open_version(session, version)
+            yield session
 
 
 def run(test: Callable[[], Any]) -> Any:
@@ -299,7 +298,7 @@ def test_cancelling_a_call_cancels_the_daemons_job_and_frees_the_lock(
     """notifications/cancelled (the SDK sends it when a call is abandoned) resets the call's
     connection: the daemon cancels the generation, even right after the request, where an orderly
     close would count as a half-close and be answered."""
-    server, pipeline = slow_server(start_server)
+    server, _ = slow_server(start_server)
     metrics = server.worker.metrics
 
     async def session_work() -> types.CallToolResult:
