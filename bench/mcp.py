@@ -6,9 +6,10 @@ call over the HTTP call it makes, measured side by side in one run.
 
 One daemon on the tiny model on CPU (tests/fixtures/tiny-chatml-ov, a private lock, a free port).
 
-- Start-up: a fresh `worker.py --mcp` is spawned, a `server/discover` line written at once, and the
-  time until its answer line arrives taken; in turns with the floor of any Python server, an
-  interpreter that echoes one line of stdin (`python -c ...`).
+- Start-up: a fresh bridge is spawned, a `server/discover` line written at once, and the time until
+  its answer line arrives taken; in turns: the console script's way (`import worker`, from cached
+  bytecode), `python worker.py --mcp`, and the floor of any Python server, an interpreter that
+  echoes one line of stdin.
 - Per call: in turns, a `tools/call` through one running bridge (a line on its stdin until the
   answer line on its stdout) and the same job as a direct HTTP POST on a connection of its own, as
   the bridge makes it.  Each answer's `timing_ms.total` (the daemon's own time for the job) is taken
@@ -126,10 +127,17 @@ def main() -> int:
     daemon = start_daemon(args.model, port, scratch)
     try:
         bridge_command = [sys.executable, str(REPO / "worker.py"), "--mcp", "--port", str(port)]
-        starts: dict[str, list[float]] = {"python echo (floor)": [], "worker.py --mcp": []}
+        # The console script imports worker from its cached bytecode; `python worker.py` compiles
+        # the 200 KB script at every start.
+        console_script = [sys.executable, "-c", "import sys; from worker import main; sys.exit(main())",
+                          "--mcp", "--port", str(port)]
+        commands = {"python echo (floor)": [sys.executable, "-c", ECHO],
+                    "openvino-genai-npu-worker --mcp (console script)": console_script,
+                    "python worker.py --mcp": bridge_command}
+        starts: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.starts):
-            starts["python echo (floor)"].append(first_answer_ms([sys.executable, "-c", ECHO], DISCOVER))
-            starts["worker.py --mcp"].append(first_answer_ms(bridge_command, DISCOVER))
+            for name, command in commands.items():
+                starts[name].append(first_answer_ms(command, DISCOVER))
         bridge = subprocess.Popen(bridge_command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL)
         round_trips: dict[str, list[float]] = {"HTTP": [], "MCP": []}
