@@ -7,6 +7,7 @@ each fault the bridge must still answer a ping, so a fault never ends the sessio
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import socket
@@ -240,3 +241,40 @@ def test_the_bridge_ends_within_a_second_and_cancels_the_call_in_flight(
         assert time.monotonic() - ended_at < 2.0, "the daemon's job was not cancelled"
         time.sleep(0.01)
     assert server.worker.metrics.requests.get(("/v1/worker/generate", "summary", 200)) is None
+
+
+def test_ping_is_answered_in_either_era(bridge: Callable[..., RawBridge]) -> None:
+    raw = bridge()
+    modern = raw.request({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": MODERN_META}})["result"]
+    assert modern["resultType"] == "complete" and worker.MCP_META_SERVER_INFO in modern["_meta"]
+    raw.still_serving()  # bare, before any initialize: a legacy client's keep-alive
+
+
+def test_an_id_in_flight_is_refused_and_the_bridge_takes_at_most_its_bound_of_calls(
+    bridge: Callable[..., RawBridge], start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
+    """Calls wait at the daemon while another process holds the NPU lock; the bridge answers the
+    one over its bound itself, and an id reused while its call is in flight is a protocol fault."""
+    calls = worker.MCP_MAX_CALLS
+    server = start_server(queue_depth=calls + 2, max_connections=calls + 2, lock_timeout_s=30.0)
+    held = worker.NpuLock(server.settings.lock_path).acquire(0)
+    try:
+        raw = bridge(server.server_port)
+        for request_id in range(calls):
+            raw.send({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
+                "_meta": MODERN_META, "name": "title", "arguments": {"input": "x", "max_new_tokens": 1}}})
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while server.worker.queue.waiting < calls - 1:  # one holds the queue's head, waiting for the lock
+            assert time.monotonic() < deadline, "the calls did not all reach the daemon"
+            time.sleep(0.01)
+        again = raw.request({"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {
+            "_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}}})
+        assert error_code(again, 0) == worker.RPC_INVALID_REQUEST
+        over = raw.request({"jsonrpc": "2.0", "id": "one-more", "method": "tools/call", "params": {
+            "_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}}})
+        assert over["id"] == "one-more" and over["result"]["isError"]
+        assert over["result"]["content"][0]["text"].startswith(f"busy: {calls} calls are in flight")
+    finally:
+        os.close(held)
+    answered = {raw.receive()["id"] for _ in range(calls)}  # the lock is free: every call is answered
+    assert answered == set(range(calls))
