@@ -3493,12 +3493,12 @@ MCP_INSTRUCTIONS = (
 MCP_TOOL_ARGUMENTS = ("input", "max_new_tokens", "truncate")
 MCP_TOOL_PURPOSES = {
     "title": "Write a short title (one line, at most 80 characters) for a text: a conversation, a document, "
-             "a task. Use it to name things without spending your own tokens.",
+    "a task. Use it to name things without spending your own tokens.",
     "summary": "Summarize a text in at most 5 plain sentences.",
     "notification": "Condense a text into one notification line of at most 140 characters.",
     "memory_candidate": "Pick the facts worth remembering long-term about the user, their projects or their "
-                        "preferences from a text: at most 5, each at most 120 characters. They are returned "
-                        "to you, never stored.",
+    "preferences from a text: at most 5, each at most 120 characters. They are returned "
+    "to you, never stored.",
 }
 
 
@@ -3551,23 +3551,33 @@ def mcp_envelope_version(meta: Mapping[str, Any]) -> str:
         raise JsonRpcError(RPC_INVALID_PARAMS, f"params._meta is missing {', '.join(missing)}")
     version = meta[MCP_META_VERSION]
     if not isinstance(version, str) or not isinstance(meta[MCP_META_CAPABILITIES], dict):
-        raise JsonRpcError(RPC_INVALID_PARAMS, f"{MCP_META_VERSION} must be a string and {MCP_META_CAPABILITIES} an object")
+        raise JsonRpcError(
+            RPC_INVALID_PARAMS, f"{MCP_META_VERSION} must be a string and {MCP_META_CAPABILITIES} an object"
+        )
     if version not in MCP_MODERN_VERSIONS:
         message = "Unsupported protocol version"
         if version in MCP_LEGACY_VERSIONS:
             message += f": {version} is negotiated with initialize, not carried in _meta"
-        raise JsonRpcError(RPC_UNSUPPORTED_PROTOCOL_VERSION, message,
-                           {"supported": [*MCP_MODERN_VERSIONS, *MCP_LEGACY_VERSIONS], "requested": version})
+        raise JsonRpcError(
+            RPC_UNSUPPORTED_PROTOCOL_VERSION,
+            message,
+            {"supported": [*MCP_MODERN_VERSIONS, *MCP_LEGACY_VERSIONS], "requested": version},
+        )
     return version
 
 
 def mcp_output_schema(job: str) -> dict[str, Any]:
     """The result object of CONTRACT.md ("Result fields") as JSON Schema 2020-12."""
+
     def nullable(kind: str) -> dict[str, Any]:
         return {"type": [kind, "null"]}
 
     def numbers(*names: str, kind: str = "integer") -> dict[str, Any]:
-        return {"type": "object", "properties": {name: {"type": kind} for name in names}, "required": list(names)}
+        return {
+            "type": "object",
+            "properties": {name: {"type": kind} for name in names},
+            "required": list(names),
+        }
 
     properties: dict[str, Any] = {
         "request_id": {"type": "string"},
@@ -3586,8 +3596,11 @@ def mcp_output_schema(job: str) -> dict[str, Any]:
         "timing_ms": numbers("queue", "generate", "total", kind="number"),
     }
     if job == "memory_candidate":
-        properties["candidates"] = {"type": "array", "maxItems": MEMORY_MAX_CANDIDATES, "items": {
-            "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}
+        properties["candidates"] = {
+            "type": "array",
+            "maxItems": MEMORY_MAX_CANDIDATES,
+            "items": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        }
         properties["json_valid"] = {"type": "boolean"}
     return {"type": "object", "properties": properties, "required": list(properties)}
 
@@ -3605,41 +3618,67 @@ def mcp_tools(models: Mapping[str, Any] | None, limits: Limits) -> list[dict[str
         if models is not None:
             listed = models["jobs"][name]
             default_tokens, max_tokens, input_tokens = (
-                listed["default_max_new_tokens"], listed["max_new_tokens"], listed["max_input_tokens"])
+                listed["default_max_new_tokens"],
+                listed["max_new_tokens"],
+                listed["max_input_tokens"],
+            )
         if input_tokens is None:  # the daemon is not up, or its model not loaded: the prompt limit
-            input_tokens = limits.max_prompt_tokens if models is None else models["limits"]["max_prompt_tokens"]
+            input_tokens = (
+                limits.max_prompt_tokens if models is None else models["limits"]["max_prompt_tokens"]
+            )
             bound = f"a prompt of at most {input_tokens} tokens, this job's instructions included"
         else:
             bound = f"up to {input_tokens} tokens"
         chars = min(max_input_chars, input_tokens * ENGLISH_CHARS_PER_TOKEN)
         description = (
-            f"{MCP_TOOL_PURPOSES[name]} Runs on this machine's NPU through openvino-genai-npu-worker: a small "
-            f"local model, private, no network; the result carries proof that the NPU ran (npu_proof, "
-            f"npu_busy_delta_us). Input: {bound}, roughly {chars} characters of English (fewer in other "
-            f"scripts), never more than {max_input_chars} characters; with truncate: true a longer input keeps "
-            f"its start and its end. The answer comes back as text and as structured content."
+            f"{MCP_TOOL_PURPOSES[name]} Runs on this machine's NPU through openvino-genai-npu-worker: "
+            "a small local model, private, no network; the result carries proof that the NPU ran "
+            f"(npu_proof, npu_busy_delta_us). Input: {bound}, roughly {chars} characters of English "
+            f"(fewer in other scripts), never more than {max_input_chars} characters; with truncate: "
+            "true a longer input keeps its start and its end. The answer comes back as text and as "
+            "structured content."
         )
-        tools.append({
-            "name": name,
-            "title": name.replace("_", " ").capitalize(),
-            "description": description,
-            "inputSchema": {
-                "type": "object",
-                "properties": {
-                    "input": {"type": "string", "minLength": 1, "maxLength": max_input_chars,
-                              "description": "the text to work on"},
-                    "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": max_tokens, "default": default_tokens,
-                                       "description": "the most tokens the answer may take"},
-                    "truncate": {"type": "boolean", "default": False,
-                                 "description": "drop the middle of an input that does not fit, instead of an error"},
+        tools.append(
+            {
+                "name": name,
+                "title": name.replace("_", " ").capitalize(),
+                "description": description,
+                "inputSchema": {
+                    "type": "object",
+                    "properties": {
+                        "input": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": max_input_chars,
+                            "description": "the text to work on",
+                        },
+                        "max_new_tokens": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": max_tokens,
+                            "default": default_tokens,
+                            "description": "the most tokens the answer may take",
+                        },
+                        "truncate": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "drop the middle of an input that does not fit, "
+                            "instead of an error",
+                        },
+                    },
+                    "required": ["input"],
+                    "additionalProperties": False,
                 },
-                "required": ["input"],
-                "additionalProperties": False,
-            },
-            "outputSchema": mcp_output_schema(name),
-            "annotations": {"title": name.replace("_", " ").capitalize(), "readOnlyHint": True,
-                            "destructiveHint": False, "idempotentHint": True, "openWorldHint": False},
-        })
+                "outputSchema": mcp_output_schema(name),
+                "annotations": {
+                    "title": name.replace("_", " ").capitalize(),
+                    "readOnlyHint": True,
+                    "destructiveHint": False,
+                    "idempotentHint": True,
+                    "openWorldHint": False,
+                },
+            }
+        )
     return tools
 
 
@@ -3653,25 +3692,39 @@ def mcp_error_advice(error: Mapping[str, Any], retry_after_s: str | None) -> str
     kind, message = error.get("type"), str(error.get("message", "")).rstrip(".")
     retry = retry_after_s if retry_after_s and retry_after_s.isdigit() else str(RETRY_AFTER_BUSY_S)
     if kind == "prompt_too_long":
-        return (f"The input is {error.get('over_tokens')} tokens over the limit and about "
-                f"{error.get('fits_chars_estimate')} characters of it would fit: shorten it to that, or call "
-                f"again with truncate: true to keep its start and its end.")
+        return (
+            f"The input is {error.get('over_tokens')} tokens over the limit and about "
+            f"{error.get('fits_chars_estimate')} characters of it would fit: shorten it to that, or call "
+            f"again with truncate: true to keep its start and its end."
+        )
     advice = {
         "input_too_long": f"{message}: shorten the input, or split it and call once per part.",
         "busy": f"The NPU is busy ({message}): retry after {retry} s.",
         "loading": f"The worker is still loading its model: retry after {retry} s.",
         "shutting_down": f"The worker is stopping: retry after {retry} s, once it has started again.",
-        "timeout": f"The job did not finish in time ({message}): retry later, or with a shorter input "
-                   f"or a smaller max_new_tokens.",
-        "npu_proof_failed": f"The NPU busy counter did not show this job running on the NPU ({message}), so "
-                            f"no answer is given: check the host with 'python worker.py --doctor'.",
-        "empty_output": "The model wrote nothing usable for this input: call again with more text, or do "
-                        "this job yourself.",
-        "unauthorized": "The daemon requires a token: start the bridge with --token-file (or "
-                        "OV_GENAI_NPU_TOKEN_FILE) naming the daemon's token file.",
-        "forbidden": "The daemon refused the bridge's Host: start the bridge with the daemon's --host and --port.",
-        "generation_failed": f"The worker failed ({message}): retry once; if it fails again, see "
-                             f"'journalctl --user -u {SERVICE_UNIT}'.",
+        "timeout": (
+            f"The job did not finish in time ({message}): retry later, or with a shorter input "
+            "or a smaller max_new_tokens."
+        ),
+        "npu_proof_failed": (
+            f"The NPU busy counter did not show this job running on the NPU ({message}), so no "
+            "answer is given: check the host with 'python worker.py --doctor'."
+        ),
+        "empty_output": (
+            "The model wrote nothing usable for this input: call again with more text, or do this "
+            "job yourself."
+        ),
+        "unauthorized": (
+            "The daemon requires a token: start the bridge with --token-file (or "
+            "OV_GENAI_NPU_TOKEN_FILE) naming the daemon's token file."
+        ),
+        "forbidden": (
+            "The daemon refused the bridge's Host: start the bridge with the daemon's --host and --port."
+        ),
+        "generation_failed": (
+            f"The worker failed ({message}): retry once; if it fails again, see "
+            f"'journalctl --user -u {SERVICE_UNIT}'."
+        ),
     }
     if kind in advice:
         return advice[kind]
@@ -3680,15 +3733,20 @@ def mcp_error_advice(error: Mapping[str, Any], retry_after_s: str | None) -> str
     return f"{message or 'the worker refused the job'}; see 'journalctl --user -u {SERVICE_UNIT}'."
 
 
-def mcp_job_result(job: str, status: int, retry_after_s: str | None, payload: bytes, address: DaemonAddress) -> dict[str, Any]:
+def mcp_job_result(
+    job: str, status: int, retry_after_s: str | None, payload: bytes, address: DaemonAddress
+) -> dict[str, Any]:
     """The daemon's answer to a job as a tools/call result."""
     try:
         body = json.loads(payload)
     except ValueError:
         body = None
     if not isinstance(body, dict) or (status != 200 and not isinstance(body.get("error"), dict)):
-        return mcp_tool_error("not_a_worker", f"Something on {address.url} that is not the worker answered "
-                                              f"(HTTP {status}): start the bridge with the worker's --host and --port.")
+        return mcp_tool_error(
+            "not_a_worker",
+            f"Something on {address.url} that is not the worker answered "
+            f"(HTTP {status}): start the bridge with the worker's --host and --port.",
+        )
     if status != 200:
         return mcp_tool_error(str(body["error"].get("type")), mcp_error_advice(body["error"], retry_after_s))
     answer = body.get("text", "")
@@ -3699,11 +3757,17 @@ def mcp_job_result(job: str, status: int, retry_after_s: str | None, payload: by
 
 def daemon_unreachable(exc: OSError, address: DaemonAddress) -> dict[str, Any]:
     if isinstance(exc, ConnectionRefusedError):
-        return mcp_tool_error("daemon_not_running", f"No worker daemon answers on {address.url}: start it with "
-                                                    f"'systemctl --user start {SERVICE_UNIT}' (or run "
-                                                    f"'python worker.py' with a model), then call again.")
-    return mcp_tool_error("daemon_unreachable", f"The worker daemon on {address.url} did not answer "
-                                                f"({type(exc).__name__}): see 'systemctl --user status {SERVICE_UNIT}'.")
+        return mcp_tool_error(
+            "daemon_not_running",
+            f"No worker daemon answers on {address.url}: start it with "
+            f"'systemctl --user start {SERVICE_UNIT}' (or run "
+            f"'python worker.py' with a model), then call again.",
+        )
+    return mcp_tool_error(
+        "daemon_unreachable",
+        f"The worker daemon on {address.url} did not answer "
+        f"({type(exc).__name__}): see 'systemctl --user status {SERVICE_UNIT}'.",
+    )
 
 
 class DaemonCall:
@@ -3715,8 +3779,11 @@ class DaemonCall:
         self._lock = threading.Lock()
         self.cancelled = False
 
-    def request(self, method: str, path: str, body: Mapping[str, Any] | None = None) -> tuple[int, str | None, bytes]:
-        """(status, Retry-After, body); OSError when the daemon cannot be reached or the call was cancelled."""
+    def request(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> tuple[int, str | None, bytes]:
+        """(status, Retry-After, body); OSError when the daemon cannot be reached or the call was
+        cancelled."""
         headers = {"Accept": JSON_CONTENT_TYPE}
         if self._address.token is not None:
             headers["Authorization"] = f"Bearer {self._address.token}"
@@ -3767,13 +3834,14 @@ class McpServer:
 
     def serve(self, stream: Any) -> int:
         """Answer every line of stream until it ends (or McpStop); in-flight calls are then cancelled."""
-        logger.info(logfmt({"event": "mcp_serving", "daemon": self.address.url,
-                            "versions": ",".join(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS)}))
+        versions = ",".join(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS)
+        logger.info(logfmt({"event": "mcp_serving", "daemon": self.address.url, "versions": versions}))
         reason = "end_of_input"
         try:
             for line in batch_lines(stream, self.max_line_bytes):
                 if line is None:  # skipped unread: bounded like an HTTP body
-                    self.send(rpc_error(None, RPC_INVALID_REQUEST, f"message longer than {self.max_line_bytes} bytes"))
+                    too_long = f"message longer than {self.max_line_bytes} bytes"
+                    self.send(rpc_error(None, RPC_INVALID_REQUEST, too_long))
                 elif line.strip():
                     self.handle_line(line)
         except McpStop:
@@ -3808,19 +3876,29 @@ class McpServer:
     def handle_message(self, message: Any) -> dict[str, Any] | None:
         """The answer to send now, or None (a notification, a response, or a call in a thread)."""
         if isinstance(message, list):
-            return rpc_error(None, RPC_INVALID_REQUEST, "batches are not supported (MCP dropped them in 2025-06-18)")
+            return rpc_error(
+                None, RPC_INVALID_REQUEST, "batches are not supported (MCP dropped them in 2025-06-18)"
+            )
         if not isinstance(message, dict):
             return rpc_error(None, RPC_INVALID_REQUEST, "a message must be a JSON object")
         request_id = message.get("id")
         has_id = "id" in message
         valid_id = type(request_id) is int or isinstance(request_id, str)
         method = message.get("method")
-        if message.get("jsonrpc") == "2.0" and method is None and has_id and ("result" in message or "error" in message):
+        if (
+            message.get("jsonrpc") == "2.0"
+            and method is None
+            and has_id
+            and ("result" in message or "error" in message)
+        ):
             return None  # a response: this server sends no requests, so it answers nothing
         if message.get("jsonrpc") != "2.0" or not isinstance(method, str) or (has_id and not valid_id):
-            return rpc_error(request_id if valid_id else None, RPC_INVALID_REQUEST,
-                             "not a JSON-RPC 2.0 request: needs jsonrpc \"2.0\", a method, and an id that is a "
-                             "string or an integer")
+            return rpc_error(
+                request_id if valid_id else None,
+                RPC_INVALID_REQUEST,
+                'not a JSON-RPC 2.0 request: needs jsonrpc "2.0", a method, and an id that is a '
+                "string or an integer",
+            )
         params = message.get("params", {})
         if not has_id:
             if isinstance(params, dict):
@@ -3836,7 +3914,9 @@ class McpServer:
             logger.error(logfmt({"event": "mcp_failed", "error": type(exc).__name__}))
             return rpc_error(request_id, RPC_INTERNAL_ERROR, "internal error")
 
-    def handle_request(self, request_id: str | int, method: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    def handle_request(
+        self, request_id: str | int, method: str, params: dict[str, Any]
+    ) -> dict[str, Any] | None:
         if method == "initialize":  # legacy era, even when a client stamps a modern _meta on it
             return rpc_result(request_id, self.initialize(params), modern=False)
         meta = params.get("_meta")
@@ -3844,18 +3924,30 @@ class McpServer:
         if modern:
             mcp_envelope_version(meta)
         elif method != "ping" and self._legacy_version is None:
-            raise JsonRpcError(RPC_INVALID_PARAMS, f"params._meta must carry {MCP_META_VERSION} and "
-                                                   f"{MCP_META_CAPABILITIES} ({MCP_MODERN_VERSIONS[0]}), or the "
-                                                   f"client must initialize first ({', '.join(MCP_LEGACY_VERSIONS)})")
+            raise JsonRpcError(
+                RPC_INVALID_PARAMS,
+                f"params._meta must carry {MCP_META_VERSION} and "
+                f"{MCP_META_CAPABILITIES} ({MCP_MODERN_VERSIONS[0]}), or the "
+                f"client must initialize first ({', '.join(MCP_LEGACY_VERSIONS)})",
+            )
         if method == "ping":  # a legacy method (2026-07-28 removed it); answered whatever the era
             return rpc_result(request_id, {}, modern=modern)
         if method == "server/discover":
             if not modern:
-                raise JsonRpcError(RPC_INVALID_PARAMS, f"server/discover needs params._meta with {MCP_META_VERSION}")
-            return rpc_result(request_id, {
-                "supportedVersions": list(MCP_MODERN_VERSIONS), "capabilities": {"tools": {}},
-                "instructions": MCP_INSTRUCTIONS, "ttlMs": MCP_DISCOVER_TTL_MS, "cacheScope": "public",
-            }, modern=True)
+                raise JsonRpcError(
+                    RPC_INVALID_PARAMS, f"server/discover needs params._meta with {MCP_META_VERSION}"
+                )
+            return rpc_result(
+                request_id,
+                {
+                    "supportedVersions": list(MCP_MODERN_VERSIONS),
+                    "capabilities": {"tools": {}},
+                    "instructions": MCP_INSTRUCTIONS,
+                    "ttlMs": MCP_DISCOVER_TTL_MS,
+                    "cacheScope": "public",
+                },
+                modern=True,
+            )
         if method == "tools/list":
             self.start(request_id, modern, lambda call: self.list_tools(call, modern), MCP_MODELS_TIMEOUT_S)
             return None
@@ -3864,10 +3956,14 @@ class McpServer:
             if not isinstance(name, str):
                 raise JsonRpcError(RPC_INVALID_PARAMS, "tools/call needs params.name, a string")
             if name not in JOBS:
-                raise JsonRpcError(RPC_INVALID_PARAMS, f"Unknown tool: {name[:100]}; the tools are {', '.join(JOBS)}")
+                raise JsonRpcError(
+                    RPC_INVALID_PARAMS, f"Unknown tool: {name[:100]}; the tools are {', '.join(JOBS)}"
+                )
             if not isinstance(arguments, dict):
                 raise JsonRpcError(RPC_INVALID_PARAMS, "params.arguments must be an object")
-            self.start(request_id, modern, lambda call: self.call_tool(call, name, arguments), MCP_CALL_TIMEOUT_S)
+            self.start(
+                request_id, modern, lambda call: self.call_tool(call, name, arguments), MCP_CALL_TIMEOUT_S
+            )
             return None
         raise JsonRpcError(RPC_METHOD_NOT_FOUND, f"Method not found: {method[:100]}")
 
@@ -3878,8 +3974,12 @@ class McpServer:
         # The requested version if we speak it, else our latest (2025-11-25 lifecycle, "Version Negotiation").
         self._legacy_version = requested if requested in MCP_LEGACY_VERSIONS else MCP_LEGACY_VERSIONS[0]
         logger.info(logfmt({"event": "mcp_initialize", "version": self._legacy_version}))
-        return {"protocolVersion": self._legacy_version, "capabilities": {"tools": {}},
-                "serverInfo": MCP_SERVER_INFO, "instructions": MCP_INSTRUCTIONS}
+        return {
+            "protocolVersion": self._legacy_version,
+            "capabilities": {"tools": {}},
+            "serverInfo": MCP_SERVER_INFO,
+            "instructions": MCP_INSTRUCTIONS,
+        }
 
     def handle_notification(self, method: str, params: Mapping[str, Any]) -> None:
         """notifications/cancelled resets the call's connection; every other notification needs nothing."""
@@ -3895,7 +3995,11 @@ class McpServer:
             logger.info(logfmt({"event": "mcp_cancelled"}))
 
     def start(
-        self, request_id: str | int, modern: bool, work: Callable[[DaemonCall], dict[str, Any] | None], timeout_s: float
+        self,
+        request_id: str | int,
+        modern: bool,
+        work: Callable[[DaemonCall], dict[str, Any] | None],
+        timeout_s: float,
     ) -> None:
         """Run work in a thread of its own with a connection of its own; send its result unless cancelled."""
         key = (type(request_id).__name__, request_id)
@@ -3904,8 +4008,16 @@ class McpServer:
             if key in self._calls:
                 raise JsonRpcError(RPC_INVALID_REQUEST, "a request with this id is still in flight")
             if len(self._calls) >= MCP_MAX_CALLS:
-                self.send(rpc_result(request_id, mcp_tool_error(
-                    "busy", f"{MCP_MAX_CALLS} calls are in flight: retry after {RETRY_AFTER_BUSY_S} s."), modern=modern))
+                self.send(
+                    rpc_result(
+                        request_id,
+                        mcp_tool_error(
+                            "busy",
+                            f"{MCP_MAX_CALLS} calls are in flight: retry after {RETRY_AFTER_BUSY_S} s.",
+                        ),
+                        modern=modern,
+                    )
+                )
                 return
             self._calls[key] = call
 
@@ -3953,23 +4065,45 @@ class McpServer:
         started = time.monotonic()
         unknown = sorted(set(arguments) - set(MCP_TOOL_ARGUMENTS))
         if unknown:
-            return mcp_tool_error("invalid_request", f"unknown argument(s) {', '.join(unknown)[:200]}: the tool takes "
-                                                     f"{', '.join(MCP_TOOL_ARGUMENTS)}.")
+            return mcp_tool_error(
+                "invalid_request",
+                f"unknown argument(s) {', '.join(unknown)[:200]}: the tool takes "
+                f"{', '.join(MCP_TOOL_ARGUMENTS)}.",
+            )
         try:
-            status, retry_after, payload = call.request("POST", "/v1/worker/generate", {"job": job, **arguments})
+            status, retry_after, payload = call.request(
+                "POST", "/v1/worker/generate", {"job": job, **arguments}
+            )
         except OSError as exc:
             if call.cancelled:
-                logger.info(logfmt({"event": "mcp_call", "tool": job, "outcome": "cancelled",
-                                    "ms": round(elapsed_ms(started), 1)}))
+                logger.info(
+                    logfmt(
+                        {
+                            "event": "mcp_call",
+                            "tool": job,
+                            "outcome": "cancelled",
+                            "ms": round(elapsed_ms(started), 1),
+                        }
+                    )
+                )
                 return None
             result = daemon_unreachable(exc, self.address)
             status = None
         else:
             result = mcp_job_result(job, status, retry_after, payload, self.address)
         outcome = "ok" if not result["isError"] else result["content"][0]["text"].split(":", 1)[0]
-        logger.info(logfmt({"event": "mcp_call", "tool": job, "status": status, "outcome": outcome,
-                            "request_id": (result.get("structuredContent") or {}).get("request_id"),
-                            "ms": round(elapsed_ms(started), 1)}))
+        logger.info(
+            logfmt(
+                {
+                    "event": "mcp_call",
+                    "tool": job,
+                    "status": status,
+                    "outcome": outcome,
+                    "request_id": (result.get("structuredContent") or {}).get("request_id"),
+                    "ms": round(elapsed_ms(started), 1),
+                }
+            )
+        )
         return result
 
 
@@ -3978,9 +4112,13 @@ def run_mcp(args: argparse.Namespace) -> int:
     check_loopback(args.host)
     token = read_token_file(Path(args.token_file)) if args.token_file else None
     address = DaemonAddress(args.host, args.port, token)
-    limits = Limits(max_input_chars=args.max_input_chars, max_new_tokens=args.max_new_tokens_limit,
-                    max_prompt_tokens=args.max_prompt_tokens, min_response_tokens=args.min_response_tokens,
-                    request_timeout_s=args.request_timeout_s)
+    limits = Limits(
+        max_input_chars=args.max_input_chars,
+        max_new_tokens=args.max_new_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        min_response_tokens=args.min_response_tokens,
+        request_timeout_s=args.request_timeout_s,
+    )
     output = sys.stdout.buffer
     sys.stdout = sys.stderr  # stdout carries protocol messages only: a stray print goes to the log
 
@@ -4230,26 +4368,26 @@ def mcp_bridge_check(settings: Settings) -> Check:
     """Would `worker.py --mcp`, started here with these settings, reach a daemon?  A warning, not a
     failure: the daemon may just not be started yet, and the host can serve either way."""
     address = DaemonAddress(settings.host, settings.port, settings.token)
-    start = f"systemctl --user start {SERVICE_UNIT}"
     try:
         status, _, payload = DaemonCall(address, MCP_MODELS_TIMEOUT_S).request("GET", "/healthz")
         health = json.loads(payload)
     except OSError as exc:
-        return Check("mcp bridge", True, f"no daemon answers on {address.url} ({type(exc).__name__}): a bridge "
-                                         "(worker.py --mcp) started now would answer every call with daemon_not_running",
-                     start, warning=True)
+        detail = (f"no daemon answers on {address.url} ({type(exc).__name__}): a bridge (worker.py --mcp) "
+                  "started now would answer every call with daemon_not_running")
+        return Check("mcp bridge", True, detail, f"systemctl --user start {SERVICE_UNIT}", warning=True)
     except ValueError:
         health = None
     if status == 401:
-        return Check("mcp bridge", True, f"the daemon on {address.url} wants a token and this environment has none "
-                                         "that it takes", "give the bridge --token-file (or OV_GENAI_NPU_TOKEN_FILE)",
+        detail = f"the daemon on {address.url} wants a token, and this environment gives none it takes"
+        return Check("mcp bridge", True, detail, "give the bridge --token-file (or OV_GENAI_NPU_TOKEN_FILE)",
                      warning=True)
     if not isinstance(health, dict) or "ready" not in health:
-        return Check("mcp bridge", True, f"something that is not the worker answers on {address.url} (HTTP {status})",
-                     "give the bridge the worker's --host and --port", warning=True)
+        detail = f"something that is not the worker answers on {address.url} (HTTP {status})"
+        return Check("mcp bridge", True, detail, "give the bridge the worker's --host and --port",
+                     warning=True)
     state = "ready" if health["ready"] else str(health.get("status"))
-    return Check("mcp bridge", True, f"a bridge (worker.py --mcp) reaches the daemon on {address.url}: {state}, "
-                                     f"model {health.get('model')} on {health.get('device')}")
+    return Check("mcp bridge", True, f"a bridge (worker.py --mcp) reaches the daemon on {address.url}: "
+                                     f"{state}, model {health.get('model')} on {health.get('device')}")
 
 
 def run_doctor(settings: Settings) -> int:
@@ -4342,8 +4480,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
     mode.add_argument("--doctor", action="store_true", help="check this host and the settings, explain what is missing")
     mode.add_argument("--mcp", action="store_true",
-                      help="serve the jobs as MCP tools on stdin/stdout, forwarding each call to the running daemon "
-                           "(found with --host, --port and --token-file); loads no model")
+                      help="serve the jobs as MCP tools on stdin/stdout, forwarding each call to the running "
+                           "daemon (found with --host, --port and --token-file); loads no model")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", help="input text for --job")
     source.add_argument("--input-file", help="read the input for --job from a UTF-8 file, or - for stdin")

@@ -36,8 +36,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ECHO = "import sys; sys.stdout.write(sys.stdin.readline()); sys.stdout.flush()"
-META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
-DISCOVER = json.dumps({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": META}}) + "\n"
+META = {
+    "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+    "io.modelcontextprotocol/clientCapabilities": {},
+}
+DISCOVER = (
+    json.dumps({"jsonrpc": "2.0", "id": 0, "method": "server/discover", "params": {"_meta": META}}) + "\n"
+)
 JOB = {"input": "Quarterly revenue is up twelve percent.", "max_new_tokens": 1}
 
 
@@ -49,8 +54,13 @@ def free_port() -> int:
 
 def start_daemon(model: Path, port: int, scratch: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OV_GENAI_NPU_")}
-    env.update(OV_GENAI_NPU_MODEL=str(model), OV_GENAI_NPU_DEVICE="CPU", OV_GENAI_NPU_PORT=str(port),
-               OV_GENAI_NPU_LOCK=str(scratch / "npu.lock"), OV_GENAI_NPU_CACHE=str(scratch / "cache"))
+    env.update(
+        OV_GENAI_NPU_MODEL=str(model),
+        OV_GENAI_NPU_DEVICE="CPU",
+        OV_GENAI_NPU_PORT=str(port),
+        OV_GENAI_NPU_LOCK=str(scratch / "npu.lock"),
+        OV_GENAI_NPU_CACHE=str(scratch / "cache"),
+    )
     daemon = subprocess.Popen([sys.executable, str(REPO / "worker.py")], env=env, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -66,8 +76,9 @@ def start_daemon(model: Path, port: int, scratch: Path) -> subprocess.Popen[byte
 def first_answer_ms(command: list[str], line: str) -> float:
     """Spawn, write one line at once, wait for one line back; milliseconds from the spawn."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
     assert process.stdin is not None and process.stdout is not None
     process.stdin.write(line.encode())
     process.stdin.flush()
@@ -82,8 +93,17 @@ def first_answer_ms(command: list[str], line: str) -> float:
 def mcp_call(bridge: subprocess.Popen[bytes], request_id: int) -> tuple[float, float]:
     """(round trip ms, the daemon's timing_ms.total) of one tools/call through the bridge."""
     assert bridge.stdin is not None and bridge.stdout is not None
-    line = json.dumps({"jsonrpc": "2.0", "id": request_id, "method": "tools/call",
-                       "params": {"_meta": META, "name": "title", "arguments": JOB}}).encode() + b"\n"
+    line = (
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "tools/call",
+                "params": {"_meta": META, "name": "title", "arguments": JOB},
+            }
+        ).encode()
+        + b"\n"
+    )
     started = time.perf_counter()
     bridge.stdin.write(line)
     bridge.stdin.flush()
@@ -100,8 +120,12 @@ def http_call(port: int) -> tuple[float, float]:
     body = json.dumps({"job": "title", **JOB}).encode()
     started = time.perf_counter()
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    connection.request("POST", "/v1/worker/generate", body=body,
-                       headers={"Accept": "application/json", "Content-Type": "application/json"})
+    connection.request(
+        "POST",
+        "/v1/worker/generate",
+        body=body,
+        headers={"Accept": "application/json", "Content-Type": "application/json"},
+    )
     answer = json.loads(connection.getresponse().read())
     connection.close()
     return (time.perf_counter() - started) * 1000, answer["timing_ms"]["total"]
@@ -129,17 +153,26 @@ def main() -> int:
         bridge_command = [sys.executable, str(REPO / "worker.py"), "--mcp", "--port", str(port)]
         # The console script imports worker from its cached bytecode; `python worker.py` compiles
         # the 200 KB script at every start.
-        console_script = [sys.executable, "-c", "import sys; from worker import main; sys.exit(main())",
-                          "--mcp", "--port", str(port)]
-        commands = {"python echo (floor)": [sys.executable, "-c", ECHO],
-                    "openvino-genai-npu-worker --mcp (console script)": console_script,
-                    "python worker.py --mcp": bridge_command}
+        console_script = [
+            sys.executable,
+            "-c",
+            "import sys; from worker import main; sys.exit(main())",
+            "--mcp",
+            "--port",
+            str(port),
+        ]
+        commands = {
+            "python echo (floor)": [sys.executable, "-c", ECHO],
+            "openvino-genai-npu-worker --mcp (console script)": console_script,
+            "python worker.py --mcp": bridge_command,
+        }
         starts: dict[str, list[float]] = {name: [] for name in commands}
         for _ in range(args.starts):
             for name, command in commands.items():
                 starts[name].append(first_answer_ms(command, DISCOVER))
-        bridge = subprocess.Popen(bridge_command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  stderr=subprocess.DEVNULL)
+        bridge = subprocess.Popen(
+            bridge_command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
         round_trips: dict[str, list[float]] = {"HTTP": [], "MCP": []}
         client_side: dict[str, list[float]] = {"HTTP": [], "MCP": []}
         for index in range(args.calls + 20):  # the first 20 of each are warm-up
@@ -164,8 +197,10 @@ def main() -> int:
         print(row(f"{path}: round trip minus the daemon's timing_ms.total", client_side[path]))
     overhead = [mcp - http for mcp, http in zip(client_side["MCP"], client_side["HTTP"])]
     print(row("bridge overhead (MCP minus HTTP, pairwise)", overhead))
-    print(f"\nmedian difference of the client-side shares: "
-          f"{statistics.median(client_side['MCP']) - statistics.median(client_side['HTTP']):.3f} ms")
+    print(
+        f"\nmedian difference of the client-side shares: "
+        f"{statistics.median(client_side['MCP']) - statistics.median(client_side['HTTP']):.3f} ms"
+    )
     return 0
 
 

@@ -39,7 +39,7 @@ CALL_TIMEOUT_S = 60.0
 JOB_INPUTS = {
     "title": "Kanban task asks for a small OpenVINO GenAI NPU worker prototype.",
     "summary": "Build a bounded local NPU worker for small generation tasks, no primary routing changes.",
-    "notification": "The nightly backup of the photo library finished at 03:12 after copying 1,204 new files.",
+    "notification": "The nightly backup of the photo library finished at 03:12 after copying 1,204 files.",
     "memory_candidate": "I moved to Lisbon last spring and I prefer tea over coffee.",
 }
 UNENDING_REPLY = " ".join(f"word{i}" for i in range(400))
@@ -54,8 +54,10 @@ def free_port() -> int:
 
 def bridge_parameters(port: int, *args: str, env: dict[str, str] | None = None) -> StdioServerParameters:
     return StdioServerParameters(
-        command=sys.executable, args=[str(REPO / "worker.py"), "--mcp", "--port", str(port), *args],
-        env={"PYTHONUNBUFFERED": "1", **(env or {})}, cwd=str(REPO),
+        command=sys.executable,
+        args=[str(REPO / "worker.py"), "--mcp", "--port", str(port), *args],
+        env={"PYTHONUNBUFFERED": "1", **(env or {})},
+        cwd=str(REPO),
     )
 
 
@@ -66,17 +68,25 @@ async def open_version(session: ClientSession, version: str) -> None:
     elif version == "2025-11-25":
         await session.initialize()  # the SDK's handshake proposes 2025-11-25
     else:  # an older client: the same handshake, proposing its own revision
-        result = await session.send_request(types.InitializeRequest(params=types.InitializeRequestParams(
-            protocol_version=version, capabilities=types.ClientCapabilities(),
-            client_info=types.Implementation(name="test-2025-06-18", version="1"))), types.InitializeResult)
+        result = await session.send_request(
+            types.InitializeRequest(
+                params=types.InitializeRequestParams(
+                    protocol_version=version,
+                    capabilities=types.ClientCapabilities(),
+                    client_info=types.Implementation(name="test-2025-06-18", version="1"),
+                )
+            ),
+            types.InitializeResult,
+        )
         session.adopt(result)
         await session.send_notification(types.InitializedNotification())
     assert session.protocol_version == version
 
 
 @contextlib.asynccontextmanager
-async def bridge(port: int, tmp_path: Path, *args: str, version: str = VERSIONS[0],
-                 env: dict[str, str] | None = None) -> AsyncIterator[ClientSession]:
+async def bridge(
+    port: int, tmp_path: Path, *args: str, version: str = VERSIONS[0], env: dict[str, str] | None = None
+) -> AsyncIterator[ClientSession]:
     """A session with a fresh `worker.py --mcp`; its stderr (the log) goes to tmp_path/bridge.log."""
     with (tmp_path / "bridge.log").open("a") as log:  # opened once, before the session
         async with (
@@ -141,7 +151,9 @@ def test_a_stock_client_lists_and_calls_every_job_at_each_version(
         async with bridge(tiny_daemon.port, tmp_path, version=version) as session:
             listed = await session.list_tools()
             # call_tool validates structuredContent against the listed outputSchema itself.
-            return listed, {job: await session.call_tool(job, {"input": text}) for job, text in JOB_INPUTS.items()}
+            return listed, {
+                job: await session.call_tool(job, {"input": text}) for job, text in JOB_INPUTS.items()
+            }
 
     listed, results = run(session_work)
     assert [tool.name for tool in listed.tools] == list(worker.JOBS)
@@ -149,7 +161,11 @@ def test_a_stock_client_lists_and_calls_every_job_at_each_version(
         assert not result.is_error, result.content
         body = result.structured_content
         assert body["job"] == job and len(body["request_id"]) == 32
-        assert (body["device"], body["npu_proof"], body["npu_busy_delta_us"]) == ("CPU", "not_applicable", None)
+        assert (body["device"], body["npu_proof"], body["npu_busy_delta_us"]) == (
+            "CPU",
+            "not_applicable",
+            None,
+        )
         (block,) = result.content
         if job == "memory_candidate":
             assert json.loads(block.text) == {"candidates": body["candidates"]}
@@ -157,12 +173,16 @@ def test_a_stock_client_lists_and_calls_every_job_at_each_version(
             assert block.text == body["text"]
 
 
-def test_tools_carry_the_daemons_bounds_schemas_and_annotations(tiny_daemon: TinyDaemon, tmp_path: Path) -> None:
+def test_tools_carry_the_daemons_bounds_schemas_and_annotations(
+    tiny_daemon: TinyDaemon, tmp_path: Path
+) -> None:
     async def session_work() -> Any:
         async with bridge(tiny_daemon.port, tmp_path) as session:
             return await session.list_tools()
 
-    models = json.loads(worker.DaemonCall(worker.DaemonAddress(port=tiny_daemon.port), 10).request("GET", "/models")[2])
+    models = json.loads(
+        worker.DaemonCall(worker.DaemonAddress(port=tiny_daemon.port), 10).request("GET", "/models")[2]
+    )
     for tool in run(session_work).tools:
         job = models["jobs"][tool.name]
         assert f"up to {job['max_input_tokens']} tokens" in tool.description
@@ -176,7 +196,11 @@ def test_tools_carry_the_daemons_bounds_schemas_and_annotations(tiny_daemon: Tin
         assert tool.output_schema["properties"]["job"] == {"const": tool.name}
         assert "npu_busy_delta_us" in tool.output_schema["required"]
         annotations = tool.annotations
-        assert (annotations.read_only_hint, annotations.destructive_hint, annotations.open_world_hint) == (True, False, False)
+        assert (annotations.read_only_hint, annotations.destructive_hint, annotations.open_world_hint) == (
+            True,
+            False,
+            False,
+        )
 
 
 def test_discover_names_the_server_and_its_stateless_version(tiny_daemon: TinyDaemon, tmp_path: Path) -> None:
@@ -210,7 +234,10 @@ def test_worker_errors_come_back_as_tool_results_with_advice(tiny_daemon: TinyDa
     results = run(session_work)
     too_long = results["too_long"]
     assert error_of(too_long) == "prompt_too_long"
-    assert "truncate: true" in too_long.content[0].text and "characters of it would fit" in too_long.content[0].text
+    assert (
+        "truncate: true" in too_long.content[0].text
+        and "characters of it would fit" in too_long.content[0].text
+    )
     assert not results["truncated"].is_error
     assert results["truncated"].structured_content["input_truncated"]["dropped_chars"] > 0
     assert error_of(results["over_chars"]) == "input_too_long"
@@ -221,7 +248,9 @@ def test_worker_errors_come_back_as_tool_results_with_advice(tiny_daemon: TinyDa
 def test_a_daemon_that_is_not_running_is_named_with_the_command_that_starts_it(tmp_path: Path) -> None:
     async def session_work() -> types.CallToolResult:
         async with bridge(free_port(), tmp_path) as session:
-            assert [tool.name for tool in (await session.list_tools()).tools] == list(worker.JOBS)  # our limits
+            assert [tool.name for tool in (await session.list_tools()).tools] == list(
+                worker.JOBS
+            )  # our limits
             return await session.call_tool("title", {"input": "x"})
 
     result = run(session_work)
@@ -236,14 +265,18 @@ def test_busy_loading_timeout_proof_failure_and_token(
 ) -> None:
     """One bridge per daemon state; the daemon is in-process with the fake pipeline."""
     busy = start_server(lock_timeout_s=0.2)
-    timeout = start_server(lock_timeout_s=5.0, limits=worker.Limits(request_timeout_s=0.3), lock_path=busy.settings.lock_path)
+    timeout = start_server(
+        lock_timeout_s=5.0, limits=worker.Limits(request_timeout_s=0.3), lock_path=busy.settings.lock_path
+    )
     loading = start_server(load=False)
     token_path = tmp_path / "token"
     token_path.write_text("s3cret-token\n")
     token_path.chmod(0o600)
     with_token = start_server(token="s3cret-token")
     npu = dataclasses.replace(cpu_settings(tmp_path, port=0), device="NPU", busy_path=busy_file)
-    proofless = worker.build_worker(npu, lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0))
+    proofless = worker.build_worker(
+        npu, lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
+    )
     proofless.load(warm_up=False)
     proofless._ready.set()
     proof_server = worker.WorkerHTTPServer(npu, proofless)
@@ -258,7 +291,10 @@ def test_busy_loading_timeout_proof_failure_and_token(
     async def session_work() -> dict[str, types.CallToolResult]:
         held = worker.NpuLock(busy.settings.lock_path).acquire(0)  # another process holds the NPU
         try:
-            results = {"busy": await one_call(busy.server_port), "timeout": await one_call(timeout.server_port)}
+            results = {
+                "busy": await one_call(busy.server_port),
+                "timeout": await one_call(timeout.server_port),
+            }
         finally:
             os.close(held)
         results["loading"] = await one_call(loading.server_port)
@@ -274,8 +310,13 @@ def test_busy_loading_timeout_proof_failure_and_token(
         proof_server.server_close()
     assert error_of(results["busy"]) == "busy" and "retry after 2 s" in results["busy"].content[0].text
     assert error_of(results["timeout"]) == "timeout"
-    assert error_of(results["loading"]) == "loading" and "retry after 5 s" in results["loading"].content[0].text
-    assert error_of(results["no_token"]) == "unauthorized" and "--token-file" in results["no_token"].content[0].text
+    assert (
+        error_of(results["loading"]) == "loading" and "retry after 5 s" in results["loading"].content[0].text
+    )
+    assert (
+        error_of(results["no_token"]) == "unauthorized"
+        and "--token-file" in results["no_token"].content[0].text
+    )
     assert not results["token"].is_error
     assert error_of(results["proof"]) == "npu_proof_failed" and "--doctor" in results["proof"].content[0].text
 
@@ -285,7 +326,9 @@ def test_busy_loading_timeout_proof_failure_and_token(
 # --------------------------------------------------------------------------------------------------
 
 
-def slow_server(start_server: Callable[..., worker.WorkerHTTPServer]) -> tuple[worker.WorkerHTTPServer, FakeNpuPipeline]:
+def slow_server(
+    start_server: Callable[..., worker.WorkerHTTPServer],
+) -> tuple[worker.WorkerHTTPServer, FakeNpuPipeline]:
     """A daemon whose summary of 256 tokens takes 5 s: 20 ms a token."""
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.02)
     return start_server(pipeline), pipeline
@@ -307,8 +350,11 @@ def test_cancelling_a_call_cancels_the_daemons_job_and_frees_the_lock(
                 await session.call_tool("summary", {"input": "x", "max_new_tokens": 256})
                 pytest.fail("the call was not cancelled")
             cancelled_at = time.monotonic()
-            await eventually(lambda: server.worker.in_flight == 0 and lock_is_free(server.settings.lock_path), 2.0,
-                             "the daemon to drop the cancelled job")
+            await eventually(
+                lambda: server.worker.in_flight == 0 and lock_is_free(server.settings.lock_path),
+                2.0,
+                "the daemon to drop the cancelled job",
+            )
             assert time.monotonic() - cancelled_at < 1.5  # the rest of the 256 tokens would take 4.7 s
             return await session.call_tool("title", {"input": "x", "max_new_tokens": 2})  # still serving
 
@@ -334,11 +380,17 @@ def test_calls_overlap_each_on_its_own_connection(
             async with anyio.create_task_group() as group:
                 for job in ("title", "summary", "notification"):
                     group.start_soon(call, job)
-                await eventually(lambda: server.worker.in_flight == 3, 5.0, "three jobs at the daemon at once")
+                await eventually(
+                    lambda: server.worker.in_flight == 3, 5.0, "three jobs at the daemon at once"
+                )
             return results
 
     results = run(session_work)
-    assert sorted(result.structured_content["job"] for result in results) == ["notification", "summary", "title"]
+    assert sorted(result.structured_content["job"] for result in results) == [
+        "notification",
+        "summary",
+        "title",
+    ]
 
 
 def test_the_bridge_logs_to_stderr_without_the_input(tiny_daemon: TinyDaemon, tmp_path: Path) -> None:

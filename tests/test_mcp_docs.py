@@ -34,7 +34,7 @@ def server_from_claude_command(command: str) -> dict[str, Any]:
     words = shlex.split(command)
     separator = words.index("--")
     assert words[:3] == ["claude", "mcp", "add"] and words[3:separator] == ["--scope", "user", "npu-worker"]
-    return {"command": words[separator + 1], "args": words[separator + 2:]}
+    return {"command": words[separator + 1], "args": words[separator + 2 :]}
 
 
 def server_from_codex_toml(text: str) -> dict[str, Any]:
@@ -59,8 +59,10 @@ def install_console_script(home: Path) -> Path:
     """What `pip install .` puts in the service's virtualenv for [project.scripts]."""
     script = home / ".local/share/openvino-genai-npu-worker/venv/bin/openvino-genai-npu-worker"
     script.parent.mkdir(parents=True)
-    script.write_text(f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
-                      "from worker import main\nsys.exit(main())\n")
+    script.write_text(
+        f"#!{sys.executable}\nimport sys\nsys.path.insert(0, {str(REPO)!r})\n"
+        "from worker import main\nsys.exit(main())\n"
+    )
     script.chmod(0o755)
     return script
 
@@ -85,8 +87,12 @@ def test_each_agent_configuration_starts_a_bridge_that_serves_the_jobs(
         command = server["command"].replace(PLACEHOLDER_HOME, str(tmp_path), 1)
     assert command == str(script)
     assert server["args"] == ["--mcp"]
-    parameters = mcp.StdioServerParameters(command=command, args=server["args"], cwd=str(tmp_path),
-                                       env={"HOME": str(tmp_path), "OV_GENAI_NPU_PORT": str(tiny_daemon.port)})
+    parameters = mcp.StdioServerParameters(
+        command=command,
+        args=server["args"],
+        cwd=str(tmp_path),
+        env={"HOME": str(tmp_path), "OV_GENAI_NPU_PORT": str(tiny_daemon.port)},
+    )
 
     async def session_work() -> tuple[list[str], Any]:
         with (tmp_path / "bridge.log").open("w") as log:  # opened once, before the session
@@ -96,7 +102,9 @@ def test_each_agent_configuration_starts_a_bridge_that_serves_the_jobs(
             ):
                 await session.initialize()
                 tools = [tool.name for tool in (await session.list_tools()).tools]
-                return tools, await session.call_tool("title", {"input": "Quarterly revenue is up twelve percent."})
+                return tools, await session.call_tool(
+                    "title", {"input": "Quarterly revenue is up twelve percent."}
+                )
 
     tools, result = anyio.run(session_work)
     assert tools == list(worker.JOBS)
@@ -109,8 +117,14 @@ def test_each_agent_configuration_starts_a_bridge_that_serves_the_jobs(
 
 
 def inspector(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["npx", "-y", INSPECTOR, "--cli", *args], capture_output=True, text=True, timeout=timeout_s,
-                          cwd=REPO, check=False)
+    return subprocess.run(
+        ["npx", "-y", INSPECTOR, "--cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=REPO,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -133,13 +147,29 @@ def test_the_mcp_inspector_lists_and_calls_the_tools(inspector_cli: None, tiny_d
     tools = json.loads(listed.stdout)["tools"]
     assert [tool["name"] for tool in tools] == list(worker.JOBS)
     assert all(tool["annotations"]["readOnlyHint"] for tool in tools)
-    called = inspector(*bridge, "--method", "tools/call", "--tool-name", "notification",
-                       "--tool-arg", "input=The nightly backup finished at 03:12; two files were skipped.")
+    called = inspector(
+        *bridge,
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "notification",
+        "--tool-arg",
+        "input=The nightly backup finished at 03:12; two files were skipped.",
+    )
     assert called.returncode == 0, called.stderr
     result = json.loads(called.stdout)
     assert result["isError"] is False and result["structuredContent"]["job"] == "notification"
-    refused = inspector(*bridge, "--method", "tools/call", "--tool-name", "title", "--tool-arg", "input=x",
-                        "--tool-arg", "max_new_tokens=9999")
+    refused = inspector(
+        *bridge,
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "title",
+        "--tool-arg",
+        "input=x",
+        "--tool-arg",
+        "max_new_tokens=9999",
+    )
     assert refused.returncode == 5, refused.stderr  # the Inspector's exit code for an isError result
     refusal = json.loads(refused.stdout)
     assert refusal["isError"] is True and refusal["content"][0]["text"].startswith("invalid_request: ")

@@ -32,8 +32,11 @@ class RawBridge:
 
     def __init__(self, port: int, *args: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, str(REPO / "worker.py"), "--mcp", "--port", str(port), *args], cwd=REPO,
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            [sys.executable, str(REPO / "worker.py"), "--mcp", "--port", str(port), *args],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
 
     def send(self, message: Any) -> None:
@@ -59,7 +62,10 @@ class RawBridge:
     def still_serving(self) -> None:
         """A ping gets its own answer next: nothing else was written since the last answer."""
         assert self.request({"jsonrpc": "2.0", "id": "ping", "method": "ping"}) == {
-            "jsonrpc": "2.0", "id": "ping", "result": {}}
+            "jsonrpc": "2.0",
+            "id": "ping",
+            "result": {},
+        }
 
     def close(self) -> tuple[int, bytes, bytes]:
         """Close stdin; the exit code and what is left on stdout and stderr."""
@@ -90,31 +96,56 @@ def error_code(answer: dict[str, Any], request_id: Any) -> int:
     return answer["error"]["code"]
 
 
-@pytest.mark.parametrize("line", [
-    b"{not json\n",
-    b'{"jsonrpc": "2.0", "id": 1, "method": "ping"\n',  # cut off
-    b'\xff\xfe{"jsonrpc": "2.0"}\n',  # not UTF-8
-    b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": NaN}}\n',
-    b"[" * 50_000 + b"\n",  # nested too deeply for any parser, within the line bound
-], ids=["garbage", "cut-off", "not-utf8", "nan", "deep"])
-def test_unparsable_lines_get_a_parse_error_and_the_bridge_keeps_serving(bridge: Callable[..., RawBridge], line: bytes) -> None:
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"{not json\n",
+        b'{"jsonrpc": "2.0", "id": 1, "method": "ping"\n',  # cut off
+        b'\xff\xfe{"jsonrpc": "2.0"}\n',  # not UTF-8
+        b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"x": NaN}}\n',
+        b"[" * 50_000 + b"\n",  # nested too deeply for any parser, within the line bound
+    ],
+    ids=["garbage", "cut-off", "not-utf8", "nan", "deep"],
+)
+def test_unparsable_lines_get_a_parse_error_and_the_bridge_keeps_serving(
+    bridge: Callable[..., RawBridge], line: bytes
+) -> None:
     raw = bridge()
     assert error_code(raw.request(line), None) == worker.RPC_PARSE_ERROR
     raw.still_serving()
 
 
-@pytest.mark.parametrize("message,request_id", [
-    ([{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2, "method": "ping"}], None),
-    ("ping", None),
-    ({"id": 3, "method": "ping"}, 3),  # no jsonrpc
-    ({"jsonrpc": "1.0", "id": 4, "method": "ping"}, 4),
-    ({"jsonrpc": "2.0", "id": None, "method": "ping"}, None),  # MCP: an id is never null
-    ({"jsonrpc": "2.0", "id": True, "method": "ping"}, None),
-    ({"jsonrpc": "2.0", "id": 1.5, "method": "ping"}, None),
-    ({"jsonrpc": "2.0", "id": 5, "method": 7}, 5),
-    ({"jsonrpc": "2.0", "id": 6}, 6),  # neither a request nor a response
-], ids=["batch", "string", "no-jsonrpc", "jsonrpc-1.0", "null-id", "bool-id", "float-id", "method-not-a-string", "no-method"])
-def test_invalid_requests_get_invalid_request(bridge: Callable[..., RawBridge], message: Any, request_id: Any) -> None:
+@pytest.mark.parametrize(
+    "message,request_id",
+    [
+        (
+            [{"jsonrpc": "2.0", "id": 1, "method": "ping"}, {"jsonrpc": "2.0", "id": 2, "method": "ping"}],
+            None,
+        ),
+        ("ping", None),
+        ({"id": 3, "method": "ping"}, 3),  # no jsonrpc
+        ({"jsonrpc": "1.0", "id": 4, "method": "ping"}, 4),
+        ({"jsonrpc": "2.0", "id": None, "method": "ping"}, None),  # MCP: an id is never null
+        ({"jsonrpc": "2.0", "id": True, "method": "ping"}, None),
+        ({"jsonrpc": "2.0", "id": 1.5, "method": "ping"}, None),
+        ({"jsonrpc": "2.0", "id": 5, "method": 7}, 5),
+        ({"jsonrpc": "2.0", "id": 6}, 6),  # neither a request nor a response
+    ],
+    ids=[
+        "batch",
+        "string",
+        "no-jsonrpc",
+        "jsonrpc-1.0",
+        "null-id",
+        "bool-id",
+        "float-id",
+        "method-not-a-string",
+        "no-method",
+    ],
+)
+def test_invalid_requests_get_invalid_request(
+    bridge: Callable[..., RawBridge], message: Any, request_id: Any
+) -> None:
     raw = bridge()
     assert error_code(raw.request(message), request_id) == worker.RPC_INVALID_REQUEST
     raw.still_serving()
@@ -132,46 +163,97 @@ def test_notifications_and_responses_are_never_answered(bridge: Callable[..., Ra
 
 def test_methods_and_params_the_server_does_not_take(bridge: Callable[..., RawBridge]) -> None:
     raw = bridge()
-    unknown = raw.request({"jsonrpc": "2.0", "id": 1, "method": "resources/list", "params": {"_meta": MODERN_META}})
+    unknown = raw.request(
+        {"jsonrpc": "2.0", "id": 1, "method": "resources/list", "params": {"_meta": MODERN_META}}
+    )
     assert error_code(unknown, 1) == worker.RPC_METHOD_NOT_FOUND
     not_object = raw.request({"jsonrpc": "2.0", "id": 2, "method": "tools/list", "params": [1, 2]})
     assert error_code(not_object, 2) == worker.RPC_INVALID_PARAMS
-    tool = raw.request({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"_meta": MODERN_META, "name": "chat"}})
+    tool = raw.request(
+        {"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"_meta": MODERN_META, "name": "chat"}}
+    )
     assert error_code(tool, 3) == worker.RPC_INVALID_PARAMS and "Unknown tool" in tool["error"]["message"]
-    no_name = raw.request({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"_meta": MODERN_META}})
+    no_name = raw.request(
+        {"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {"_meta": MODERN_META}}
+    )
     assert error_code(no_name, 4) == worker.RPC_INVALID_PARAMS
-    arguments = raw.request({"jsonrpc": "2.0", "id": 5, "method": "tools/call",
-                             "params": {"_meta": MODERN_META, "name": "title", "arguments": ["x"]}})
+    arguments = raw.request(
+        {
+            "jsonrpc": "2.0",
+            "id": 5,
+            "method": "tools/call",
+            "params": {"_meta": MODERN_META, "name": "title", "arguments": ["x"]},
+        }
+    )
     assert error_code(arguments, 5) == worker.RPC_INVALID_PARAMS
     raw.still_serving()
 
 
-def test_a_stateless_request_needs_its_envelope_and_a_version_we_serve(bridge: Callable[..., RawBridge]) -> None:
+def test_a_stateless_request_needs_its_envelope_and_a_version_we_serve(
+    bridge: Callable[..., RawBridge],
+) -> None:
     raw = bridge()
     bare = raw.request({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})  # neither _meta nor initialize
     assert error_code(bare, 1) == worker.RPC_INVALID_PARAMS
-    half = raw.request({"jsonrpc": "2.0", "id": 2, "method": "tools/list",
-                        "params": {"_meta": {worker.MCP_META_VERSION: "2026-07-28"}}})
-    assert error_code(half, 2) == worker.RPC_INVALID_PARAMS and worker.MCP_META_CAPABILITIES in half["error"]["message"]
+    half = raw.request(
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/list",
+            "params": {"_meta": {worker.MCP_META_VERSION: "2026-07-28"}},
+        }
+    )
+    assert (
+        error_code(half, 2) == worker.RPC_INVALID_PARAMS
+        and worker.MCP_META_CAPABILITIES in half["error"]["message"]
+    )
     for request_id, version in ((3, "1900-01-01"), (4, "2025-11-25")):  # unknown; legacy in a modern envelope
         meta = {**MODERN_META, worker.MCP_META_VERSION: version}
-        answer = raw.request({"jsonrpc": "2.0", "id": request_id, "method": "server/discover", "params": {"_meta": meta}})
+        answer = raw.request(
+            {"jsonrpc": "2.0", "id": request_id, "method": "server/discover", "params": {"_meta": meta}}
+        )
         assert error_code(answer, request_id) == worker.RPC_UNSUPPORTED_PROTOCOL_VERSION
-        assert answer["error"]["data"] == {"supported": ["2026-07-28", "2025-11-25", "2025-06-18"], "requested": version}
-    discover = raw.request({"jsonrpc": "2.0", "id": 5, "method": "server/discover", "params": {"_meta": MODERN_META}})
+        assert answer["error"]["data"] == {
+            "supported": ["2026-07-28", "2025-11-25", "2025-06-18"],
+            "requested": version,
+        }
+    discover = raw.request(
+        {"jsonrpc": "2.0", "id": 5, "method": "server/discover", "params": {"_meta": MODERN_META}}
+    )
     result = discover["result"]
-    assert (result["resultType"], result["supportedVersions"], result["cacheScope"]) == ("complete", ["2026-07-28"], "public")
+    assert (result["resultType"], result["supportedVersions"], result["cacheScope"]) == (
+        "complete",
+        ["2026-07-28"],
+        "public",
+    )
     assert result["_meta"][worker.MCP_META_SERVER_INFO]["version"] == worker.__version__
-    tools = raw.request({"jsonrpc": "2.0", "id": 6, "method": "tools/list", "params": {"_meta": MODERN_META}})["result"]
+    tools = raw.request(
+        {"jsonrpc": "2.0", "id": 6, "method": "tools/list", "params": {"_meta": MODERN_META}}
+    )["result"]
     assert tools["resultType"] == "complete" and tools["ttlMs"] >= 0 and len(tools["tools"]) == 4
 
 
-def test_initialize_negotiates_a_legacy_version_and_unlocks_bare_requests(bridge: Callable[..., RawBridge]) -> None:
+def test_initialize_negotiates_a_legacy_version_and_unlocks_bare_requests(
+    bridge: Callable[..., RawBridge],
+) -> None:
     raw = bridge()
-    for request_id, asked, answered in ((1, "2025-06-18", "2025-06-18"), (2, "2024-11-05", "2025-11-25"),
-                                        (3, "2026-07-28", "2025-11-25")):
-        result = raw.request({"jsonrpc": "2.0", "id": request_id, "method": "initialize", "params": {
-            "protocolVersion": asked, "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}})["result"]
+    for request_id, asked, answered in (
+        (1, "2025-06-18", "2025-06-18"),
+        (2, "2024-11-05", "2025-11-25"),
+        (3, "2026-07-28", "2025-11-25"),
+    ):
+        result = raw.request(
+            {
+                "jsonrpc": "2.0",
+                "id": request_id,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": asked,
+                    "capabilities": {},
+                    "clientInfo": {"name": "raw", "version": "0"},
+                },
+            }
+        )["result"]
         assert result["protocolVersion"] == answered  # ours when theirs is not (2025-11-25 lifecycle)
         assert "resultType" not in result and result["capabilities"] == {"tools": {}}
     no_version = raw.request({"jsonrpc": "2.0", "id": 4, "method": "initialize", "params": {}})
@@ -180,7 +262,9 @@ def test_initialize_negotiates_a_legacy_version_and_unlocks_bare_requests(bridge
     assert [tool["name"] for tool in tools["tools"]] == list(worker.JOBS) and "ttlMs" not in tools
 
 
-def test_a_line_longer_than_the_bound_is_refused_unread_and_the_next_one_served(bridge: Callable[..., RawBridge]) -> None:
+def test_a_line_longer_than_the_bound_is_refused_unread_and_the_next_one_served(
+    bridge: Callable[..., RawBridge],
+) -> None:
     raw = bridge()
     limit = worker.Limits().max_body_bytes + worker.MCP_ENVELOPE_BYTES
     raw.send(b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"pad": "' + b"x" * limit + b'"}}\n')
@@ -188,18 +272,34 @@ def test_a_line_longer_than_the_bound_is_refused_unread_and_the_next_one_served(
     assert error_code(answer, None) == worker.RPC_INVALID_REQUEST and str(limit) in answer["error"]["message"]
     raw.still_serving()
     # The largest input the daemon takes (6000 characters, each escaped as \\ud83d\\ude00) fits.
-    largest = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
-        "_meta": MODERN_META, "name": "title", "arguments": {"input": "\U0001F600" * worker.DEFAULT_MAX_INPUT_CHARS}}}
+    largest = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {
+            "_meta": MODERN_META,
+            "name": "title",
+            "arguments": {"input": "\U0001f600" * worker.DEFAULT_MAX_INPUT_CHARS},
+        },
+    }
     assert len(json.dumps(largest)) > worker.Limits().max_body_bytes - worker.BODY_OVERHEAD_BYTES
     result = raw.request(largest)["result"]
     assert result["isError"] and result["content"][0]["text"].startswith("daemon_not_running: ")
 
 
-def test_stdout_carries_only_protocol_messages_and_the_log_goes_to_stderr(bridge: Callable[..., RawBridge]) -> None:
+def test_stdout_carries_only_protocol_messages_and_the_log_goes_to_stderr(
+    bridge: Callable[..., RawBridge],
+) -> None:
     raw = bridge()
     raw.send(b"garbage\n")
-    raw.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"_meta": MODERN_META, "name": "title",
-                                                                            "arguments": {"input": "x"}}})
+    raw.send(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {"_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}},
+        }
+    )
     returncode, stdout, stderr = raw.close()
     assert returncode == 0
     assert all(json.loads(line)["jsonrpc"] == "2.0" for line in stdout.splitlines())
@@ -225,8 +325,18 @@ def test_the_bridge_ends_within_a_second_and_cancels_the_call_in_flight(
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.02)
     server = start_server(pipeline)
     raw = bridge(server.server_port)
-    raw.send({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-        "_meta": MODERN_META, "name": "summary", "arguments": {"input": "x", "max_new_tokens": 256}}})
+    raw.send(
+        {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "tools/call",
+            "params": {
+                "_meta": MODERN_META,
+                "name": "summary",
+                "arguments": {"input": "x", "max_new_tokens": 256},
+            },
+        }
+    )
     deadline = time.monotonic() + READ_TIMEOUT_S
     while server.worker.in_flight == 0:  # the daemon has the job
         assert time.monotonic() < deadline
@@ -245,7 +355,9 @@ def test_the_bridge_ends_within_a_second_and_cancels_the_call_in_flight(
 
 def test_ping_is_answered_in_either_era(bridge: Callable[..., RawBridge]) -> None:
     raw = bridge()
-    modern = raw.request({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": MODERN_META}})["result"]
+    modern = raw.request({"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"_meta": MODERN_META}})[
+        "result"
+    ]
     assert modern["resultType"] == "complete" and worker.MCP_META_SERVER_INFO in modern["_meta"]
     raw.still_serving()  # bare, before any initialize: a legacy client's keep-alive
 
@@ -261,17 +373,39 @@ def test_an_id_in_flight_is_refused_and_the_bridge_takes_at_most_its_bound_of_ca
     try:
         raw = bridge(server.server_port)
         for request_id in range(calls):
-            raw.send({"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": {
-                "_meta": MODERN_META, "name": "title", "arguments": {"input": "x", "max_new_tokens": 1}}})
+            raw.send(
+                {
+                    "jsonrpc": "2.0",
+                    "id": request_id,
+                    "method": "tools/call",
+                    "params": {
+                        "_meta": MODERN_META,
+                        "name": "title",
+                        "arguments": {"input": "x", "max_new_tokens": 1},
+                    },
+                }
+            )
         deadline = time.monotonic() + READ_TIMEOUT_S
         while server.worker.queue.waiting < calls - 1:  # one holds the queue's head, waiting for the lock
             assert time.monotonic() < deadline, "the calls did not all reach the daemon"
             time.sleep(0.01)
-        again = raw.request({"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {
-            "_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}}})
+        again = raw.request(
+            {
+                "jsonrpc": "2.0",
+                "id": 0,
+                "method": "tools/call",
+                "params": {"_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}},
+            }
+        )
         assert error_code(again, 0) == worker.RPC_INVALID_REQUEST
-        over = raw.request({"jsonrpc": "2.0", "id": "one-more", "method": "tools/call", "params": {
-            "_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}}})
+        over = raw.request(
+            {
+                "jsonrpc": "2.0",
+                "id": "one-more",
+                "method": "tools/call",
+                "params": {"_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}},
+            }
+        )
         assert over["id"] == "one-more" and over["result"]["isError"]
         assert over["result"]["content"][0]["text"].startswith(f"busy: {calls} calls are in flight")
     finally:
