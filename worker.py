@@ -3841,7 +3841,7 @@ class McpServer:
             for line in batch_lines(stream, self.max_line_bytes):
                 if line is None:  # skipped unread: bounded like an HTTP body
                     too_long = f"message longer than {self.max_line_bytes} bytes"
-                    self.send(rpc_error(None, RPC_INVALID_REQUEST, too_long))
+                    self.emit(rpc_error(None, RPC_INVALID_REQUEST, too_long))
                 elif line.strip():
                     self.handle_line(line)
         except McpStop:
@@ -3854,7 +3854,7 @@ class McpServer:
         logger.info(logfmt({"event": "mcp_stopped", "reason": reason, "cancelled_calls": len(calls)}))
         return EXIT_OK
 
-    def send(self, message: Mapping[str, Any]) -> None:
+    def emit(self, message: Mapping[str, Any]) -> None:
         data = json.dumps(message, separators=(",", ":")).encode() + b"\n"  # ASCII: no raw newline, ever
         with self._write_lock:
             try:
@@ -3867,11 +3867,11 @@ class McpServer:
         try:
             message = json.loads(line.decode("utf-8"), parse_constant=_reject_json_constant)
         except (ValueError, RecursionError):
-            self.send(rpc_error(None, RPC_PARSE_ERROR, "Parse error: not one JSON value in UTF-8"))
+            self.emit(rpc_error(None, RPC_PARSE_ERROR, "Parse error: not one JSON value in UTF-8"))
             return
         response = self.handle_message(message)
         if response is not None:
-            self.send(response)
+            self.emit(response)
 
     def handle_message(self, message: Any) -> dict[str, Any] | None:
         """The answer to send now, or None (a notification, a response, or a call in a thread)."""
@@ -3949,7 +3949,8 @@ class McpServer:
                 modern=True,
             )
         if method == "tools/list":
-            self.start(request_id, modern, lambda call: self.list_tools(call, modern), MCP_MODELS_TIMEOUT_S)
+            self.start(request_id, modern, lambda call: self.list_tools(call, modern), MCP_MODELS_TIMEOUT_S,
+                       bounded=False)
             return None
         if method == "tools/call":
             name, arguments = params.get("name"), params.get("arguments") or {}
@@ -4000,15 +4001,18 @@ class McpServer:
         modern: bool,
         work: Callable[[DaemonCall], dict[str, Any] | None],
         timeout_s: float,
+        *,
+        bounded: bool = True,
     ) -> None:
-        """Run work in a thread of its own with a connection of its own; send its result unless cancelled."""
+        """Run work in a thread of its own with a connection of its own; send its result unless
+        cancelled.  A bounded call (a job) over MCP_MAX_CALLS is answered busy at once."""
         key = (type(request_id).__name__, request_id)
         call = DaemonCall(self.address, timeout_s)
         with self._calls_lock:
             if key in self._calls:
                 raise JsonRpcError(RPC_INVALID_REQUEST, "a request with this id is still in flight")
-            if len(self._calls) >= MCP_MAX_CALLS:
-                self.send(
+            if bounded and len(self._calls) >= MCP_MAX_CALLS:
+                self.emit(
                     rpc_result(
                         request_id,
                         mcp_tool_error(
@@ -4028,11 +4032,11 @@ class McpServer:
                 logger.error(logfmt({"event": "mcp_failed", "error": type(exc).__name__}))
                 result = None
                 if not call.cancelled:
-                    self.send(rpc_error(request_id, RPC_INTERNAL_ERROR, "internal error"))
+                    self.emit(rpc_error(request_id, RPC_INTERNAL_ERROR, "internal error"))
             with self._calls_lock:
                 self._calls.pop(key, None)
             if result is not None and not call.cancelled:  # a cancelled request gets no answer
-                self.send(rpc_result(request_id, result, modern=modern))
+                self.emit(rpc_result(request_id, result, modern=modern))
 
         with self._calls_lock:
             spawn = self._idle_threads == 0

@@ -408,6 +408,8 @@ def test_an_id_in_flight_is_refused_and_the_bridge_takes_at_most_its_bound_of_ca
         )
         assert over["id"] == "one-more" and over["result"]["isError"]
         assert over["result"]["content"][0]["text"].startswith(f"busy: {calls} calls are in flight")
+        listed = raw.request({"jsonrpc": "2.0", "id": "list", "method": "tools/list", "params": {"_meta": MODERN_META}})
+        assert len(listed["result"]["tools"]) == 4  # the bound is for jobs; listing still works
     finally:
         os.close(held)
     answered = {raw.receive()["id"] for _ in range(calls)}  # the lock is free: every call is answered
