@@ -413,3 +413,14 @@ def test_the_doctor_says_whether_a_bridge_reaches_the_daemon(tiny_daemon: TinyDa
     absent = worker.mcp_bridge_check(cpu_settings(tmp_path, port=free_port()))
     assert (absent.ok, absent.warning) == (True, True)
     assert absent.fix == "systemctl --user start openvino-genai-npu-worker"
+
+
+def test_the_doctor_says_when_the_bridge_would_need_the_daemons_token(
+    start_server: Callable[..., worker.WorkerHTTPServer], tmp_path: Path
+) -> None:
+    server = start_server(token="s3cret-token")
+    settings = cpu_settings(tmp_path, port=server.server_port)
+    refused = worker.mcp_bridge_check(settings)
+    assert (refused.ok, refused.warning) == (True, True) and "--token-file" in refused.fix
+    admitted = worker.mcp_bridge_check(dataclasses.replace(settings, token="s3cret-token"))
+    assert (admitted.ok, admitted.warning) == (True, False)
