@@ -2,7 +2,7 @@
 """What the MCP bridge (worker.py --mcp) costs: its start-up to a first answer, and its overhead per
 call over the HTTP call it makes, measured side by side in one run.
 
-    python bench/mcp.py --starts 30 --calls 300
+    python bench/mcp_bridge.py --starts 30 --calls 300
 
 One daemon on the tiny model on CPU (tests/fixtures/tiny-chatml-ov, a private lock, a free port).
 
