@@ -408,9 +408,62 @@ def test_an_id_in_flight_is_refused_and_the_bridge_takes_at_most_its_bound_of_ca
         )
         assert over["id"] == "one-more" and over["result"]["isError"]
         assert over["result"]["content"][0]["text"].startswith(f"busy: {calls} calls are in flight")
-        listed = raw.request({"jsonrpc": "2.0", "id": "list", "method": "tools/list", "params": {"_meta": MODERN_META}})
+        listed = raw.request(
+            {"jsonrpc": "2.0", "id": "list", "method": "tools/list", "params": {"_meta": MODERN_META}}
+        )
         assert len(listed["result"]["tools"]) == 4  # the bound is for jobs; listing still works
     finally:
         os.close(held)
     answered = {raw.receive()["id"] for _ in range(calls)}  # the lock is free: every call is answered
     assert answered == set(range(calls))
+
+
+def test_a_host_that_is_not_loopback_ends_the_bridge_with_a_configuration_error(
+    bridge: Callable[..., RawBridge],
+) -> None:
+    raw = bridge(None, "--host", "0.0.0.0")
+    returncode, stdout, stderr = raw.close()
+    assert (returncode, stdout) == (worker.EXIT_CONFIG, b"")
+    assert b"refusing to bind '0.0.0.0'" in stderr
+
+
+def test_a_call_cancelled_while_queued_ends_at_its_first_token_when_its_turn_comes(
+    bridge: Callable[..., RawBridge], start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
+    """The daemon looks at a job's client only between tokens: a job cancelled while it waits for
+    the NPU still gets its turn and its prefill, then stops at the first token (CONTRACT.md, "MCP")."""
+    pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.02)
+    server = start_server(pipeline, lock_timeout_s=30.0)
+    held = worker.NpuLock(server.settings.lock_path).acquire(0)
+    try:
+        raw = bridge(server.server_port)
+        raw.send(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "tools/call",
+                "params": {
+                    "_meta": MODERN_META,
+                    "name": "summary",
+                    "arguments": {"input": "x", "max_new_tokens": 256},
+                },
+            }
+        )
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while server.worker.in_flight == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        raw.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}})
+        raw.still_serving()  # the cancellation was read
+    finally:
+        os.close(held)
+    released_at = time.monotonic()
+    while server.worker.in_flight:  # 256 tokens would take 5 s
+        assert time.monotonic() - released_at < 2.0, "the queued job was not cancelled"
+        time.sleep(0.01)
+    metrics = server.worker.metrics.requests
+    assert (
+        metrics.get(("/v1/worker/generate", "summary", 499)) == 1
+        and metrics.get(("/v1/worker/generate", "summary", 200)) is None
+    )
+    assert raw.close()[1] == b""  # and the call got no answer
