@@ -173,3 +173,64 @@ def test_the_mcp_inspector_lists_and_calls_the_tools(inspector_cli: None, tiny_d
     assert refused.returncode == 5, refused.stderr  # the Inspector's exit code for an isError result
     refusal = json.loads(refused.stdout)
     assert refusal["isError"] is True and refusal["content"][0]["text"].startswith("invalid_request: ")
+
+
+# --------------------------------------------------------------------------------------------------
+# Claude Code itself (Node, from npm): README's `claude mcp add` stores the bridge, and
+# `claude mcp get` starts it and reports it connected
+# --------------------------------------------------------------------------------------------------
+
+CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.197"
+
+
+def test_claude_code_adds_the_bridge_and_connects_to_it(tiny_daemon: TinyDaemon, tmp_path: Path) -> None:
+    if shutil.which("npx") is None:
+        pytest.skip("no npx (Node.js) on this machine: Claude Code cannot run")
+    script = install_console_script(tmp_path)
+    shims = tmp_path / "bin"
+    shims.mkdir()
+    (shims / "claude").write_text(f'#!/bin/sh\nexec npx -y {CLAUDE_CODE} "$@"\n')
+    (shims / "claude").chmod(0o755)
+    env = {
+        **os.environ,
+        "HOME": str(tmp_path),
+        "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OV_GENAI_NPU_PORT": str(tiny_daemon.port),
+    }
+    try:
+        installed = subprocess.run(
+            ["claude", "--version"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"npx could not install {CLAUDE_CODE} within 180 s")
+    if installed.returncode != 0:
+        pytest.skip(f"npx could not install {CLAUDE_CODE}: {installed.stderr.strip().splitlines()[-1:]}")
+    added = subprocess.run(
+        ["bash", "-c", AGENT_COMMANDS[0]],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert added.returncode == 0, added.stderr
+    stored = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["npu-worker"]
+    assert (stored["command"], stored["args"]) == (str(script), ["--mcp"])
+    got = subprocess.run(
+        ["claude", "mcp", "get", "npu-worker"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert got.returncode == 0, got.stderr
+    assert "Status: ✔ Connected" in got.stdout, got.stdout
