@@ -1,6 +1,7 @@
 """README.md, "Use from an agent": each agent's configuration parses and the command it names
-serves the tools; Claude Code itself stores README's `claude mcp add` and connects to the bridge;
-and the MCP Inspector's CLI, a client from another SDK, lists and calls the tools.  The two Node
+serves the tools; Claude Code itself stores README's `claude mcp add` and connects to the bridge,
+Codex reads the TOML as its own configuration;
+and the MCP Inspector's CLI, a client from another SDK, lists and calls the tools.  The Node
 programs come from npm through npx, pinned (about 10 s to install on first use); without npx or the
 registry those tests skip and say why.
 
@@ -237,3 +238,37 @@ def test_claude_code_adds_the_bridge_and_connects_to_it(tiny_daemon: TinyDaemon,
     )
     assert got.returncode == 0, got.stderr
     assert "Status: ✔ Connected" in got.stdout, got.stdout
+
+
+# Codex CLI (npm, pinned) reads README's TOML as its own configuration.  It has no command that
+# connects to a server without a model session, so what it shows is the configuration it took.
+CODEX = "@openai/codex@0.171.0"
+
+
+def test_codex_reads_the_toml_as_its_configuration(tmp_path: Path) -> None:
+    if shutil.which("npx") is None:
+        pytest.skip("no npx (Node.js) on this machine: Codex cannot run")
+    script = install_console_script(tmp_path)
+    config = tmp_path / ".codex" / "config.toml"
+    config.parent.mkdir()
+    config.write_text(BLOCKS["toml"].replace(PLACEHOLDER_HOME, str(tmp_path)))
+    env = {**os.environ, "HOME": str(tmp_path)}
+    try:
+        listed = subprocess.run(
+            ["npx", "-y", CODEX, "mcp", "list", "--json"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"npx could not install {CODEX} within 180 s")
+    if listed.returncode != 0 and "npm" in listed.stderr and "ERR" in listed.stderr:
+        pytest.skip(f"npx could not install {CODEX}: {listed.stderr.strip().splitlines()[-1:]}")
+    assert listed.returncode == 0, listed.stderr
+    (server,) = json.loads(listed.stdout[listed.stdout.index("[") :])
+    assert (server["name"], server["enabled"]) == ("npu-worker", True)
+    assert (server["transport"]["command"], server["transport"]["args"]) == (str(script), ["--mcp"])
+    assert server["tool_timeout_sec"] == 180
