@@ -1,9 +1,8 @@
-"""README.md, "Use from an agent": each agent's configuration parses and the command it names
-serves the tools; Claude Code itself stores README's `claude mcp add` and connects to the bridge,
-Codex reads the TOML as its own configuration;
-and the MCP Inspector's CLI, a client from another SDK, lists and calls the tools.  The Node
-programs come from npm through npx, pinned (about 10 s to install on first use); without npx or the
-registry those tests skip and say why.
+"""README.md, "Use from an agent": each agent's configuration parses and the command it names serves
+the tools; Claude Code itself stores README's `claude mcp add` and connects to the bridge, Codex
+reads the TOML as its own configuration; and the MCP Inspector's CLI, a client from another SDK,
+lists and calls the tools. The Node programs come from npm through npx, pinned (about 10 s to
+install on first use); without npx or the registry those tests skip and say why.
 
 The snippets name the service's virtualenv (README.md, "Running as a service"); here that path is
 made under a temporary home, holding the console script pip writes for `openvino-genai-npu-worker`,
