@@ -4052,15 +4052,14 @@ class McpServer:
                 self._idle_threads += 1
 
     def list_tools(self, call: DaemonCall, modern: bool) -> dict[str, Any]:
-        models = None
+        tools = None
         try:
             status, _, payload = call.request("GET", "/models")
             if status == 200:
-                models = json.loads(payload)
-                mcp_tools(models, self.limits)  # the shape is the daemon's; anything else: our limits
-        except (OSError, ValueError, KeyError, TypeError):
-            models = None
-        result: dict[str, Any] = {"tools": mcp_tools(models, self.limits)}
+                tools = mcp_tools(json.loads(payload), self.limits)
+        except (OSError, ValueError, KeyError, TypeError):  # no daemon, or not its shape: our limits
+            pass
+        result: dict[str, Any] = {"tools": tools or mcp_tools(None, self.limits)}
         if modern:
             result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
         return result
