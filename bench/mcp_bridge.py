@@ -23,7 +23,6 @@ import argparse
 import http.client
 import json
 import os
-import select
 import signal
 import socket
 import statistics
@@ -107,7 +106,6 @@ def mcp_call(bridge: subprocess.Popen[bytes], request_id: int) -> tuple[float, f
     started = time.perf_counter()
     bridge.stdin.write(line)
     bridge.stdin.flush()
-    select.select([bridge.stdout], [], [], 30)
     answer = json.loads(bridge.stdout.readline())
     elapsed_ms = (time.perf_counter() - started) * 1000
     result = answer["result"]

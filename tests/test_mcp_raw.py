@@ -38,6 +38,7 @@ class RawBridge:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
+        self._pending = b""
 
     def send(self, message: Any) -> None:
         data = message if isinstance(message, bytes) else json.dumps(message).encode() + b"\n"
@@ -46,11 +47,18 @@ class RawBridge:
         self.process.stdin.flush()
 
     def receive(self, timeout_s: float = READ_TIMEOUT_S) -> dict[str, Any]:
+        """The next line from stdout, read from the pipe itself: a buffered readline after select()
+        would miss a second line that arrived in the same read."""
         assert self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout_s)
-        assert ready, "no answer"
-        line = self.process.stdout.readline()
-        assert line.endswith(b"\n"), line
+        fd = self.process.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "no answer"
+            chunk = os.read(fd, 1 << 16)
+            assert chunk, "stdout closed"
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
         message = json.loads(line)
         assert message["jsonrpc"] == "2.0"
         return message
@@ -70,7 +78,7 @@ class RawBridge:
     def close(self) -> tuple[int, bytes, bytes]:
         """Close stdin; the exit code and what is left on stdout and stderr."""
         stdout, stderr = self.process.communicate(timeout=READ_TIMEOUT_S)
-        return self.process.returncode, stdout, stderr
+        return self.process.returncode, self._pending + stdout, stderr
 
 
 @pytest.fixture
