@@ -36,8 +36,9 @@ Threading and locking model
 Layout: constants -> errors -> data types -> pure core (validation, request heads, prompts and
 budget, NPU evidence, clean-up, stop rules) -> adapters (OpenVINO GenAI, sysfs busy counter,
 /proc holders, file lock, job queue) -> metrics -> worker -> sd_notify -> HTTP (access rules and
-the response format, the gate, the handler, response documents, serving) -> doctor -> CLI
-(one-shot, batch, main).
+the response format, the gate, the handler, response documents, serving) -> MCP (--mcp: the
+jobs as tools on stdio, each call forwarded to the daemon; its threading is described there) ->
+doctor -> CLI (one-shot, batch, main).
 """
 
 from __future__ import annotations
