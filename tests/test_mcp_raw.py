@@ -475,3 +475,44 @@ def test_a_call_cancelled_while_queued_ends_at_its_first_token_when_its_turn_com
         and metrics.get(("/v1/worker/generate", "summary", 200)) is None
     )
     assert raw.close()[1] == b""  # and the call got no answer
+
+
+def test_something_else_on_the_port_is_named_and_a_dropped_connection_is_unreachable(
+    bridge: Callable[..., RawBridge],
+) -> None:
+    """Not the worker (an HTTP server answering HTML) and no answer at all (a listener that closes
+    every connection at once) are tool errors that say what to check."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    other = http.server.HTTPServer(("127.0.0.1", 0), Quiet)  # POST: 501 with an HTML page
+    threading.Thread(target=other.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    dropper = socket.create_server(("127.0.0.1", 0))
+
+    def drop() -> None:
+        while True:
+            connection, _ = dropper.accept()
+            connection.close()
+
+    threading.Thread(target=drop, daemon=True).start()
+    call = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "tools/call",
+        "params": {"_meta": MODERN_META, "name": "title", "arguments": {"input": "x"}},
+    }
+    try:
+        for port, kind in (
+            (other.server_port, "not_a_worker"),
+            (dropper.getsockname()[1], "daemon_unreachable"),
+        ):
+            result = bridge(port).request(call)["result"]
+            assert result["isError"] and result["content"][0]["text"].startswith(f"{kind}: "), result
+    finally:
+        other.shutdown()
+        other.server_close()
+        dropper.close()
