@@ -3492,6 +3492,15 @@ MCP_INSTRUCTIONS = (
     "Nothing is stored; every result says how the NPU proved it ran (npu_proof)."
 )
 MCP_TOOL_ARGUMENTS = ("input", "max_new_tokens", "truncate")
+MCP_RUNS_ON = {  # by the daemon's npu_proof: where a job runs, and what its result proves
+    PROOF_VERIFIED: ("on this machine's NPU", "the result carries proof that the NPU ran (npu_proof, "
+                                              "npu_busy_delta_us)"),
+    PROOF_UNAVAILABLE: ("on this machine's NPU", "this kernel has no NPU busy counter, so results carry no "
+                                                 "proof (npu_proof: unavailable)"),
+    PROOF_EMULATED: ("on this machine's CPU, through the NPU pipeline (emulated)",
+                     "nothing runs on an NPU (npu_proof: emulated)"),
+    PROOF_NOT_APPLICABLE: ("on this machine's CPU", "nothing runs on an NPU (npu_proof: not_applicable)"),
+}
 MCP_TOOL_PURPOSES = {
     "title": "Write a short title (one line, at most 80 characters) for a text: a conversation, a document, "
     "a task. Use it to name things without spending your own tokens.",
@@ -3611,8 +3620,11 @@ def mcp_tools(models: Mapping[str, Any] | None, limits: Limits) -> list[dict[str
     process's own limits (the same flags and defaults the daemon has)."""
     tools = []
     max_input_chars = limits.max_input_chars
+    # What the daemon says it runs on; without an answer, the daemon's default (the NPU).
+    runs_on, proof = MCP_RUNS_ON[PROOF_VERIFIED]
     if models is not None:
         max_input_chars = models["limits"]["max_input_chars"]
+        runs_on, proof = MCP_RUNS_ON[models["npu_proof"]]
     for name, job in JOBS.items():
         default_tokens, max_tokens = job_token_limits(job, limits)
         input_tokens = None
@@ -3632,9 +3644,8 @@ def mcp_tools(models: Mapping[str, Any] | None, limits: Limits) -> list[dict[str
             bound = f"up to {input_tokens} tokens"
         chars = min(max_input_chars, input_tokens * ENGLISH_CHARS_PER_TOKEN)
         description = (
-            f"{MCP_TOOL_PURPOSES[name]} Runs on this machine's NPU through openvino-genai-npu-worker: "
-            "a small local model, private, no network; the result carries proof that the NPU ran "
-            f"(npu_proof, npu_busy_delta_us). Input: {bound}, roughly {chars} characters of English "
+            f"{MCP_TOOL_PURPOSES[name]} Runs {runs_on} through openvino-genai-npu-worker: a small local "
+            f"model, private, no network; {proof}. Input: {bound}, roughly {chars} characters of English "
             f"(fewer in other scripts), never more than {max_input_chars} characters; with truncate: "
             "true a longer input keeps its start and its end. The answer comes back as text and as "
             "structured content."

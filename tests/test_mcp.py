@@ -187,7 +187,8 @@ def test_tools_carry_the_daemons_bounds_schemas_and_annotations(
         job = models["jobs"][tool.name]
         assert f"up to {job['max_input_tokens']} tokens" in tool.description
         assert f"never more than {models['limits']['max_input_chars']} characters" in tool.description
-        assert "NPU" in tool.description and "truncate" in tool.description
+        assert "Runs on this machine's CPU" in tool.description  # the tiny daemon's device, never "NPU"
+        assert "npu_proof: not_applicable" in tool.description and "truncate" in tool.description
         schema = tool.input_schema
         assert schema["required"] == ["input"] and schema["additionalProperties"] is False
         assert schema["properties"]["max_new_tokens"]["maximum"] == job["max_new_tokens"]
@@ -248,9 +249,9 @@ def test_worker_errors_come_back_as_tool_results_with_advice(tiny_daemon: TinyDa
 def test_a_daemon_that_is_not_running_is_named_with_the_command_that_starts_it(tmp_path: Path) -> None:
     async def session_work() -> types.CallToolResult:
         async with bridge(free_port(), tmp_path) as session:
-            assert [tool.name for tool in (await session.list_tools()).tools] == list(
-                worker.JOBS
-            )  # our limits
+            tools = (await session.list_tools()).tools  # from our own limits and the default device
+            assert [tool.name for tool in tools] == list(worker.JOBS)
+            assert all("Runs on this machine's NPU" in tool.description for tool in tools)
             return await session.call_tool("title", {"input": "x"})
 
     result = run(session_work)
@@ -424,3 +425,24 @@ def test_the_doctor_says_when_the_bridge_would_need_the_daemons_token(
     assert (refused.ok, refused.warning) == (True, True) and "--token-file" in refused.fix
     admitted = worker.mcp_bridge_check(dataclasses.replace(settings, token="s3cret-token"))
     assert (admitted.ok, admitted.warning) == (True, False)
+
+
+@pytest.mark.parametrize(
+    "proof, says",
+    [
+        (worker.PROOF_VERIFIED, "the result carries proof that the NPU ran"),
+        (worker.PROOF_UNAVAILABLE, "npu_proof: unavailable"),
+        (worker.PROOF_EMULATED, "through the NPU pipeline (emulated)"),
+        (worker.PROOF_NOT_APPLICABLE, "Runs on this machine's CPU"),
+    ],
+)
+def test_each_tool_says_where_its_job_runs_and_what_its_result_proves(
+    tiny_daemon: TinyDaemon, proof: str, says: str
+) -> None:
+    """The description follows the daemon's npu_proof (/models): a tool never claims an NPU it lacks."""
+    models = json.loads(
+        worker.DaemonCall(worker.DaemonAddress(port=tiny_daemon.port), 10).request("GET", "/models")[2]
+    )
+    for tool in worker.mcp_tools({**models, "npu_proof": proof}, worker.Limits()):
+        assert says in tool["description"]
+        assert ("NPU ran" in tool["description"]) == (proof == worker.PROOF_VERIFIED)
