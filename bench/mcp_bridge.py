@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import importlib.util
 import json
 import os
+import py_compile
 import signal
 import socket
 import statistics
@@ -129,6 +131,12 @@ def http_call(port: int) -> tuple[float, float]:
     return (time.perf_counter() - started) * 1000, answer["timing_ms"]["total"]
 
 
+def status_of(pid: int) -> str:
+    """Resident memory and threads of a process, from /proc (Linux)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return f"{fields['VmRSS'].strip()} resident, {fields['Threads'].strip()} thread(s)"
+
+
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
@@ -149,8 +157,12 @@ def main() -> int:
     daemon = start_daemon(args.model, port, scratch)
     try:
         bridge_command = [sys.executable, str(REPO / "worker.py"), "--mcp", "--port", str(port)]
-        # The console script imports worker from its cached bytecode; `python worker.py` compiles
-        # the 200 KB script at every start.
+        # The console script imports worker from its cached bytecode, which pip writes at install
+        # (written here too: PYTHONDONTWRITEBYTECODE would leave a stale one); `python worker.py`
+        # compiles the 200 KB script at every start.
+        py_compile.compile(
+            str(REPO / "worker.py"), cfile=importlib.util.cache_from_source(str(REPO / "worker.py"))
+        )
         console_script = [
             sys.executable,
             "-c",
@@ -171,6 +183,11 @@ def main() -> int:
         bridge = subprocess.Popen(
             bridge_command, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
         )
+        assert bridge.stdin is not None and bridge.stdout is not None
+        bridge.stdin.write(DISCOVER.encode())
+        bridge.stdin.flush()
+        bridge.stdout.readline()
+        idle = status_of(bridge.pid)
         round_trips: dict[str, list[float]] = {"HTTP": [], "MCP": []}
         client_side: dict[str, list[float]] = {"HTTP": [], "MCP": []}
         for index in range(args.calls + 20):  # the first 20 of each are warm-up
@@ -178,7 +195,8 @@ def main() -> int:
                 if index >= 20:
                     round_trips[path].append(total_ms)
                     client_side[path].append(total_ms - daemon_ms)
-        bridge.stdin.close()  # type: ignore[union-attr]
+        after_calls = status_of(bridge.pid)
+        bridge.stdin.close()
         bridge.wait(timeout=10)
     finally:
         daemon.send_signal(signal.SIGTERM)
@@ -196,7 +214,8 @@ def main() -> int:
     overhead = [mcp - http for mcp, http in zip(client_side["MCP"], client_side["HTTP"])]
     print(row("bridge overhead (MCP minus HTTP, pairwise)", overhead))
     print(
-        f"\nmedian difference of the client-side shares: "
+        f"\nthe bridge, idle after its first answer: {idle}; after the calls: {after_calls}\n"
+        f"median difference of the client-side shares: "
         f"{statistics.median(client_side['MCP']) - statistics.median(client_side['HTTP']):.3f} ms"
     )
     return 0
