@@ -37,8 +37,8 @@ Layout: constants -> errors -> data types -> pure core (validation, request head
 budget, NPU evidence, clean-up, stop rules) -> adapters (OpenVINO GenAI, sysfs busy counter,
 /proc holders, file lock, job queue) -> metrics -> worker -> sd_notify -> HTTP (access rules and
 the response format, the gate, the handler, response documents, serving) -> MCP (--mcp: the
-jobs as tools on stdio, each call forwarded to the daemon; its threading is described there) ->
-doctor -> CLI (one-shot, batch, main).
+jobs as tools on stdio; messages, tools and errors as values, then the bridge to the daemon, whose
+threading is described there) -> doctor -> CLI (one-shot, batch, main).
 """
 
 from __future__ import annotations
@@ -3469,7 +3469,7 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
 
 
 # ==================================================================================================
-# MCP: the jobs as tools on stdin/stdout (--mcp), each call forwarded to the daemon over loopback
+# MCP: the jobs as tools on stdin/stdout (--mcp) - messages, tools and errors as values
 # ==================================================================================================
 # A Model Context Protocol server over stdio that never loads OpenVINO: the model stays in the one
 # daemon, so every agent session shares its queue and its lock and adds no NPU load of its own.
@@ -3477,13 +3477,6 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
 # basic/index, versioning, transports/stdio, patterns/cancellation, server/discover, server/tools)
 # and the mcp 2.3.0 client.  Dual-era: a request whose _meta names a protocol version is served
 # statelessly at that version (2026-07-28); initialize starts the 2025-11-25 or 2025-06-18 handshake.
-#
-# Threading: the main thread reads stdin and answers what needs no daemon itself; tools/list and
-# every tools/call run in a thread of their own on an HTTP connection of their own, so calls
-# overlap (the daemon's queue bounds them) and each can be cancelled alone.  Lines go to stdout
-# whole, under one lock.  Cancelling resets the call's connection (SO_LINGER 0): an orderly close
-# within 0.1 s of a request would be a half-close, which the daemon answers (CONTRACT.md, "HTTP"),
-# while a reset is a disconnect at once, which cancels the generation and frees the NPU lock.
 
 MCP_SERVER_INFO = {"name": SERVICE_UNIT, "title": "OpenVINO GenAI NPU worker", "version": __version__}
 MCP_INSTRUCTIONS = (
@@ -3780,6 +3773,18 @@ def daemon_unreachable(exc: OSError, address: DaemonAddress) -> dict[str, Any]:
         f"The worker daemon on {address.url} did not answer "
         f"({type(exc).__name__}): see 'systemctl --user status {SERVICE_UNIT}'.",
     )
+
+
+# ==================================================================================================
+# MCP: the bridge - stdin to the daemon and back, each call on its own thread and connection
+# ==================================================================================================
+# The main thread reads stdin and answers what needs no daemon itself; tools/list and every
+# tools/call run on a call thread of their own (threads are kept for the next call) with an HTTP
+# connection of their own, so calls overlap (the daemon's queue bounds them) and each can be
+# cancelled alone.  Lines go to stdout whole, under one
+# lock.  Cancelling resets the call's connection (SO_LINGER 0): an orderly close within 0.1 s of a
+# request would be a half-close, which the daemon answers (CONTRACT.md, "HTTP"), while a reset is a
+# disconnect at once, which cancels the generation and frees the NPU lock.
 
 
 class DaemonCall:
