@@ -4145,9 +4145,13 @@ def run_mcp(args: argparse.Namespace) -> int:
     def stop(*_: Any) -> None:
         raise McpStop
 
+    server = McpServer(address, limits, output)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop)
-    return McpServer(address, limits, output).serve(sys.stdin.buffer)
+    try:
+        return server.serve(sys.stdin.buffer)
+    except McpStop:  # a signal before serve() was listening: nothing was in flight
+        return EXIT_OK
 
 
 # ==================================================================================================
