@@ -517,3 +517,39 @@ def test_something_else_on_the_port_is_named_and_a_dropped_connection_is_unreach
         other.shutdown()
         other.server_close()
         dropper.close()
+
+
+def test_the_bridge_imports_nothing_outside_the_standard_library() -> None:
+    """No OpenVINO, no GenAI: -X importtime lists every module the bridge imported to answer, beyond
+    what the interpreter itself loads at start-up (site, .pth hooks)."""
+
+    def imported(*args: str, stdin: bytes = b"") -> set[str]:
+        process = subprocess.run(
+            [sys.executable, "-X", "importtime", *args],
+            input=stdin,
+            capture_output=True,
+            timeout=READ_TIMEOUT_S,
+            check=False,
+        )
+        assert process.returncode == 0, process.stderr
+        lines = process.stderr.decode().splitlines()
+        return {
+            line.split("|")[-1].strip().split(".")[0] for line in lines if line.startswith("import time:")
+        }
+
+    interpreter = imported("-c", "pass")
+    bridge = (
+        imported(
+            str(REPO / "worker.py"),
+            "--mcp",
+            "--port",
+            "1",
+            stdin=b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n',
+        )
+        - interpreter
+    )
+    assert {"json", "http", "argparse"} <= bridge  # the listing is real
+    assert not bridge & {"openvino", "openvino_genai", "openvino_tokenizers", "numpy"}
+    # "org": the standard library's copy.py probing for Jython (from org.python.core import ...).
+    others = bridge - {"imported package", "org"} - set(sys.stdlib_module_names)
+    assert not others, others
