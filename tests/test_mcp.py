@@ -446,3 +446,17 @@ def test_each_tool_says_where_its_job_runs_and_what_its_result_proves(
     for tool in worker.mcp_tools({**models, "npu_proof": proof}, worker.Limits()):
         assert says in tool["description"]
         assert ("NPU ran" in tool["description"]) == (proof == worker.PROOF_VERIFIED)
+
+
+def test_the_sdks_default_client_negotiates_the_stateless_revision(tiny_daemon: TinyDaemon) -> None:
+    """mcp.Client in its default mode ("auto") probes server/discover and stays modern with us."""
+
+    async def session_work() -> tuple[str, types.CallToolResult]:
+        async with mcp.Client(
+            bridge_parameters(tiny_daemon.port), read_timeout_seconds=CALL_TIMEOUT_S
+        ) as client:
+            return client.protocol_version, await client.call_tool("title", {"input": JOB_INPUTS["title"]})
+
+    version, result = run(session_work)
+    assert version == "2026-07-28"
+    assert not result.is_error and result.structured_content["job"] == "title"
