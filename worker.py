@@ -36,8 +36,9 @@ Threading and locking model
 Layout: constants -> errors -> data types -> pure core (validation, request heads, prompts and
 budget, NPU evidence, clean-up, stop rules) -> adapters (OpenVINO GenAI, sysfs busy counter,
 /proc holders, file lock, job queue) -> metrics -> worker -> sd_notify -> HTTP (access rules and
-the response format, the gate, the handler, response documents, serving) -> doctor -> CLI
-(one-shot, batch, main).
+the response format, the gate, the handler, response documents, serving) -> MCP (--mcp: the
+jobs as tools on stdio; messages, tools and errors as values, then the bridge to the daemon, whose
+threading is described there) -> doctor -> CLI (one-shot, batch, main).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import functools
 import glob
 import hmac
 import http
+import http.client
 import importlib.util
 import json
 import logging
@@ -64,6 +66,7 @@ import signal
 import socket
 import socketserver
 import stat
+import struct
 import sys
 import threading
 import time
@@ -263,6 +266,37 @@ EXIT_USAGE = 2
 EXIT_PROOF_FAILED = 3
 EXIT_BUSY = 75
 EXIT_CONFIG = 78
+
+# MCP bridge (--mcp): the protocol revisions served, newest first (modelcontextprotocol/specification).
+MCP_MODERN_VERSIONS = ("2026-07-28",)  # stateless: the version rides in every request's _meta
+MCP_LEGACY_VERSIONS = ("2025-11-25", "2025-06-18")  # negotiated once with initialize
+MCP_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+MCP_META_CAPABILITIES = "io.modelcontextprotocol/clientCapabilities"
+MCP_META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
+# JSON-RPC 2.0 error codes, and MCP's UnsupportedProtocolVersion (2026-07-28 schema.ts).
+RPC_PARSE_ERROR = -32700
+RPC_INVALID_REQUEST = -32600
+RPC_METHOD_NOT_FOUND = -32601
+RPC_INVALID_PARAMS = -32602
+RPC_INTERNAL_ERROR = -32603
+RPC_UNSUPPORTED_PROTOCOL_VERSION = -32022
+# A stdin line carries a tools/call whose input is bounded as the HTTP body is, plus the JSON-RPC
+# envelope and the client's _meta (clientInfo, capabilities).
+MCP_ENVELOPE_BYTES = 16384
+MCP_MAX_CALLS = DEFAULT_MAX_CONNECTIONS  # calls in flight at once: the daemon serves no more
+MCP_MAX_ANSWER_BYTES = 1 << 20  # a daemon answer is a few KB
+# How long a call waits for the daemon's answer: the longest deadline it accepts, plus the time a
+# stuck prefill may take past it.  The daemon's own deadlines end every job long before that.
+MCP_CALL_TIMEOUT_S = MAX_LOCK_TIMEOUT_S + STUCK_GRACE_S
+MCP_MODELS_TIMEOUT_S = 2.0  # GET /models for tools/list and GET /healthz for the doctor
+# Cache hints (2026-07-28 CacheableResult): discovery never changes while this process runs; the
+# tool list follows the daemon's limits, which a restart with other flags can change.
+MCP_DISCOVER_TTL_MS = 3_600_000
+MCP_TOOLS_TTL_MS = 60_000
+# Roughly 4 characters of English per token (CONTRACT.md, Limits: 1024 Qwen2.5 tokens hold about
+# 4,100 characters); only for the hint in a tool's description, never for a decision.
+ENGLISH_CHARS_PER_TOKEN = 4
+SERVICE_UNIT = "openvino-genai-npu-worker"  # systemd/openvino-genai-npu-worker.service
 
 # ==================================================================================================
 # Errors: every failure is a WorkerError; its class says the HTTP status, the error type, the CLI
@@ -3992,6 +4026,692 @@ def serve(settings: Settings, worker: Worker, stop: threading.Event, notifier: S
 
 
 # ==================================================================================================
+# MCP: the jobs as tools on stdin/stdout (--mcp) - messages, tools and errors as values
+# ==================================================================================================
+# A Model Context Protocol server over stdio that never loads OpenVINO: the model stays in the one
+# daemon, so every agent session shares its queue and its lock and adds no NPU load of its own.
+# Checked against the specification (schema.ts of 2026-07-28, 2025-11-25 and 2025-06-18; the pages
+# basic/index, versioning, transports/stdio, patterns/cancellation, server/discover, server/tools)
+# and the mcp 2.3.0 client.  Dual-era: a request whose _meta names a protocol version is served
+# statelessly at that version (2026-07-28); initialize starts the 2025-11-25 or 2025-06-18 handshake.
+
+MCP_SERVER_INFO = {"name": SERVICE_UNIT, "title": "OpenVINO GenAI NPU worker", "version": __version__}
+MCP_INSTRUCTIONS = (
+    "Small bounded language jobs (title, summary, notification, memory_candidate) run by a local "
+    "worker on this machine's NPU: use them for short texts instead of spending your own tokens. "
+    "Nothing is stored; every result says how the NPU proved it ran (npu_proof)."
+)
+MCP_TOOL_ARGUMENTS = ("input", "max_new_tokens", "truncate")
+MCP_RUNS_ON = {  # by the daemon's npu_proof: where a job runs, and what its result proves
+    PROOF_VERIFIED: ("on this machine's NPU", "the result carries proof that the NPU ran (npu_proof, "
+                                              "npu_busy_delta_us)"),
+    PROOF_UNAVAILABLE: ("on this machine's NPU", "this kernel has no NPU busy counter, so results carry no "
+                                                 "proof (npu_proof: unavailable)"),
+    PROOF_EMULATED: ("on this machine's CPU, through the NPU pipeline (emulated)",
+                     "nothing runs on an NPU (npu_proof: emulated)"),
+    PROOF_NOT_APPLICABLE: ("on this machine's CPU", "nothing runs on an NPU (npu_proof: not_applicable)"),
+}
+MCP_TOOL_PURPOSES = {
+    "title": "Write a short title (one line, at most 80 characters) for a text: a conversation, a document, "
+    "a task. Use it to name things without spending your own tokens.",
+    "summary": "Summarize a text in at most 5 plain sentences.",
+    "notification": "Condense a text into one notification line of at most 140 characters.",
+    "memory_candidate": "Pick the facts worth remembering long-term about the user, their projects or their "
+    "preferences from a text: at most 5, each at most 120 characters. They are returned "
+    "to you, never stored.",
+}
+
+
+class JsonRpcError(Exception):
+    """A protocol fault, answered as a JSON-RPC error.  Not a WorkerError: it is never an HTTP
+    answer or an exit code, and it never reaches the daemon."""
+
+    def __init__(self, code: int, message: str, data: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.data = data
+
+
+class McpStop(Exception):
+    """SIGTERM or SIGINT: raised in the main thread, which waits in a read of stdin."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DaemonAddress:
+    """Where the bridge finds the daemon: the daemon's own --host, --port and --token-file."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: str | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://[{self.host}]:{self.port}" if ":" in self.host else f"http://{self.host}:{self.port}"
+
+
+def rpc_error(request_id: Any, code: int, message: str, data: Any = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": code, "message": message}
+    if data is not None:
+        error["data"] = data
+    return {"jsonrpc": "2.0", "id": request_id, "error": error}
+
+
+def rpc_result(request_id: Any, result: dict[str, Any], *, modern: bool) -> dict[str, Any]:
+    """A result; at 2026-07-28 with its resultType and the server's identity in _meta."""
+    if modern:
+        result = {"resultType": "complete", **result, "_meta": {MCP_META_SERVER_INFO: MCP_SERVER_INFO}}
+    return {"jsonrpc": "2.0", "id": request_id, "result": result}
+
+
+def mcp_envelope_version(meta: Mapping[str, Any]) -> str:
+    """The version of a stateless request's _meta, or the error the 2026-07-28 rules name."""
+    missing = [key for key in (MCP_META_VERSION, MCP_META_CAPABILITIES) if key not in meta]
+    if missing:
+        raise JsonRpcError(RPC_INVALID_PARAMS, f"params._meta is missing {', '.join(missing)}")
+    version = meta[MCP_META_VERSION]
+    if not isinstance(version, str) or not isinstance(meta[MCP_META_CAPABILITIES], dict):
+        raise JsonRpcError(
+            RPC_INVALID_PARAMS, f"{MCP_META_VERSION} must be a string and {MCP_META_CAPABILITIES} an object"
+        )
+    if version not in MCP_MODERN_VERSIONS:
+        message = "Unsupported protocol version"
+        if version in MCP_LEGACY_VERSIONS:
+            message += f": {version} is negotiated with initialize, not carried in _meta"
+        raise JsonRpcError(
+            RPC_UNSUPPORTED_PROTOCOL_VERSION,
+            message,
+            {"supported": [*MCP_MODERN_VERSIONS, *MCP_LEGACY_VERSIONS], "requested": version},
+        )
+    return version
+
+
+def mcp_output_schema(job: str) -> dict[str, Any]:
+    """The result object of CONTRACT.md ("Result fields") as JSON Schema 2020-12."""
+
+    def nullable(kind: str) -> dict[str, Any]:
+        return {"type": [kind, "null"]}
+
+    def numbers(*names: str, kind: str = "integer") -> dict[str, Any]:
+        return {
+            "type": "object",
+            "properties": {name: {"type": kind} for name in names},
+            "required": list(names),
+        }
+
+    properties: dict[str, Any] = {
+        "request_id": {"type": "string"},
+        "job": {"const": job},
+        "text": {"type": "string"},
+        "model": {"type": "string"},
+        "device": {"enum": list(DEVICES)},
+        "npu_busy_delta_us": nullable("integer"),
+        "npu_busy_ratio": nullable("number"),
+        "npu_proof": {"enum": list(PROOF_VALUES)},
+        "npu_evidence": nullable("object"),
+        "tokens": numbers("prompt", "generated", "max_new_tokens"),
+        "finish_reason": {"enum": ["stop", "length"]},
+        "stop_rule": {"enum": [*STOP_RULES, None]},
+        "input_truncated": nullable("object"),
+        "timing_ms": numbers("queue", "generate", "total", kind="number"),
+    }
+    if job == "memory_candidate":
+        properties["candidates"] = {
+            "type": "array",
+            "maxItems": MEMORY_MAX_CANDIDATES,
+            "items": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        }
+        properties["json_valid"] = {"type": "boolean"}
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+def mcp_tools(models: Mapping[str, Any] | None, limits: Limits) -> list[dict[str, Any]]:
+    """One tool per job, its bounds from the daemon's /models when it answered, else from this
+    process's own limits (the same flags and defaults the daemon has)."""
+    tools = []
+    max_input_chars = limits.max_input_chars
+    # What the daemon says it runs on; without an answer, the daemon's default (the NPU).
+    runs_on, proof = MCP_RUNS_ON[PROOF_VERIFIED]
+    if models is not None:
+        max_input_chars = models["limits"]["max_input_chars"]
+        runs_on, proof = MCP_RUNS_ON[models["npu_proof"]]
+    for name, job in JOBS.items():
+        default_tokens, max_tokens = job_token_limits(job, limits)
+        input_tokens = None
+        if models is not None:
+            listed = models["jobs"][name]
+            default_tokens, max_tokens, input_tokens = (
+                listed["default_max_new_tokens"],
+                listed["max_new_tokens"],
+                listed["max_input_tokens"],
+            )
+        if input_tokens is None:  # the daemon is not up, or its model not loaded: the prompt limit
+            input_tokens = (
+                limits.max_prompt_tokens if models is None else models["limits"]["max_prompt_tokens"]
+            )
+            bound = f"a prompt of at most {input_tokens} tokens, this job's instructions included"
+        else:
+            bound = f"up to {input_tokens} tokens"
+        chars = min(max_input_chars, input_tokens * ENGLISH_CHARS_PER_TOKEN)
+        description = (
+            f"{MCP_TOOL_PURPOSES[name]} Runs {runs_on} through openvino-genai-npu-worker: a small local "
+            f"model, private, no network; {proof}. Input: {bound}, roughly {chars} characters of English "
+            f"(fewer in other scripts), never more than {max_input_chars} characters; with truncate: "
+            "true a longer input keeps its start and its end. The answer comes back as text and as "
+            "structured content."
+        )
+        tools.append(
+            {
+                "name": name,
+                "title": name.replace("_", " ").capitalize(),
+                "description": description,
+                "inputSchema": {
+                    "type": "object",
+                    "properties": {
+                        "input": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": max_input_chars,
+                            "description": "the text to work on",
+                        },
+                        "max_new_tokens": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": max_tokens,
+                            "default": default_tokens,
+                            "description": "the most tokens the answer may take",
+                        },
+                        "truncate": {
+                            "type": "boolean",
+                            "default": False,
+                            "description": "drop the middle of an input that does not fit, "
+                            "instead of an error",
+                        },
+                    },
+                    "required": ["input"],
+                    "additionalProperties": False,
+                },
+                "outputSchema": mcp_output_schema(name),
+                "annotations": {
+                    "title": name.replace("_", " ").capitalize(),
+                    "readOnlyHint": True,
+                    "destructiveHint": False,
+                    "idempotentHint": True,
+                    "openWorldHint": False,
+                },
+            }
+        )
+    return tools
+
+
+def mcp_tool_error(kind: str, sentence: str) -> dict[str, Any]:
+    """A tool result an agent can act on: the error's type, then one sentence saying what to do."""
+    return {"content": [{"type": "text", "text": f"{kind}: {sentence}"}], "isError": True}
+
+
+def mcp_error_advice(error: Mapping[str, Any], retry_after_s: str | None) -> str:
+    """One sentence for the daemon's error body (CONTRACT.md, "Errors"): what happened, what to do."""
+    kind, message = error.get("type"), str(error.get("message", "")).rstrip(".")
+    retry = retry_after_s if retry_after_s and retry_after_s.isdigit() else str(RETRY_AFTER_BUSY_S)
+    if kind == "prompt_too_long":
+        return (
+            f"The input is {error.get('over_tokens')} tokens over the limit and about "
+            f"{error.get('fits_chars_estimate')} characters of it would fit: shorten it to that, or call "
+            f"again with truncate: true to keep its start and its end."
+        )
+    advice = {
+        "input_too_long": f"{message}: shorten the input, or split it and call once per part.",
+        "busy": f"The NPU is busy ({message}): retry after {retry} s.",
+        "loading": f"The worker is still loading its model: retry after {retry} s.",
+        "shutting_down": f"The worker is stopping: retry after {retry} s, once it has started again.",
+        "timeout": (
+            f"The job did not finish in time ({message}): retry later, or with a shorter input "
+            "or a smaller max_new_tokens."
+        ),
+        "npu_proof_failed": (
+            f"The NPU busy counter did not show this job running on the NPU ({message}), so no "
+            "answer is given: check the host with 'python worker.py --doctor'."
+        ),
+        "empty_output": (
+            "The model wrote nothing usable for this input: call again with more text, or do this "
+            "job yourself."
+        ),
+        "unauthorized": (
+            "The daemon requires a token: start the bridge with --token-file (or "
+            "OV_GENAI_NPU_TOKEN_FILE) naming the daemon's token file."
+        ),
+        "forbidden": (
+            "The daemon refused the bridge's Host: start the bridge with the daemon's --host and --port."
+        ),
+        "generation_failed": (
+            f"The worker failed ({message}): retry once; if it fails again, see "
+            f"'journalctl --user -u {SERVICE_UNIT}'."
+        ),
+    }
+    if kind in advice:
+        return advice[kind]
+    if kind in ("invalid_request", "invalid_json", "body_too_large"):
+        return f"{message}: correct the arguments and call again."
+    return f"{message or 'the worker refused the job'}; see 'journalctl --user -u {SERVICE_UNIT}'."
+
+
+def mcp_job_result(
+    job: str, status: int, retry_after_s: str | None, payload: bytes, address: DaemonAddress
+) -> dict[str, Any]:
+    """The daemon's answer to a job as a tools/call result."""
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        body = None
+    if not isinstance(body, dict) or (status != 200 and not isinstance(body.get("error"), dict)):
+        return mcp_tool_error(
+            "not_a_worker",
+            f"Something on {address.url} that is not the worker answered "
+            f"(HTTP {status}): start the bridge with the worker's --host and --port.",
+        )
+    if status != 200:
+        return mcp_tool_error(str(body["error"].get("type")), mcp_error_advice(body["error"], retry_after_s))
+    answer = body.get("text", "")
+    if job == "memory_candidate":  # the candidates that survived clean-up, not the model's raw JSON
+        answer = json.dumps({"candidates": body.get("candidates", [])}, ensure_ascii=False)
+    return {"content": [{"type": "text", "text": answer}], "structuredContent": body, "isError": False}
+
+
+def daemon_unreachable(exc: OSError, address: DaemonAddress) -> dict[str, Any]:
+    if isinstance(exc, ConnectionRefusedError):
+        return mcp_tool_error(
+            "daemon_not_running",
+            f"No worker daemon answers on {address.url}: start it with "
+            f"'systemctl --user start {SERVICE_UNIT}' (or run "
+            f"'python worker.py' with a model), then call again.",
+        )
+    return mcp_tool_error(
+        "daemon_unreachable",
+        f"The worker daemon on {address.url} did not answer "
+        f"({type(exc).__name__}): see 'systemctl --user status {SERVICE_UNIT}'.",
+    )
+
+
+# ==================================================================================================
+# MCP: the bridge - stdin to the daemon and back, each call on its own thread and connection
+# ==================================================================================================
+# The main thread reads stdin and answers what needs no daemon itself; tools/list and every
+# tools/call run on a call thread of their own (threads are kept for the next call) with an HTTP
+# connection of their own, so calls overlap (the daemon's queue bounds them) and each can be
+# cancelled alone.  Lines go to stdout whole, under one
+# lock.  Cancelling resets the call's connection (SO_LINGER 0): an orderly close within 0.1 s of a
+# request would be a half-close, which the daemon answers (CONTRACT.md, "HTTP"), while a reset is a
+# disconnect at once, which cancels the generation and frees the NPU lock.
+
+
+class DaemonCall:
+    """One request to the daemon on a connection of its own; cancel(), from any thread, resets it."""
+
+    def __init__(self, address: DaemonAddress, timeout_s: float) -> None:
+        self._address = address
+        self._connection = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
+        self._lock = threading.Lock()
+        self.cancelled = False
+
+    def request(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> tuple[int, str | None, bytes]:
+        """(status, Retry-After, body); OSError when the daemon cannot be reached or the call was
+        cancelled."""
+        headers = {"Accept": JSON_CONTENT_TYPE}
+        if self._address.token is not None:
+            headers["Authorization"] = f"Bearer {self._address.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = JSON_CONTENT_TYPE
+        try:
+            with self._lock:  # so that cancel() finds the socket, or the call never starts
+                if self.cancelled:
+                    raise ConnectionAbortedError("cancelled")
+                self._connection.connect()
+            self._connection.request(method, path, body=data, headers=headers)
+            response = self._connection.getresponse()
+            return response.status, response.getheader("Retry-After"), response.read(MCP_MAX_ANSWER_BYTES)
+        except http.client.HTTPException as exc:  # an answer cut off or not HTTP at all
+            raise ConnectionAbortedError(type(exc).__name__) from None
+        finally:
+            self._connection.close()  # after cancel(): a reset, SO_LINGER being 0
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            sock = self._connection.sock
+            if sock is None:
+                return
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RD)  # wakes the thread that waits for the answer
+
+
+class McpServer:
+    """The MCP server on one pair of streams.  Methods for the caller: serve(), handle_line()."""
+
+    def __init__(self, address: DaemonAddress, limits: Limits, output: Any) -> None:
+        self.address = address
+        self.limits = limits
+        self.max_line_bytes = limits.max_body_bytes + MCP_ENVELOPE_BYTES
+        self._output = output
+        self._write_lock = threading.Lock()
+        self._calls_lock = threading.Lock()
+        self._calls: dict[tuple[str, Any], DaemonCall] = {}  # in flight, by (id type, id)
+        self._legacy_version: str | None = None  # set by initialize
+        # Call threads are kept and reused: starting one per call cost 0.3 ms of the bridge's
+        # 0.7 ms a call (BENCHMARKS.md, "MCP bridge").  Daemon threads: exit never waits for them.
+        self._work: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._idle_threads = 0
+
+    def serve(self, stream: Any) -> int:
+        """Answer every line of stream until it ends (or McpStop); in-flight calls are then cancelled."""
+        versions = ",".join(MCP_MODERN_VERSIONS + MCP_LEGACY_VERSIONS)
+        logger.info(logfmt({"event": "mcp_serving", "daemon": self.address.url, "versions": versions}))
+        reason = "end_of_input"
+        try:
+            for line in batch_lines(stream, self.max_line_bytes):
+                if line is None:  # skipped unread: bounded like an HTTP body
+                    too_long = f"message longer than {self.max_line_bytes} bytes"
+                    self.emit(rpc_error(None, RPC_INVALID_REQUEST, too_long))
+                elif line.strip():
+                    self.handle_line(line)
+        except McpStop:
+            reason = "signal"
+        finally:
+            with self._calls_lock:
+                calls = list(self._calls.values())
+            for call in calls:
+                call.cancel()
+        logger.info(logfmt({"event": "mcp_stopped", "reason": reason, "cancelled_calls": len(calls)}))
+        return EXIT_OK
+
+    def emit(self, message: Mapping[str, Any]) -> None:
+        data = json.dumps(message, separators=(",", ":")).encode() + b"\n"  # ASCII: no raw newline, ever
+        with self._write_lock:
+            try:
+                self._output.write(data)
+                self._output.flush()
+            except (OSError, ValueError):  # the client closed our stdout: nobody is left to answer
+                pass
+
+    def handle_line(self, line: bytes) -> None:
+        try:
+            message = json.loads(line.decode("utf-8"), parse_constant=_reject_json_constant)
+        except (ValueError, RecursionError):
+            self.emit(rpc_error(None, RPC_PARSE_ERROR, "Parse error: not one JSON value in UTF-8"))
+            return
+        response = self.handle_message(message)
+        if response is not None:
+            self.emit(response)
+
+    def handle_message(self, message: Any) -> dict[str, Any] | None:
+        """The answer to send now, or None (a notification, a response, or a call in a thread)."""
+        if isinstance(message, list):
+            return rpc_error(
+                None, RPC_INVALID_REQUEST, "batches are not supported (MCP dropped them in 2025-06-18)"
+            )
+        if not isinstance(message, dict):
+            return rpc_error(None, RPC_INVALID_REQUEST, "a message must be a JSON object")
+        request_id = message.get("id")
+        has_id = "id" in message
+        valid_id = type(request_id) is int or isinstance(request_id, str)
+        method = message.get("method")
+        if (
+            message.get("jsonrpc") == "2.0"
+            and method is None
+            and has_id
+            and ("result" in message or "error" in message)
+        ):
+            return None  # a response: this server sends no requests, so it answers nothing
+        if message.get("jsonrpc") != "2.0" or not isinstance(method, str) or (has_id and not valid_id):
+            return rpc_error(
+                request_id if valid_id else None,
+                RPC_INVALID_REQUEST,
+                'not a JSON-RPC 2.0 request: needs jsonrpc "2.0", a method, and an id that is a '
+                "string or an integer",
+            )
+        params = message.get("params", {})
+        if not has_id:
+            if isinstance(params, dict):
+                self.handle_notification(method, params)
+            return None
+        if not isinstance(params, dict):
+            return rpc_error(request_id, RPC_INVALID_PARAMS, "params must be an object")
+        try:
+            return self.handle_request(request_id, method, params)
+        except JsonRpcError as exc:
+            return rpc_error(request_id, exc.code, exc.message, exc.data)
+        except Exception as exc:  # noqa: BLE001 - a bug: answered and logged, and the server goes on
+            logger.error(logfmt({"event": "mcp_failed", "error": type(exc).__name__}))
+            return rpc_error(request_id, RPC_INTERNAL_ERROR, "internal error")
+
+    def handle_request(
+        self, request_id: str | int, method: str, params: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        if method == "initialize":  # legacy era, even when a client stamps a modern _meta on it
+            return rpc_result(request_id, self.initialize(params), modern=False)
+        meta = params.get("_meta")
+        modern = isinstance(meta, dict) and MCP_META_VERSION in meta
+        if modern:
+            mcp_envelope_version(meta)
+        elif method != "ping" and self._legacy_version is None:
+            raise JsonRpcError(
+                RPC_INVALID_PARAMS,
+                f"params._meta must carry {MCP_META_VERSION} and "
+                f"{MCP_META_CAPABILITIES} ({MCP_MODERN_VERSIONS[0]}), or the "
+                f"client must initialize first ({', '.join(MCP_LEGACY_VERSIONS)})",
+            )
+        if method == "ping":  # a legacy method (2026-07-28 removed it); answered whatever the era
+            return rpc_result(request_id, {}, modern=modern)
+        if method == "server/discover":
+            if not modern:
+                raise JsonRpcError(
+                    RPC_INVALID_PARAMS, f"server/discover needs params._meta with {MCP_META_VERSION}"
+                )
+            return rpc_result(
+                request_id,
+                {
+                    "supportedVersions": list(MCP_MODERN_VERSIONS),
+                    "capabilities": {"tools": {}},
+                    "instructions": MCP_INSTRUCTIONS,
+                    "ttlMs": MCP_DISCOVER_TTL_MS,
+                    "cacheScope": "public",
+                },
+                modern=True,
+            )
+        if method == "tools/list":
+            self.start(request_id, modern, lambda call: self.list_tools(call, modern), MCP_MODELS_TIMEOUT_S,
+                       bounded=False)
+            return None
+        if method == "tools/call":
+            name, arguments = params.get("name"), params.get("arguments") or {}
+            if not isinstance(name, str):
+                raise JsonRpcError(RPC_INVALID_PARAMS, "tools/call needs params.name, a string")
+            if name not in JOBS:
+                raise JsonRpcError(
+                    RPC_INVALID_PARAMS, f"Unknown tool: {name[:100]}; the tools are {', '.join(JOBS)}"
+                )
+            if not isinstance(arguments, dict):
+                raise JsonRpcError(RPC_INVALID_PARAMS, "params.arguments must be an object")
+            self.start(
+                request_id, modern, lambda call: self.call_tool(call, name, arguments), MCP_CALL_TIMEOUT_S
+            )
+            return None
+        raise JsonRpcError(RPC_METHOD_NOT_FOUND, f"Method not found: {method[:100]}")
+
+    def initialize(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        requested = params.get("protocolVersion")
+        if not isinstance(requested, str):
+            raise JsonRpcError(RPC_INVALID_PARAMS, "initialize needs params.protocolVersion, a string")
+        # The requested version if we speak it, else our latest (2025-11-25 lifecycle, "Version Negotiation").
+        self._legacy_version = requested if requested in MCP_LEGACY_VERSIONS else MCP_LEGACY_VERSIONS[0]
+        logger.info(logfmt({"event": "mcp_initialize", "version": self._legacy_version}))
+        return {
+            "protocolVersion": self._legacy_version,
+            "capabilities": {"tools": {}},
+            "serverInfo": MCP_SERVER_INFO,
+            "instructions": MCP_INSTRUCTIONS,
+        }
+
+    def handle_notification(self, method: str, params: Mapping[str, Any]) -> None:
+        """notifications/cancelled resets the call's connection; every other notification needs nothing."""
+        if method != "notifications/cancelled":
+            return
+        request_id = params.get("requestId")
+        if not (type(request_id) is int or isinstance(request_id, str)):
+            return  # malformed: ignored, as the cancellation page says
+        with self._calls_lock:
+            call = self._calls.get((type(request_id).__name__, request_id))
+        if call is not None:
+            call.cancel()
+            logger.info(logfmt({"event": "mcp_cancelled"}))
+
+    def start(
+        self,
+        request_id: str | int,
+        modern: bool,
+        work: Callable[[DaemonCall], dict[str, Any] | None],
+        timeout_s: float,
+        *,
+        bounded: bool = True,
+    ) -> None:
+        """Run work in a thread of its own with a connection of its own; send its result unless
+        cancelled.  A bounded call (a job) over MCP_MAX_CALLS is answered busy at once."""
+        key = (type(request_id).__name__, request_id)
+        call = DaemonCall(self.address, timeout_s)
+        with self._calls_lock:
+            if key in self._calls:
+                raise JsonRpcError(RPC_INVALID_REQUEST, "a request with this id is still in flight")
+            if bounded and len(self._calls) >= MCP_MAX_CALLS:
+                self.emit(
+                    rpc_result(
+                        request_id,
+                        mcp_tool_error(
+                            "busy",
+                            f"{MCP_MAX_CALLS} calls are in flight: retry after {RETRY_AFTER_BUSY_S} s.",
+                        ),
+                        modern=modern,
+                    )
+                )
+                return
+            self._calls[key] = call
+
+        def run() -> None:
+            try:
+                result = work(call)
+            except Exception as exc:  # noqa: BLE001 - a bug: answered and logged, and the server goes on
+                logger.error(logfmt({"event": "mcp_failed", "error": type(exc).__name__}))
+                result = None
+                if not call.cancelled:
+                    self.emit(rpc_error(request_id, RPC_INTERNAL_ERROR, "internal error"))
+            with self._calls_lock:
+                self._calls.pop(key, None)
+            if result is not None and not call.cancelled:  # a cancelled request gets no answer
+                self.emit(rpc_result(request_id, result, modern=modern))
+
+        with self._calls_lock:
+            spawn = self._idle_threads == 0
+            self._idle_threads -= 0 if spawn else 1
+        self._work.put(run)
+        if spawn:
+            threading.Thread(target=self._call_thread, name="mcp-call", daemon=True).start()
+
+    def _call_thread(self) -> None:
+        while True:
+            self._work.get()()
+            with self._calls_lock:
+                self._idle_threads += 1
+
+    def list_tools(self, call: DaemonCall, modern: bool) -> dict[str, Any]:
+        tools = None
+        try:
+            status, _, payload = call.request("GET", "/models")
+            if status == 200:
+                tools = mcp_tools(json.loads(payload), self.limits)
+        except (OSError, ValueError, KeyError, TypeError):  # no daemon, or not its shape: our limits
+            pass
+        result: dict[str, Any] = {"tools": tools or mcp_tools(None, self.limits)}
+        if modern:
+            result.update(ttlMs=MCP_TOOLS_TTL_MS, cacheScope="public")
+        return result
+
+    def call_tool(self, call: DaemonCall, job: str, arguments: Mapping[str, Any]) -> dict[str, Any] | None:
+        started = time.monotonic()
+        unknown = sorted(set(arguments) - set(MCP_TOOL_ARGUMENTS))
+        if unknown:
+            return mcp_tool_error(
+                "invalid_request",
+                f"unknown argument(s) {', '.join(unknown)[:200]}: the tool takes "
+                f"{', '.join(MCP_TOOL_ARGUMENTS)}.",
+            )
+        try:
+            status, retry_after, payload = call.request(
+                "POST", "/v1/worker/generate", {"job": job, **arguments}
+            )
+        except OSError as exc:
+            if call.cancelled:
+                logger.info(
+                    logfmt(
+                        {
+                            "event": "mcp_call",
+                            "tool": job,
+                            "outcome": "cancelled",
+                            "ms": round(elapsed_ms(started), 1),
+                        }
+                    )
+                )
+                return None
+            result = daemon_unreachable(exc, self.address)
+            status = None
+        else:
+            result = mcp_job_result(job, status, retry_after, payload, self.address)
+        outcome = "ok" if not result["isError"] else result["content"][0]["text"].split(":", 1)[0]
+        logger.info(
+            logfmt(
+                {
+                    "event": "mcp_call",
+                    "tool": job,
+                    "status": status,
+                    "outcome": outcome,
+                    "request_id": (result.get("structuredContent") or {}).get("request_id"),
+                    "ms": round(elapsed_ms(started), 1),
+                }
+            )
+        )
+        return result
+
+
+def run_mcp(args: argparse.Namespace) -> int:
+    """python worker.py --mcp: the daemon's address from the daemon's own flags and variables."""
+    check_loopback(args.host)
+    token = read_token_file(Path(args.token_file)) if args.token_file else None
+    address = DaemonAddress(args.host, args.port, token)
+    limits = Limits(
+        max_input_chars=args.max_input_chars,
+        max_new_tokens=args.max_new_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        min_response_tokens=args.min_response_tokens,
+        request_timeout_s=args.request_timeout_s,
+    )
+    output = sys.stdout.buffer
+    sys.stdout = sys.stderr  # stdout carries protocol messages only: a stray print goes to the log
+
+    def stop(*_: Any) -> None:
+        raise McpStop
+
+    server = McpServer(address, limits, output)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    try:
+        return server.serve(sys.stdin.buffer)
+    except McpStop:  # a signal before serve() was listening: nothing was in flight
+        return EXIT_OK
+
+
+# ==================================================================================================
 # Doctor: explain what this host lacks, each with a fix
 # ==================================================================================================
 
@@ -4068,6 +4788,7 @@ def doctor_checks(
     if token_file is not None:
         checks.append(token_file_check(token_file))
     checks.append(port_check(settings))
+    checks.append(mcp_bridge_check(settings))
     return checks
 
 
@@ -4317,6 +5038,32 @@ def doctor_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> tup
     return settings, model_given
 
 
+def mcp_bridge_check(settings: Settings) -> Check:
+    """Would `worker.py --mcp`, started here with these settings, reach a daemon?  A warning, not a
+    failure: the daemon may just not be started yet, and the host can serve either way."""
+    address = DaemonAddress(settings.host, settings.port, settings.token)
+    try:
+        status, _, payload = DaemonCall(address, MCP_MODELS_TIMEOUT_S).request("GET", "/healthz")
+        health = json.loads(payload)
+    except OSError as exc:
+        detail = (f"no daemon answers on {address.url} ({type(exc).__name__}): a bridge (worker.py --mcp) "
+                  "started now would answer every call with daemon_not_running")
+        return Check("mcp bridge", True, detail, f"systemctl --user start {SERVICE_UNIT}", warning=True)
+    except ValueError:
+        health = None
+    if status == 401:
+        detail = f"the daemon on {address.url} wants a token, and this environment gives none it takes"
+        return Check("mcp bridge", True, detail, "give the bridge --token-file (or OV_GENAI_NPU_TOKEN_FILE)",
+                     warning=True)
+    if not isinstance(health, dict) or "ready" not in health:
+        detail = f"something that is not the worker answers on {address.url} (HTTP {status})"
+        return Check("mcp bridge", True, detail, "give the bridge the worker's --host and --port",
+                     warning=True)
+    state = "ready" if health["ready"] else str(health.get("status"))
+    return Check("mcp bridge", True, f"a bridge (worker.py --mcp) reaches the daemon on {address.url}: "
+                                     f"{state}, model {health.get('model')} on {health.get('device')}")
+
+
 def run_doctor(
     settings: Settings, *, model_given: bool = True, token_file: Path | None = None, as_json: bool = False
 ) -> int:
@@ -4494,6 +5241,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     mode.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
     mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
     mode.add_argument("--doctor", action="store_true", help="check this host and the settings, explain what is missing")
+    mode.add_argument("--mcp", action="store_true",
+                      help="serve the jobs as MCP tools on stdin/stdout, forwarding each call to the running "
+                           "daemon (found with --host, --port and --token-file); loads no model")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--input", help="input text for --job")
     source.add_argument("--input-file", help="read the input for --job from a UTF-8 file, or - for stdin")
@@ -4588,7 +5338,7 @@ def check_numbers(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
             parser.error(f"{flag} must be at least 1")
     if args.device not in DEVICES:  # argparse checks choices on the command line, not on env defaults
         parser.error(f"--device must be one of {', '.join(DEVICES)}")
-    serving = args.job is None and args.batch is None
+    serving = args.job is None and args.batch is None and not args.mcp
     if not 0 < args.port < 65536 and not (args.port == 0 and serving):
         parser.error("--port must be from 1 to 65535")
     if args.min_busy_ratio is not None:
@@ -4828,6 +5578,8 @@ def main(
         except SystemExit as exc:  # argparse exits 2 on usage errors and 0 for --help / --version
             return int(exc.code or 0)
         configure_logging(args.log_level)
+        if args.mcp:  # needs no model: the daemon has it
+            return run_mcp(args)
         if args.doctor:
             settings, model_given = doctor_settings(args, environ)
             token_file = Path(args.token_file) if args.token_file else None

@@ -388,3 +388,44 @@ def tiny_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worker:
     built = worker.build_worker(cpu_settings(tmp_path_factory.mktemp("tiny")), worker.load_genai_pipeline)
     built.load()
     return built
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDaemon:
+    port: int
+    env: dict[str, str]
+    log_path: Path
+
+
+@pytest.fixture(scope="session")
+def tiny_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyDaemon]:
+    """One real daemon (`python worker.py`) on the tiny model on CPU for the whole session, on a
+    free port; its log goes to a file.  For tests that talk to the daemon as its clients do."""
+    import signal
+    import socket
+    import subprocess
+    import urllib.request
+
+    tmp_path = tmp_path_factory.mktemp("tiny-daemon")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = int(sock.getsockname()[1])
+    env = worker_env(tmp_path, OV_GENAI_NPU_PORT=str(port))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, str(REPO / "worker.py")], cwd=REPO, env=env, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "the tiny daemon did not become ready"
+            time.sleep(0.05)  # another process: no event to wait on
+        yield TinyDaemon(port, env, log_path)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0

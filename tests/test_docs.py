@@ -32,6 +32,7 @@ from conftest import TINY_MODEL
 from conftest import free_port
 from conftest import running_daemon
 from conftest import worker_env
+from test_mcp_docs import AGENT_COMMANDS
 from test_systemd import NEEDS_USER_SESSION
 from test_systemd import SERVICE_COMMANDS
 
@@ -406,6 +407,7 @@ def test_every_documented_command_is_exercised() -> None:
     exercised |= {command for _, command, _ in README
                   if "secrets.token_urlsafe" in command or "--token-file" in command
                   or command.startswith("opt_in_out ")}
+    exercised |= set(AGENT_COMMANDS)  # the bridge each names is run by tests/test_mcp_docs.py
     for _, command, _ in README + CONTRACT:
         if command not in exercised:
             assert any(command.startswith(prefix) for prefix in NOT_RUN_HERE), f"no test runs: {command}"

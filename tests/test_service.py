@@ -897,6 +897,7 @@ def test_doctor_passes_on_a_good_npu_host(tmp_path: Path) -> None:
     )
     assert [check.name for check in checks] == [
         "openvino", "device", "accel device", "busy counter", "npu holders", "model", "npu export", "cache dir", "lock", "port",
+        "mcp bridge",
     ]
     assert [check for check in checks if not check.ok] == []
     details = {check.name: check.detail for check in checks}
