@@ -33,6 +33,7 @@ from conftest import free_port
 from conftest import running_daemon
 from conftest import worker_env
 from test_mcp_docs import AGENT_COMMANDS
+from test_mcp_docs import BLOCKS as AGENT_CONFIGS
 from test_systemd import NEEDS_USER_SESSION
 from test_systemd import SERVICE_COMMANDS
 
@@ -215,6 +216,7 @@ def test_every_json_example_is_checked() -> None:
     """Each json block follows a command that test_documented_worker_command runs, or is the error
     example: none can drift unseen."""
     checked = {example for _, _, example in worker_commands() if example is not None}
+    checked.add(AGENT_CONFIGS["json"])  # a configuration, run by tests/test_mcp_docs.py
     for path in (REPO / "README.md", REPO / "CONTRACT.md"):
         for block in re.findall(r"```json\n(.*?)```", path.read_text(), re.DOTALL):
             assert block in checked or '"error"' in block, f"{path.name}: a JSON example no test checks"
