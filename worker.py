@@ -86,7 +86,7 @@ from typing import Mapping
 from typing import Protocol
 from typing import Sequence
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 logger = logging.getLogger("openvino_genai_npu_worker")
 
