@@ -368,11 +368,20 @@ def test_token_commands_work_on_a_fresh_home_and_are_enforced(tmp_path: Path) ->
         assert process.wait(timeout=30) == 0
 
 
+def user_shell_env(tmp_path: Path) -> dict[str, str]:
+    """session_env without the variables by which openvino-telemetry recognises a CI run and stays
+    off (opt_in_checker.py: CI=true, TF_BUILD, JENKINS_URL): what a user's own shell has."""
+    env = session_env(tmp_path)
+    for name in ("CI", "TF_BUILD", "JENKINS_URL"):
+        env.pop(name, None)
+    return env
+
+
 def test_telemetry_opt_out_leaves_only_the_consent_file(tmp_path: Path) -> None:
     """README, "OpenVINO's telemetry": importing OpenVINO writes ~/intel; after the opt-out only the
     consent file is left, and importing it again writes nothing more."""
     (command,) = [command for _, command, _ in README if command.startswith("opt_in_out ")]
-    env = session_env(tmp_path)
+    env = user_shell_env(tmp_path)
     intel = tmp_path / "home" / "intel"
     subprocess.run([sys.executable, "-c", "import openvino"], env=env, check=True, timeout=60)
     assert {"openvino_ga_cid", "stats"} <= {path.name for path in intel.iterdir()}
@@ -386,7 +395,7 @@ def test_the_worker_and_the_smoke_test_keep_openvino_telemetry_out(tmp_path: Pat
     """README, "OpenVINO's telemetry": from the same fresh home where a plain `import openvino`
     writes ~/intel (the test above), a job through the worker and the smoke test write nothing there
     and start no sender thread."""
-    env = session_env(tmp_path)
+    env = user_shell_env(tmp_path)
     job = [sys.executable, "worker.py", "--device", "CPU", "--model", str(TINY_MODEL), "--job", "title",
            "--input", "Telemetry check.", "--output", "text"]
     smoke = [sys.executable, "smoke_llm_npu.py", "--emulate-npu", "--model", str(TINY_MODEL)]
