@@ -40,10 +40,10 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO / "tests"
 sys.path.insert(0, str(TESTS_DIR))  # the attack tools live beside the tests that use them
 
-from slow_clients import Prober  # noqa: E402
-from slow_clients import SlowBodyAttack  # noqa: E402
-from slow_clients import SlowHeadAttack  # noqa: E402
-from slow_clients import probe_once  # noqa: E402
+from slow_clients import Prober
+from slow_clients import SlowBodyAttack
+from slow_clients import SlowHeadAttack
+from slow_clients import probe_once
 
 WORKER_PY = REPO / "worker.py"
 TINY_MODEL = TESTS_DIR / "fixtures" / "tiny-chatml-ov"

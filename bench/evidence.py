@@ -40,7 +40,7 @@ from typing import Iterator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import worker  # noqa: E402
+import worker
 
 IVPU_FDINFO = (
     "pos:\t0\nflags:\t02100002\nmnt_id:\t26\nino:\t1027\ndrm-driver:\tintel_vpu\ndrm-client-id:\t42\n"

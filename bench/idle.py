@@ -40,7 +40,7 @@ from typing import Sequence
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-import run as bench  # noqa: E402  (the Daemon and RunConfig of the main bench)
+import run as bench  # the Daemon and RunConfig of the main bench
 
 
 @dataclasses.dataclass(frozen=True)

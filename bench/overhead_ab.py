@@ -31,7 +31,7 @@ from typing import Sequence
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-import run  # noqa: E402
+import run
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -73,7 +73,7 @@ WORKER_PY = REPO / "worker.py"
 PROFILE_WORKER_PY = BENCH_DIR / "profile_worker.py"
 
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402  (constants, JOBS and job_messages: the identical prompt for the baseline)
+import worker  # constants, JOBS and job_messages: the identical prompt for the baseline
 
 # ==================================================================================================
 # Settings

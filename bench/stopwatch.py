@@ -23,7 +23,7 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402
+import worker
 
 STREAMS = REPO / "tests" / "fixtures" / "token_streams.json"
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-int8-sym-ov"

@@ -67,10 +67,10 @@ REPO = BENCH_DIR.parent
 WORKER_PY = REPO / "worker.py"
 
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402  (the code under measurement)
+import worker  # the code under measurement
 
 sys.path.insert(0, str(BENCH_DIR))
-import run as run_bench  # noqa: E402  (its table)
+import run as run_bench  # its table
 
 # ==================================================================================================
 # Settings

@@ -24,7 +24,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import worker  # noqa: E402
+import worker
 
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-chatml-ov"
 
@@ -199,7 +199,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServ
         settings = dataclasses.replace(cpu_settings(tmp_path, port=0, lock_timeout_s=5.0), **changes)
         if factory is None:
             chosen = pipeline or FakeNpuPipeline(settings)
-            factory = lambda _settings: chosen  # noqa: E731
+            factory = lambda _settings: chosen
         server = serve_in_thread(settings, factory, load=load)
         servers.append(server)
         return server

@@ -1348,7 +1348,7 @@ def test_21_22_canary_sweep_the_marker_reaches_no_log_no_stream_and_no_error_bod
     # Every request is counted (and logged: by its handler, or by the gate's once-a-second
     # refusal line) before its answer leaves.
     assert sum(server.worker.metrics.requests.values()) == len(replies)
-    server._refusals.flush(time.monotonic())  # the gate's pending refusal counts, now  # noqa: SLF001
+    server._refusals.flush(time.monotonic())  # the gate's pending refusal counts, now
 
     statuses = {name: int(raw.split(b" ", 2)[1]) for name, raw in replies.items()}
     assert statuses == {

@@ -343,7 +343,7 @@ def test_every_log_line_of_a_busy_session_is_logfmt(
     failing = start_server(breaking)
     breaking.fail_with = RuntimeError("boom")
     exchange(failing.server_port, request(failing.server_port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x"}'))
-    server._refusals.flush(time.monotonic())  # noqa: SLF001
+    server._refusals.flush(time.monotonic())
     lines = [record.getMessage() for record in caplog.records if record.name == "openvino_genai_npu_worker"]
     assert len(lines) >= 8
     parsed = [parse_logfmt(line) for line in lines]

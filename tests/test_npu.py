@@ -78,14 +78,14 @@ def cli_args(settings: worker.Settings, *extra: str) -> list[str]:
 
 
 def test_cli_job_on_fake_npu_prints_the_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=777)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=777)
     code = worker.main(cli_args(npu_settings, "--job", "title", "--input", "hello"), pipeline_factory=factory)
     body = json.loads(capsys.readouterr().out)
     assert (code, body["npu_busy_delta_us"], body["npu_proof"]) == (0, 777, "verified")
 
 
 def test_cli_zero_delta_exits_3(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
     code = worker.main(cli_args(npu_settings, "--job", "title", "--input", "hello"), pipeline_factory=factory)
     out = capsys.readouterr()
     body = json.loads(out.out)
@@ -96,7 +96,7 @@ def test_cli_zero_delta_exits_3(npu_settings: worker.Settings, busy_file: Path, 
 def test_missing_counter_is_a_startup_error(npu_settings: worker.Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = dataclasses.replace(npu_settings, busy_path=tmp_path / "no-such-counter")
     loaded: list[Any] = []
-    factory = lambda settings: loaded.append(settings) or FakeNpuPipeline(settings)  # noqa: E731
+    factory = lambda settings: loaded.append(settings) or FakeNpuPipeline(settings)
     for mode in (["--job", "title", "--input", "x"], ["--port", "0"]):
         assert worker.main(cli_args(settings, *mode), pipeline_factory=factory) == 78
         assert "Linux >= 6.11" in capsys.readouterr().err
@@ -104,7 +104,7 @@ def test_missing_counter_is_a_startup_error(npu_settings: worker.Settings, tmp_p
 
 
 def test_daemon_that_fails_its_warm_up_proof_exits_3(npu_settings: worker.Settings, busy_file: Path) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
     assert worker.main(cli_args(npu_settings, "--port", "0"), pipeline_factory=factory) == 3
 
 
@@ -116,7 +116,7 @@ def test_smoke_skips_without_an_npu(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=4242)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=4242)
     args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
     report = json.loads(capsys.readouterr().out)
@@ -126,7 +126,7 @@ def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(npu_settings: worker.S
 
 
 def test_smoke_fails_on_a_fake_npu_with_zero_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
     args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 3
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "npu_proof_failed"

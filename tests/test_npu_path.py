@@ -33,8 +33,8 @@ from conftest import running_daemon
 from conftest import serve_in_thread
 
 openvino_genai = pytest.importorskip("openvino_genai")
-import numpy  # noqa: E402 - installed with openvino-genai
-import openvino  # noqa: E402
+import numpy  # installed with openvino-genai
+import openvino
 
 INPUT = "I moved to Lisbon last spring and I prefer tea over coffee. The backup finished at 03:12."
 PATHS = ("cpu", "npu")

@@ -304,7 +304,7 @@ def test_the_floor_over_http_is_a_502(
 
 
 def test_the_floor_on_the_cli_is_exit_3(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1, seconds_per_token=0.01)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1, seconds_per_token=0.01)
     args = ["--model", str(npu_settings.model_path), "--device", "NPU", "--busy-path", str(busy_file),
             "--lock-file", str(npu_settings.lock_path), "--min-busy-ratio", "0.3", "--job", "title", "--input", "x"]
     assert worker.main(args, pipeline_factory=factory) == worker.EXIT_PROOF_FAILED
@@ -328,7 +328,7 @@ def test_a_floor_that_makes_no_sense_is_a_usage_error(tmp_path: Path, flags: lis
 def test_the_smoke_test_prints_the_ratio_and_how_to_choose_a_floor(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=30_000, seconds_per_token=0.01)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=30_000, seconds_per_token=0.01)
     args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
     out = capsys.readouterr()

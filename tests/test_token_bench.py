@@ -17,8 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import tokens  # noqa: E402
-import worker  # noqa: E402
+import tokens
+import worker
 
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-chatml-ov"
 

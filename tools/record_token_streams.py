@@ -21,7 +21,7 @@ from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402
+import worker
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-int8-sym-ov"
 DEFAULT_OUT = REPO / "tests" / "fixtures" / "token_streams.json"
