@@ -39,8 +39,8 @@ from typing import Iterator
 import pytest
 
 import worker
-from conftest import FakeNpuPipeline
 from conftest import TINY_MODEL
+from conftest import FakeNpuPipeline
 from conftest import assert_error
 from conftest import cpu_settings
 from conftest import serve_in_thread

@@ -18,6 +18,7 @@ from conftest import FakeNpuPipeline
 from conftest import assert_error
 from conftest import call
 from conftest import cpu_settings
+
 CANARY = "CANARY-7f3a9c"
 
 

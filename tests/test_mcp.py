@@ -17,20 +17,23 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
+from typing import AsyncIterator
+from typing import Callable
 
 import pytest
-from conftest import REPO, FakeNpuPipeline, TinyDaemon, cpu_settings
 
 import worker
+from conftest import REPO
+from conftest import FakeNpuPipeline
+from conftest import TinyDaemon
+from conftest import cpu_settings
 
 mcp = pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
-from mcp import (
-    ClientSession,
-    StdioServerParameters,
-    types,
-)
+from mcp import ClientSession
+from mcp import StdioServerParameters
+from mcp import types
 from mcp.client.stdio import stdio_client
 
 GENERATE = "/v1/worker/generate"

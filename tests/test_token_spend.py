@@ -17,9 +17,9 @@ from pytest import param
 import worker
 from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
+from conftest import call
 from conftest import cpu_settings
 from conftest import make_worker
-from conftest import call
 
 # --- input that is there but shows nothing ---------------------------------------------------------
 
