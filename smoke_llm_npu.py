@@ -39,10 +39,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Sequence
 
 import worker
 

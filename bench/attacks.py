@@ -32,9 +32,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO / "tests"

@@ -61,11 +61,11 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -454,7 +454,7 @@ class Daemon:
             raise
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
         if self.on_exit is not None:
             self.on_exit(self)

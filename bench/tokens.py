@@ -55,12 +55,12 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterable
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent

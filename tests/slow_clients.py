@@ -43,8 +43,8 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
-from typing import Sequence
 
 GENERATE_PATH = "/v1/worker/generate"
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
@@ -142,7 +142,7 @@ class _SlowAttack:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -489,7 +489,7 @@ class Prober:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> None:

@@ -31,10 +31,10 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 
 import pytest
 
@@ -84,7 +84,7 @@ class Conn:
     def __enter__(self) -> Conn:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:

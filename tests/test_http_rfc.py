@@ -18,10 +18,10 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
-from typing import Callable
 
 import pytest
 from pytest import param

@@ -16,10 +16,10 @@ import os
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from typing import AsyncIterator
-from typing import Callable
 
 import pytest
 

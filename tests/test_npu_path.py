@@ -17,10 +17,10 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 
 import pytest
 

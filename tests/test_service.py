@@ -33,12 +33,12 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 from typing import TypeVar
 
 import pytest
@@ -922,7 +922,7 @@ def test_doctor_explains_every_problem_of_a_broken_npu_host(tmp_path: Path) -> N
         settings = dataclasses.replace(settings, port=taken.getsockname()[1])
         checks = worker.doctor_checks(
             settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
-            list_devices=lambda: ["CPU"], describe_npu=lambda: {},
+            list_devices=lambda: ["CPU"], describe_npu=dict,
         )
     failed = {check.name: check for check in checks if not check.ok}
     assert set(failed) == {"device", "accel device", "busy counter", "model", "cache dir", "lock", "port"}
@@ -1036,7 +1036,7 @@ def test_doctor_prints_an_export_warning_and_still_passes(
     (host.settings.model_path / "openvino_model.xml").write_text(ir_header(mode="int4_asym"))
     checks = worker.doctor_checks(
         host.settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
-        list_devices=lambda: ["CPU", "NPU"], describe_npu=lambda: {},
+        list_devices=lambda: ["CPU", "NPU"], describe_npu=dict,
     )
     assert all(check.ok for check in checks)
     # the fake host's globs, as run_doctor prints them
