@@ -523,7 +523,7 @@ def read_busy_us() -> int | None:
 def cli_has_batch() -> bool:
     """Whether this worker.py has the --batch mode (rows that need it are skipped without it)."""
     result = subprocess.run([sys.executable, str(WORKER_PY), "--help"], cwd=REPO, env=worker_env(),
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     return "--batch" in result.stdout
 
 

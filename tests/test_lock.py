@@ -147,6 +147,7 @@ def run_cli(tmp_path: Path, lock_path: Path, *extra: str) -> subprocess.Complete
         ],
         cwd=REPO,
         env=worker_env(tmp_path),
+        check=False,
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,

@@ -1128,7 +1128,8 @@ def test_batch_of_100_jobs_reports_every_line_in_order_with_one_model_load(tmp_p
     environ = {k: v for k, v in worker_env(tmp_path).items() if k != "NOTIFY_SOCKET"}
     completed = subprocess.run(
         [sys.executable, str(REPO / "worker.py"), "--batch", str(path)],
-        env=environ, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+        env=environ, stdin=subprocess.DEVNULL, check=False, capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert completed.returncode == worker.EXIT_FAILED, completed.stderr[-2000:]
     check_batch_output(completed.stdout, entries)
@@ -1147,8 +1148,8 @@ def test_batch_from_stdin_with_only_good_lines_exits_0(tmp_path: Path) -> None:
     environ = {k: v for k, v in worker_env(tmp_path).items() if k != "NOTIFY_SOCKET"}
     completed = subprocess.run(
         [sys.executable, str(REPO / "worker.py"), "--batch", "-"],
-        env=environ, input="\n".join(line for line, _ in entries) + "\n", capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
+        env=environ, input="\n".join(line for line, _ in entries) + "\n", check=False, capture_output=True,
+        text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert completed.returncode == worker.EXIT_OK, completed.stderr[-2000:]
     check_batch_output(completed.stdout, entries)

@@ -295,7 +295,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
         "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip"),
     }
     for command in INSTALL_COMMANDS:
-        completed = subprocess.run(["bash", "-c", command], cwd=src, env=env, capture_output=True, text=True, timeout=600)
+        completed = subprocess.run(["bash", "-c", command], cwd=src, env=env, check=False, capture_output=True,
+                                   text=True, timeout=600)
         assert completed.returncode == 0, f"{command}\n{completed.stdout}\n{completed.stderr}"
     yield {"home": home, "runtime_dir": runtime_dir, "unit": home / ".config" / "systemd" / "user" / UNIT_NAME}
 
@@ -336,7 +337,8 @@ def test_installed_worker_without_env_file_exits_with_a_code_that_is_not_restart
     table = specifiers(installed["home"], installed["runtime_dir"])
     environ = {name: resolve(setting, table) for name, setting in environment().items()}
     environ |= {"HOME": str(installed["home"]), "PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(installed["runtime_dir"])}
-    completed = subprocess.run([resolve(value("ExecStart"), table)], env=environ, capture_output=True, text=True, timeout=60)
+    completed = subprocess.run([resolve(value("ExecStart"), table)], env=environ, check=False, capture_output=True,
+                               text=True, timeout=60)
     assert completed.returncode == worker.EXIT_CONFIG
     assert "no model" in completed.stderr
     assert str(completed.returncode) in value("RestartPreventExitStatus").split()
@@ -352,7 +354,8 @@ needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="syst
 def analyze(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory() as runtime_dir:  # verify --user wants an XDG_RUNTIME_DIR
         env = {"HOME": str(home), "PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": runtime_dir, "SYSTEMD_PAGER": "", "LANG": "C.UTF-8"}
-        return subprocess.run([SYSTEMD_ANALYZE, *args], env=env, capture_output=True, text=True, timeout=120)
+        return subprocess.run([SYSTEMD_ANALYZE, *args], env=env, check=False, capture_output=True, text=True,
+                              timeout=120)
 
 
 @needs_systemd_analyze
@@ -403,10 +406,10 @@ def test_installed_smoke_test_runs_without_the_source_tree(installed: dict[str, 
            "PYTHONPATH": str(borrowed),
            "OV_GENAI_NPU_MODEL": str(REPO / "tests" / "fixtures" / "tiny-chatml-ov")}
     for script in ("openvino-genai-npu-worker", "openvino-genai-npu-smoke"):
-        completed = subprocess.run([str(venv_bin / script), "--version"], env=env, capture_output=True,
-                                   text=True, timeout=60)
+        completed = subprocess.run([str(venv_bin / script), "--version"], env=env, check=False,
+                                   capture_output=True, text=True, timeout=60)
         assert completed.stdout == f"{script} {worker.__version__}\n", completed.stderr
     completed = subprocess.run(["bash", "-c", INSTALLED_SMOKE_COMMAND], cwd=installed["home"], env=env,
-                               capture_output=True, text=True, timeout=120)
+                               check=False, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 77, completed.stderr
     assert completed.stderr.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")
