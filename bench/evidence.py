@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                           "scan_start_us": summary(workers[mode][0]._holders.start_us),
                           "scan_finish_us": summary(workers[mode][0]._holders.finish_us),
                           "token_late_ms": summary(workers[mode][0]._pipeline.token_late_ms)} for mode in workers}
-            def added_by_tree(measure: str) -> float:
+            def added_by_tree(measure: str, run: dict[str, Any] = run) -> float:
                 return round(run["tree"][measure]["median"] - run["no_tree"][measure]["median"], 3)
 
             run["added_ms"] = {

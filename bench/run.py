@@ -974,12 +974,14 @@ def fifo_check(port: int, text: str, rounds: int, gated: bool, spacing_s: float 
         replies: list[Reply | None] = [None] * FIFO_FOLLOWERS
         go = [threading.Event() for _ in followers]
 
-        def follow(index: int) -> None:
+        def follow(index: int, go: list[threading.Event] = go, followers: list[Client] = followers,
+                   replies: list[Reply | None] = replies) -> None:
             go[index].wait()
             replies[index] = followers[index].post(body)
 
         threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(FIFO_FOLLOWERS)]
-        head_thread = threading.Thread(target=lambda: statuses.update([head.post(head_body).status]), daemon=True)
+        head_thread = threading.Thread(target=lambda head=head: statuses.update([head.post(head_body).status]),
+                                       daemon=True)
         for thread in threads:
             thread.start()
         head_thread.start()
@@ -988,7 +990,8 @@ def fifo_check(port: int, text: str, rounds: int, gated: bool, spacing_s: float 
             event.set()
             if gated:
                 # Waiting in the queue: followers 0..index, while the head still runs.
-                in_control = in_control and wait_for_health(monitor, lambda h: h["queue_waiting"] >= index + 1)
+                in_control = in_control and wait_for_health(
+                    monitor, lambda h, index=index: h["queue_waiting"] >= index + 1)
             else:
                 time.sleep(spacing_s)
         for thread in (*threads, head_thread):
@@ -1046,7 +1049,7 @@ def burst(port: int, text: str, rounds: int) -> dict[str, Any]:
     for _ in range(rounds):
         barrier = threading.Barrier(BURST_CLIENTS)
 
-        def shoot(client: Client) -> None:
+        def shoot(client: Client, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             try:
                 reply = client.post(body)
@@ -1344,9 +1347,10 @@ def step_costs(bench: Bench, text: str) -> dict[str, Any]:
     for max_new_tokens in (16, 128):
         config = genai.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, apply_chat_template=False)
         variants: dict[str, Callable[[], Any]] = {
-            "generate([prompt])": lambda: direct.pipeline.generate([prompt], config),
-            "generate([prompt], streamer)": lambda: direct.pipeline.generate([prompt], config, NoOpStreamer()),
-            "generate(tokenized)": lambda: direct.pipeline.generate(encoded, config),
+            "generate([prompt])": lambda config=config: direct.pipeline.generate([prompt], config),
+            "generate([prompt], streamer)": (
+                lambda config=config: direct.pipeline.generate([prompt], config, NoOpStreamer())),
+            "generate(tokenized)": lambda config=config: direct.pipeline.generate(encoded, config),
         }
         samples_by: dict[str, list[float]] = {name: [] for name in variants}
         rng = random.Random(max_new_tokens)

@@ -967,7 +967,8 @@ def _hold(server: worker.WorkerHTTPServer, count: int, data: bytes = b"") -> lis
         conns.append(conn)
         if data:
             conn.send(data)
-        assert wait_for(lambda: server.open_connections >= expected, 3), (server.open_connections, expected)
+        assert wait_for(lambda expected=expected: server.open_connections >= expected, 3), (
+            server.open_connections, expected)
     return conns
 
 

@@ -402,7 +402,7 @@ def test_queue_is_first_in_first_out(lock_path: Path) -> None:
             futures = []
             for index in range(5):
                 futures.append(pool.submit(_take_turn, queue, 10.0, order, index))
-                assert wait_for(lambda: queue.waiting == index + 1), f"job {index} did not queue"
+                assert wait_for(lambda index=index: queue.waiting == index + 1), f"job {index} did not queue"
             assert order == []
         for future in futures:
             future.result(timeout=10)
@@ -599,7 +599,8 @@ def test_daemon_and_two_clis_all_wait_for_each_other_and_succeed(tmp_path: Path,
                 clis = [start_cli(tmp_path, lock_path), start_cli(tmp_path, lock_path)]
                 # All three are inside NpuLock.acquire (they have the lock file open) before it frees.
                 for pid in (served.process.pid, *(cli.pid for cli in clis)):
-                    assert wait_for(lambda: has_open(pid, lock_path), 20.0), f"pid {pid} never reached the lock"
+                    assert wait_for(lambda pid=pid: has_open(pid, lock_path), 20.0), (
+                        f"pid {pid} never reached the lock")
                 assert not request.done()
                 holder.kill()
                 status, _, body = request.result(timeout=60)
