@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {name} ...", file=sys.stderr, flush=True)
             try:
                 results.append(run_scenario(name, options, workdir, args.worker.resolve()))
-            except Exception as exc:  # one broken scenario must not lose the others' numbers
+            except Exception as exc:  # noqa: BLE001 - one broken scenario must not lose the others' numbers
                 failed = True
                 print(f"{name}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     print(render(results))

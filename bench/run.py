@@ -47,6 +47,7 @@ import dataclasses
 import hashlib
 import http.client
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -700,7 +701,7 @@ def overhead_run(bench: Bench, daemon: Daemon, text: str, max_new_tokens: int, b
     def run(mode: str, record: bool) -> None:
         if mode == "direct":
             before_us = read_busy_us() if on_npu else None
-            elapsed_ms, generated = direct.generate(prompt, max_new_tokens)
+            elapsed_ms, _generated = direct.generate(prompt, max_new_tokens)
             after_us = read_busy_us() if on_npu else None
             if record:
                 latency[mode].append(elapsed_ms)
@@ -938,7 +939,7 @@ def order_checks(records: Sequence[Record]) -> dict[str, Any]:
     tolerance_s = ORDER_TOLERANCE_MS / 1000.0
     windows = sorted((r.began_at, r.started_at, r.ended_at) for r in records)  # by began_at
     by_start = sorted(windows, key=lambda w: w[1])
-    overlaps = sum(1 for before, after in zip(by_start, by_start[1:]) if after[1] < before[2] - tolerance_s)
+    overlaps = sum(1 for before, after in itertools.pairwise(by_start) if after[1] < before[2] - tolerance_s)
     inversions = 0
     for i, (early_began, early_started, _) in enumerate(windows):
         for late_began, late_started, _ in windows[i + 1:]:
@@ -1007,7 +1008,7 @@ def fifo_check(port: int, text: str, rounds: int, gated: bool, spacing_s: float 
         controlled += 1
         records = [Record(i, reply) for i, reply in enumerate(done)]
         start_order = [record.client for record in sorted(records, key=lambda r: r.started_at)]
-        round_inversions = sum(1 for a, b in zip(start_order, start_order[1:]) if b < a)
+        round_inversions = sum(1 for a, b in itertools.pairwise(start_order) if b < a)
         inversions += round_inversions
         kept += round_inversions == 0
         queue_waits.append([round(reply.timing("queue"), 2) for reply in done])
@@ -1698,7 +1699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {section} ...", file=sys.stderr, flush=True)
             try:
                 data = SECTION_FUNCTIONS[section](bench)
-            except Exception as exc:  # one broken section must not lose the others' numbers
+            except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others' numbers
                 failed = True
                 results[section] = {"error": f"{type(exc).__name__}: {exc}", "daemon_logs": bench.daemon_logs}
                 bench.daemon_logs = {}

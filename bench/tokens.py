@@ -540,9 +540,9 @@ def render(aggregates: dict[str, Any]) -> str:
         table(["job", "n", "generated", "max_new", "kept", "discarded %", "length", "oracle-savable %",
                "shape viol.", "errors", "stop rules", "json_valid %", ">=1 cand. %"], rows),
         "",
-        f"overall: {overall['generated_tokens']} tokens generated, {overall['discarded_tokens']} discarded "
-        f"({fmt(overall['discarded_pct'])}%): {overall['npu_decode_s_discarded']} s of NPU decode at "
-        f"{NPU_DECODE_MS_PER_TOKEN:g} ms/token; {overall['errors']} failed jobs",
+        (f"overall: {overall['generated_tokens']} tokens generated, {overall['discarded_tokens']} discarded "
+         f"({fmt(overall['discarded_pct'])}%): {overall['npu_decode_s_discarded']} s of NPU decode at "
+         f"{NPU_DECODE_MS_PER_TOKEN:g} ms/token; {overall['errors']} failed jobs"),
     ])
 
 

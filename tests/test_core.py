@@ -589,7 +589,7 @@ def test_parse_memory_candidates_duplicates_do_not_use_up_the_five() -> None:
     ],
 )
 def test_parse_memory_candidates_cuts_overlong_text(fact: str) -> None:
-    candidates, valid = worker.parse_memory_candidates('{"candidates": [{"text": "%s"}]}' % fact)
+    candidates, valid = worker.parse_memory_candidates('{"candidates": [{"text": "' + fact + '"}]}')
     assert valid is True
     [candidate] = candidates
     assert len(fact) > worker.MEMORY_CANDIDATE_MAX_CHARS

@@ -399,8 +399,8 @@ def test_the_worker_and_the_smoke_test_keep_openvino_telemetry_out(tmp_path: Pat
     job = [sys.executable, "worker.py", "--device", "CPU", "--model", str(TINY_MODEL), "--job", "title",
            "--input", "Telemetry check.", "--output", "text"]
     smoke = [sys.executable, "smoke_llm_npu.py", "--emulate-npu", "--model", str(TINY_MODEL)]
-    threads = [sys.executable, "-c", "import threading, worker; worker.import_openvino(); "
-               "print(sorted(t.name for t in threading.enumerate()))"]
+    threads = [sys.executable, "-c", ("import threading, worker; worker.import_openvino(); "
+                                      "print(sorted(t.name for t in threading.enumerate()))")]
     for command in (job, smoke):
         completed = subprocess.run(command, cwd=REPO, env=env, check=False, capture_output=True, timeout=120)
         assert completed.returncode == 0

@@ -734,10 +734,10 @@ def test_12_a_stalled_short_body_is_not_a_500(
 ) -> None:
     server = start_server()
     port = server.server_port
-    with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"):
-        with Conn(port) as conn:
-            conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
-            data = conn.read_all(short_read_timeout + 4)
+    with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"), Conn(port) as conn:
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
+        data = conn.read_all(short_read_timeout + 4)
     assert all(status < 500 for status in parse_replies(data)), data[:300]
     assert b"internal_error" not in data
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]

@@ -284,7 +284,7 @@ def test_502_empty_output(start_server: Callable[..., worker.WorkerHTTPServer]) 
 def test_502_npu_proof_failed_keeps_the_measured_fields(
     start_server: Callable[..., worker.WorkerHTTPServer], busy_file: Path
 ) -> None:
-    npu = dict(device="NPU", busy_path=busy_file)
+    npu = {"device": "NPU", "busy_path": busy_file}
     pipeline = FakeNpuPipeline(dataclasses.replace(cpu_settings(Path("/unused")), **npu), busy_file=busy_file)
     server = start_server(pipeline, **npu)
     pipeline.busy_increment_us = 0  # generation "ran" but the NPU counter did not move

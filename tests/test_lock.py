@@ -421,9 +421,8 @@ def test_full_queue_rejects_at_once(lock_path: Path) -> None:
             futures.append(pool.submit(_take_turn, queue, 10.0, order, 1))
             assert wait_for(lambda: queue.waiting == 2)
             started = time.monotonic()
-            with pytest.raises(worker.Busy) as info:
-                with queue.turn(5.0):
-                    pytest.fail("a third job ran past a full queue")
+            with pytest.raises(worker.Busy) as info, queue.turn(5.0):
+                pytest.fail("a third job ran past a full queue")
             assert time.monotonic() - started < 2.0  # at once, not after its 5 s timeout
             assert "queue is full" in info.value.message
             assert info.value.retry_after_s is not None
@@ -461,9 +460,8 @@ def test_queue_times_out_on_a_lock_held_by_another_process(lock_path: Path) -> N
     queue = worker.JobQueue(worker.NpuLock(lock_path), depth=8)
     with lock_holder(lock_path) as holder:
         started = time.monotonic()
-        with pytest.raises(worker.Busy) as info:
-            with queue.turn(0.3):
-                pytest.fail("ran while another process held the lock")
+        with pytest.raises(worker.Busy) as info, queue.turn(0.3):
+            pytest.fail("ran while another process held the lock")
         assert 0.3 <= time.monotonic() - started < 3.0
         assert "held by another process" in info.value.message
         holder.kill()
@@ -474,10 +472,9 @@ def test_queue_times_out_on_a_lock_held_by_another_process(lock_path: Path) -> N
 def test_exception_in_turn_releases_queue_and_lock(lock_path: Path) -> None:
     """An exception inside `with queue.turn()` frees both the file lock and the queue."""
     queue = worker.JobQueue(worker.NpuLock(lock_path), depth=8)
-    with pytest.raises(RuntimeError, match="boom"):
-        with queue.turn(0.5):
-            assert has_open(os.getpid(), lock_path)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), queue.turn(0.5):
+        assert has_open(os.getpid(), lock_path)
+        raise RuntimeError("boom")
     assert not has_open(os.getpid(), lock_path)  # the fd is closed
     fd = worker.NpuLock(lock_path).acquire(0)  # another open file description gets it at once
     release(fd)

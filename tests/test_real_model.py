@@ -170,9 +170,10 @@ def demo_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[worker.Wor
 
 DEMO_INPUTS = [
     INPUT,
-    "The nightly backup of the photo library finished at 03:12 after copying 1,204 new files; two files were skipped because they were open.",
-    "Meeting notes: we agreed to ship version 2.3 on Friday. Ana owns the release notes, Tom fixes the login bug first. "
-    "Budget for the new test laptops was approved. Next sync is Monday at 10:00.",
+    ("The nightly backup of the photo library finished at 03:12 after copying 1,204 new files; two files were "
+     "skipped because they were open."),
+    ("Meeting notes: we agreed to ship version 2.3 on Friday. Ana owns the release notes, Tom fixes the login bug "
+     "first. Budget for the new test laptops was approved. Next sync is Monday at 10:00."),
 ]
 
 

@@ -745,7 +745,7 @@ def test_metrics_count_malformed_requests_too(start_server: Callable[..., worker
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
-    assert reply.startswith(b"HTTP/1.0 400 ") or reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 "))
     settle(server)
     metrics = scrape(server.server_port)
     assert sum(value for labels, value in metrics.series("npu_worker_requests_total") if labels["status"] == "400") == 1
