@@ -66,6 +66,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -75,6 +76,9 @@ PROFILE_WORKER_PY = BENCH_DIR / "profile_worker.py"
 
 sys.path.insert(0, str(REPO))
 import worker  # constants, JOBS and job_messages: the identical prompt for the baseline
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; annotations here are never evaluated
 
 # ==================================================================================================
 # Settings
@@ -447,7 +451,7 @@ class Daemon:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> Daemon:
+    def __enter__(self) -> Self:
         try:
             self.wait_ready()
         except BaseException:

@@ -44,7 +44,11 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from typing import Any
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; annotations here are never evaluated
 
 GENERATE_PATH = "/v1/worker/generate"
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
@@ -138,7 +142,7 @@ class _SlowAttack:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def __enter__(self) -> _SlowAttack:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -485,7 +489,7 @@ class Prober:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> Prober:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

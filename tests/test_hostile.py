@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import pytest
@@ -45,6 +46,9 @@ from conftest import assert_error
 from conftest import cpu_settings
 from conftest import serve_in_thread
 from conftest import wait_for
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; annotations here are never evaluated
 
 SOCKET_TIMEOUT_S = 5.0
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
@@ -81,7 +85,7 @@ class Conn:
         self.buffer = b""
         self.eof = False
 
-    def __enter__(self) -> Conn:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
