@@ -146,7 +146,9 @@ def make_worker(settings: worker.Settings, pipeline: Any, *, warm_up: bool = Tru
     return built
 
 
-def serve_in_thread(settings: worker.Settings, factory: worker.PipelineFactory, *, load: bool = True) -> worker.WorkerHTTPServer:
+def serve_in_thread(
+    settings: worker.Settings, factory: worker.PipelineFactory, *, load: bool = True
+) -> worker.WorkerHTTPServer:
     """Bind in the caller's thread (port 0 is fine), serve in a daemon thread; the caller shuts down."""
     built = worker.build_worker(settings, factory)
     if load:

@@ -173,7 +173,9 @@ def worker_commands() -> list[tuple[str, str, str | None]]:
 
 
 @pytest.mark.parametrize("where,command,example", worker_commands(), ids=lambda value: str(value)[:60])
-def test_documented_worker_command(daemon: tuple[int, dict[str, str]], where: str, command: str, example: str | None) -> None:
+def test_documented_worker_command(
+    daemon: tuple[int, dict[str, str]], where: str, command: str, example: str | None
+) -> None:
     port, env = daemon
     assert DOC_PORT in command or not command.startswith("curl")
     if command.startswith("curl "):

@@ -385,7 +385,9 @@ def test_2_missing_or_duplicated_host_is_403(fake_server: worker.WorkerHTTPServe
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:{port}", "localhost", "localhost:{port}", "LOCALHOST:{port}", "[::1]", "[::1]:{port}"])
-def test_1_2_loopback_host_names_with_the_right_port_or_none_pass(fake_server: worker.WorkerHTTPServer, host: str) -> None:
+def test_1_2_loopback_host_names_with_the_right_port_or_none_pass(
+    fake_server: worker.WorkerHTTPServer, host: str
+) -> None:
     port = fake_server.server_port
     reply, closed = exchange(port, request(port, host=host.format(port=port)))
     assert reply.status == 200 and reply.json()["status"] == "ok"
@@ -480,7 +482,9 @@ def test_4_application_json_with_parameters_passes(fake_server: worker.WorkerHTT
 # --- 5: bearer token -------------------------------------------------------------------------------
 
 
-def test_5_token_missing_or_wrong_is_401_right_is_200_and_livez_needs_none(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_5_token_missing_or_wrong_is_401_right_is_200_and_livez_needs_none(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server(token=TOKEN)
     port = server.server_port
     calls = len(server.pipeline.calls)  # type: ignore[attr-defined]
@@ -574,7 +578,9 @@ def test_27_the_listener_never_shares_its_port(fake_server: worker.WorkerHTTPSer
     [["-1"], ["abc"], ["+5"], ["5, 5"], ["0x10"], ["1e3"], ["5.0"], [" "], ["\xb2"], ["\u0665".encode().decode("latin-1")], ["5", "6"], ["64", "1000000000"]],
     ids=["negative", "letters", "plus", "list", "hex", "exponent", "decimal", "blank", "superscript-two", "arabic-digit-bytes", "two-values", "small-and-huge"],
 )
-def test_7_8_a_bad_content_length_is_400_and_the_connection_closes(fake_server: worker.WorkerHTTPServer, values: list[str]) -> None:
+def test_7_8_a_bad_content_length_is_400_and_the_connection_closes(
+    fake_server: worker.WorkerHTTPServer, values: list[str]
+) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
     headers = ("Content-Type: application/json", *(f"Content-Length: {value}" for value in values))
@@ -601,7 +607,9 @@ def test_8_a_duplicated_identical_content_length_is_400_as_documented(fake_serve
 
 
 @pytest.mark.parametrize("length", [worker.Limits().max_body_bytes + 1, 1_000_000_000, 10**30])
-def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(fake_server: worker.WorkerHTTPServer, length: int) -> None:
+def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(
+    fake_server: worker.WorkerHTTPServer, length: int
+) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
     with Conn(port, timeout=3) as conn:
@@ -626,7 +634,9 @@ def test_9_a_body_of_exactly_the_cap_is_read(fake_server: worker.WorkerHTTPServe
 # --- 10: Transfer-Encoding -------------------------------------------------------------------------
 
 
-def test_10_chunked_is_411_and_content_length_with_transfer_encoding_is_400(fake_server: worker.WorkerHTTPServer) -> None:
+def test_10_chunked_is_411_and_content_length_with_transfer_encoding_is_400(
+    fake_server: worker.WorkerHTTPServer
+) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
     smuggled = request(port, "POST", "/v1/worker/generate", body=JOB_BODY)
@@ -678,7 +688,9 @@ def test_11_expect_100_continue_gets_the_final_4xx_and_no_100(fake_server: worke
     assert_serves(fake_server)
 
 
-def test_11_expect_100_continue_on_a_good_request_gets_100_then_the_result(fake_server: worker.WorkerHTTPServer) -> None:
+def test_11_expect_100_continue_on_a_good_request_gets_100_then_the_result(
+    fake_server: worker.WorkerHTTPServer
+) -> None:
     port = fake_server.server_port
     headers = ("Expect: 100-continue", "Content-Type: application/json", f"Content-Length: {len(JOB_BODY)}")
     with Conn(port, timeout=30) as conn:
@@ -864,7 +876,9 @@ def test_14_a_malformed_request_line_is_400_json(fake_server: worker.WorkerHTTPS
     [b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"BREW /healthz HTTP/1.1\r\n\r\n", b"GET /healthz HTTP/2.0\r\n\r\n"],
     ids=["400", "414", "501", "505"],
 )
-def test_14_protocol_errors_carry_one_request_id_in_header_and_body(fake_server: worker.WorkerHTTPServer, data: bytes) -> None:
+def test_14_protocol_errors_carry_one_request_id_in_header_and_body(
+    fake_server: worker.WorkerHTTPServer, data: bytes
+) -> None:
     with Conn(fake_server.server_port) as conn:
         conn.send(data)
         reply = conn.reply()

@@ -92,7 +92,9 @@ def test_models_says_null_overheads_while_the_model_loads(start_server: Callable
     assert {job["max_input_tokens"] for job in body["jobs"].values()} == {None}
 
 
-def test_an_input_at_the_limit_fits_the_body_cap_even_fully_escaped(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_an_input_at_the_limit_fits_the_body_cap_even_fully_escaped(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     """6000 emoji escaped by json.dumps are 72 KB of \\ud83d\\ude00: a body that must be accepted."""
     body = json.dumps({"job": "title", "input": "\U0001f600" * 6000, "max_new_tokens": 4})
     assert len(body) > 72_000
@@ -129,7 +131,9 @@ def test_job_endpoints_fix_the_job(start_server: Callable[..., worker.WorkerHTTP
     assert (status, body["error"]["type"]) == (400, "invalid_request")
 
 
-def test_keep_alive_serves_several_requests_on_one_connection(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_keep_alive_serves_several_requests_on_one_connection(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
     try:
@@ -173,7 +177,9 @@ def test_405_method_not_allowed_with_allow(start_server: Callable[..., worker.Wo
     assert call(server, "POST", "/healthz", {})[1]["Allow"] == "GET, HEAD"
 
 
-def test_411_length_required_without_content_length_or_when_chunked(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_411_length_required_without_content_length_or_when_chunked(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     no_length = b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n"
     status, body = raw_json(raw(server, no_length))
@@ -254,7 +260,9 @@ def test_500_generation_failed(start_server: Callable[..., worker.WorkerHTTPServ
     assert call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"})[0] == 200
 
 
-def test_500_internal_error_logs_type_only(start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture) -> None:
+def test_500_internal_error_logs_type_only(
+    start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
     class BrokenTokenizer(FakeNpuPipeline):
         def count_tokens(self, prompt: str) -> int:
             if CANARY in prompt:
@@ -328,7 +336,9 @@ def test_rejected_body_is_not_run_as_a_second_request(start_server: Callable[...
     assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 415 ")
 
 
-def test_logs_carry_ids_and_counts_but_no_text(start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_carry_ids_and_counts_but_no_text(
+    start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
     settings = cpu_settings(Path("/unused"))
     server = start_server(FakeNpuPipeline(settings, reply=f"Output {CANARY}"))
     with caplog.at_level(logging.DEBUG, logger="openvino_genai_npu_worker"):
@@ -353,7 +363,9 @@ def test_only_loopback_binds_are_accepted(tmp_path: Path) -> None:
             worker.bind_server(cpu_settings(tmp_path, host=host, port=0), None)  # type: ignore[arg-type]
 
 
-def test_a_port_in_use_is_a_configuration_error(start_server: Callable[..., worker.WorkerHTTPServer], tmp_path: Path) -> None:
+def test_a_port_in_use_is_a_configuration_error(
+    start_server: Callable[..., worker.WorkerHTTPServer], tmp_path: Path
+) -> None:
     taken = start_server().server_port
     with pytest.raises(worker.ConfigError, match=f"port {taken} .* already in use"):
         worker.bind_server(cpu_settings(tmp_path, port=taken), None)  # type: ignore[arg-type]

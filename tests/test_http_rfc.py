@@ -131,7 +131,9 @@ def test_head_end(data: bytes, end: int | None) -> None:
     param(["Host: 127.0.0.1:{port}", "X-A: a\x00b"], 400, id="nul"),
     param(["Host: 127.0.0.1:{port}", "X-A: a", " b"], 400, id="obs-fold"),
 ])
-def test_header_fields_over_a_socket(start_server: Callable[..., worker.WorkerHTTPServer], lines: list[str], status: int) -> None:
+def test_header_fields_over_a_socket(
+    start_server: Callable[..., worker.WorkerHTTPServer], lines: list[str], status: int
+) -> None:
     server = start_server()
     port = server.server_port
     data = ("\r\n".join(["GET /healthz HTTP/1.1", *(line.format(port=port) for line in lines)]) + "\r\n\r\n").encode("latin-1")
@@ -142,7 +144,9 @@ def test_header_fields_over_a_socket(start_server: Callable[..., worker.WorkerHT
         assert server.worker.metrics.refusals["malformed_head"] == 1
 
 
-def test_a_head_over_128_kib_in_all_is_431_before_its_end_arrives(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_a_head_over_128_kib_in_all_is_431_before_its_end_arrives(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     lines = [f"X-Big-{index}: " + "a" * 60_000 for index in range(3)]  # each line within 64 KiB
@@ -200,7 +204,9 @@ def test_curl_head_gets_200(start_server: Callable[..., worker.WorkerHTTPServer]
     assert completed.stdout.startswith("HTTP/1.1 200 OK")
 
 
-def test_an_http_1_0_client_that_asks_for_keep_alive_hears_it(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_an_http_1_0_client_that_asks_for_keep_alive_hears_it(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     with Conn(port, timeout=3) as conn:
@@ -239,7 +245,9 @@ def test_pipelined_requests_are_answered_in_order(start_server: Callable[..., wo
     assert replies[0].json()["status"] == "alive" and replies[1].json()["job"] == "title" and "jobs" in replies[2].json()
 
 
-def test_a_client_that_half_closes_after_its_request_gets_the_answer(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     with Conn(port, timeout=10) as conn:
@@ -403,7 +411,9 @@ def test_a_device_that_stops_working_fails_liveness(
     assert worker.self_check(server, server.worker, None)[0] is not None  # no WATCHDOG=1: systemd restarts us
 
 
-def test_one_failure_between_successes_is_not_a_lost_device(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_one_failure_between_successes_is_not_a_lost_device(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")))
     server = start_server(pipeline)
     port = server.server_port
@@ -419,7 +429,9 @@ def test_one_failure_between_successes_is_not_a_lost_device(start_server: Callab
 # --- the job deadline counts from receipt ----------------------------------------------------------------
 
 
-def test_the_deadline_counts_from_the_first_byte_not_from_the_body(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_the_deadline_counts_from_the_first_byte_not_from_the_body(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     body = json.dumps({"job": "title", "input": "x", "timeout_s": 0.3}).encode()

@@ -501,7 +501,9 @@ def test_default_lock_path_uses_xdg_runtime_dir(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "environ", [{}, {"XDG_RUNTIME_DIR": ""}, {"XDG_RUNTIME_DIR": "/nonexistent-runtime-dir"}], ids=["unset", "empty", "missing"]
 )
-def test_default_lock_path_uses_run_user_when_xdg_is_unusable(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_lock_path_uses_run_user_when_xdg_is_unusable(
+    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The daemon (XDG set by systemd) and a cron job (XDG unset) meet in /run/user/$UID."""
     uid = 2_000_000_011
     run_user = Path(f"/run/user/{uid}")

@@ -430,7 +430,9 @@ def test_a_one_shot_job_on_the_emulated_npu(tmp_path: Path, capsys: pytest.Captu
     assert (result["device"], result["npu_proof"], result["npu_busy_delta_us"]) == ("NPU", "emulated", None)
 
 
-def test_emulation_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_emulation_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("OV_GENAI_NPU_EMULATE", "1")
     args = ["--model", str(TINY_MODEL), "--lock-file", str(tmp_path / "l" / "npu.lock"), "--job", "title", "--input", INPUT]
     assert worker.main(args) == 0
@@ -505,7 +507,9 @@ def test_the_emulated_doctor_loads_the_model_through_the_npu_pipeline(tmp_path: 
     assert "accel device" not in checks
 
 
-def test_the_emulated_doctor_reports_a_model_the_npu_pipeline_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_emulated_doctor_reports_a_model_the_npu_pipeline_refuses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(worker, "EMULATED_NPU_PROPERTIES", {"NPUW_DEVICES": "CPU", "GENERATE_HINT": "NOPE"})
     checks = {check.name: check for check in worker.doctor_checks(path_settings(tmp_path, "npu"))}
     assert not checks["npu pipeline"].ok and 'Unsupported "GENERATE_HINT"' in checks["npu pipeline"].detail
@@ -531,7 +535,9 @@ def smollm2_npu_worker(tmp_path_factory: pytest.TempPathFactory) -> worker.Worke
 
 @needs_smollm2_ir
 @pytest.mark.parametrize("job", list(worker.JOBS))
-def test_a_real_instruct_model_gives_the_documented_shapes_on_the_npu_path(smollm2_npu_worker: worker.Worker, job: str) -> None:
+def test_a_real_instruct_model_gives_the_documented_shapes_on_the_npu_path(
+    smollm2_npu_worker: worker.Worker, job: str
+) -> None:
     from test_real_model import DEMO_INPUTS
     from test_real_model import assert_documented_shape
 

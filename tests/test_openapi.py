@@ -309,7 +309,9 @@ def test_schemathesis_sees_every_operation(api_schema: Any) -> None:
 
 
 @pytest.mark.parametrize("field", ["max_new_tokens", "timeout_s"])
-def test_null_for_an_optional_number_is_400_as_the_schema_says(live: worker.WorkerHTTPServer, document: dict[str, Any], field: str) -> None:
+def test_null_for_an_optional_number_is_400_as_the_schema_says(
+    live: worker.WorkerHTTPServer, document: dict[str, Any], field: str
+) -> None:
     body = {"job": "title", "input": "x", field: None}
     assert not OAS30Validator(request_schema(document, "/v1/worker/generate")).is_valid(body)
     status, _, reply = call(live, "POST", "/v1/worker/generate", body)

@@ -78,7 +78,9 @@ def holders(proc: ProcTree, pid: int = 100) -> worker.AccelHolders:
     param(None, 100.0, None, id="no-delta"),
     param(500, 0.0, None, id="no-time"),
 ])
-def test_the_busy_ratio_is_the_delta_over_the_generation_time(delta: int | None, generate_ms: float, ratio: float | None) -> None:
+def test_the_busy_ratio_is_the_delta_over_the_generation_time(
+    delta: int | None, generate_ms: float, ratio: float | None
+) -> None:
     assert worker.busy_ratio(delta, generate_ms) == ratio
 
 
@@ -91,7 +93,9 @@ def test_the_busy_ratio_is_the_delta_over_the_generation_time(delta: int | None,
     param(1000, 3000, 0.5, 0.2, None, id="over-the-floor"),
     param(None, 3000, None, None, "was not read", id="unread"),
 ])
-def test_proof_problem(before: int | None, after: int, ratio: float | None, floor: float | None, problem: str | None) -> None:
+def test_proof_problem(
+    before: int | None, after: int, ratio: float | None, floor: float | None, problem: str | None
+) -> None:
     found = worker.proof_problem(before, after, ratio, floor)
     assert (found is None) if problem is None else (found is not None and problem in found)
 
@@ -257,7 +261,9 @@ def test_the_floor_turns_a_tiny_delta_into_a_proof_failure(
     assert failure.value.result["npu_busy_delta_us"] == 3
 
 
-def test_without_a_floor_a_tiny_delta_still_passes(npu_settings: worker.Settings, busy_file: Path, proc: ProcTree) -> None:
+def test_without_a_floor_a_tiny_delta_still_passes(
+    npu_settings: worker.Settings, busy_file: Path, proc: ProcTree
+) -> None:
     proc.process(100, {3: "/dev/accel/accel0"}, {3: IVPU_FDINFO})
     built, pipeline = npu_worker(npu_settings, busy_file, proc, seconds_per_token=0.01)
     pipeline.busy_increment_us = 3
@@ -303,7 +309,9 @@ def test_the_floor_over_http_is_a_502(
         assert "npu_worker_npu_busy_ratio_count" in response.read().decode()
 
 
-def test_the_floor_on_the_cli_is_exit_3(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_floor_on_the_cli_is_exit_3(
+    npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1, seconds_per_token=0.01)
     args = ["--model", str(npu_settings.model_path), "--device", "NPU", "--busy-path", str(busy_file),
             "--lock-file", str(npu_settings.lock_path), "--min-busy-ratio", "0.3", "--job", "title", "--input", "x"]

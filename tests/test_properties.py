@@ -129,7 +129,9 @@ def check_request(body: dict[str, Any], limits: worker.Limits, job: str | None) 
 @example(body={"job": "title", "input": "x"}, limits=LIMITS[0], job=None)
 @example(body={"job": "title", "input": "x" * 6000, "max_new_tokens": 64, "timeout_s": 120}, limits=LIMITS[0], job=None)
 @example(body={"input": "x", "max_new_tokens": 96}, limits=LIMITS[0], job="notification")
-def test_validate_job_request_gives_a_valid_job_or_a_400_or_413(body: dict[str, Any], limits: worker.Limits, job: str | None) -> None:
+def test_validate_job_request_gives_a_valid_job_or_a_400_or_413(
+    body: dict[str, Any], limits: worker.Limits, job: str | None
+) -> None:
     check_request(body, limits, job)
 
 
@@ -153,7 +155,9 @@ def _check_bytes(data: bytes, limits: worker.Limits, job: str | None) -> None:
 )
 @example(value={"job": "title", "input": "x", "timeout_s": math.nan}, limits=LIMITS[0], job=None, encoding="utf-8")
 @example(value={"job": "title", "input": "\ud800" + MARK}, limits=LIMITS[0], job=None, encoding="utf-8")
-def test_any_json_document_parses_and_validates_or_is_a_400_or_413(value: Any, limits: worker.Limits, job: str | None, encoding: str) -> None:
+def test_any_json_document_parses_and_validates_or_is_a_400_or_413(
+    value: Any, limits: worker.Limits, job: str | None, encoding: str
+) -> None:
     text = json.dumps(value, ensure_ascii=encoding != "utf-8")  # NaN/Infinity allowed: they must be refused
     try:
         data = text.encode(encoding)

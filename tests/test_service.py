@@ -556,7 +556,9 @@ def test_sigterm_answers_every_accepted_job_refuses_new_ones_and_exits_0(tmp_pat
 # --------------------------------------------------------------------------------------------------
 
 
-def test_deadline_cancels_the_generation_and_frees_the_npu(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_deadline_cancels_the_generation_and_frees_the_npu(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)
     started = time.monotonic()
@@ -730,7 +732,9 @@ def test_metrics_add_up_npu_busy_time_and_count_proof_failures(
     assert (build_labels["device"], build_labels["model"]) == ("NPU", "tiny-chatml-ov")
 
 
-def test_metrics_names_are_valid_in_the_prometheus_text_format(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_metrics_names_are_valid_in_the_prometheus_text_format(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     metrics = scrape(start_server().server_port)
     for name, labels, _ in metrics.samples:
         assert _PROMETHEUS_NAME.fullmatch(name), name

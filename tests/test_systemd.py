@@ -370,7 +370,9 @@ def test_verify_finds_nothing_to_complain_about(installed: dict[str, Path]) -> N
     (("venv/bin/openvino-genai-npu-worker", "venv/bin/no-such-script"), "is not executable"),
     (("PrivateUsers=yes", "PrivateUser=yes"), "Unknown key 'PrivateUser'"),
 ], ids=["missing ExecStart", "misspelt directive"])
-def test_verify_does_complain_about_a_broken_copy(installed: dict[str, Path], change: tuple[str, str], complaint: str) -> None:
+def test_verify_does_complain_about_a_broken_copy(
+    installed: dict[str, Path], change: tuple[str, str], complaint: str
+) -> None:
     broken = installed["unit"].with_name("broken-worker.service")
     broken.write_text(UNIT.read_text().replace(*change))
     try:

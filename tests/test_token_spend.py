@@ -65,7 +65,9 @@ def words(count: int) -> str:
     return " ".join(f"w{index % 10}" for index in range(count))
 
 
-def test_prompt_too_long_says_how_much_is_over_and_what_would_fit(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_prompt_too_long_says_how_much_is_over_and_what_would_fit(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     _, _, models = call(server, "GET", "/models")
     fits = models["jobs"]["summary"]["max_input_tokens"]
@@ -80,7 +82,9 @@ def test_prompt_too_long_says_how_much_is_over_and_what_would_fit(start_server: 
     assert status == 200 and result["tokens"]["prompt"] == 1024 and result["input_truncated"] is None
 
 
-def test_truncate_keeps_the_start_and_the_end_and_reports_what_it_dropped(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_truncate_keeps_the_start_and_the_end_and_reports_what_it_dropped(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")))
     server = start_server(pipeline)
     text = words(1900)
@@ -125,7 +129,9 @@ def test_truncate_with_the_models_tokenizer_fills_the_limit_and_no_more(tiny_wor
     assert pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], one_more))).token_count > limit
 
 
-def test_the_cli_refuses_an_over_long_input_before_it_loads_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_refuses_an_over_long_input_before_it_loads_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     loads: list[Any] = []
 
     def factory(settings: worker.Settings) -> worker.Pipeline:
