@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for job, row in rows.items():
         overhead = "-" if decode_ms is None else f"{row['step_us'] / 1000 + row['decodes_per_token'] * decode_ms:.3f}"
-        print(f"| {job} | {row['tokens']} | {row['decodes']} | {row['decodes_per_token']:.3f} | {row['step_us']:.1f} | {overhead} |")
+        print(f"| {job} | {row['tokens']} | {row['decodes']} | {row['decodes_per_token']:.3f} "
+              f"| {row['step_us']:.1f} | {overhead} |")
     print(f"\none decode of 100 ids with the model's tokenizer: {decode_ms:.3f} ms" if decode_ms is not None
           else "\n(no tokenizer at --model: decode cost not measured)")
     return 0

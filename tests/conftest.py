@@ -87,9 +87,11 @@ class FakeNpuPipeline:
             busy_until += max(0, self.busy_increment_us) / 1e6
         tokens = re.findall(r"\s*\S+", self.reply)
         ids = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-        triggers = frozenset(index for token, index in ids.items() if stop_rules and set(token) & set(worker.STOP_TRIGGER_CHARS[stop_rules]))
+        triggers = frozenset(index for token, index in ids.items()
+                             if stop_rules and set(token) & set(worker.STOP_TRIGGER_CHARS[stop_rules]))
         pieces = {index: token for token, index in ids.items()}
-        watch = worker.StopWatch(should_stop, stop_rules, lambda token_ids: "".join(pieces[i] for i in token_ids), triggers)
+        watch = worker.StopWatch(should_stop, stop_rules, lambda token_ids: "".join(pieces[i] for i in token_ids),
+                                 triggers)
         generated, finish = min(len(tokens), max_new_tokens), "stop"
         if generated < len(tokens):
             finish = "length"

@@ -46,7 +46,8 @@ def test_quick_bench_runs_every_section(tmp_path: Path) -> None:
     concurrency = results["concurrency"]
     assert [level["clients"] for level in concurrency["levels"]] == [1, 4, 16]
     assert all(level["errors"] == 0 for level in concurrency["levels"])
-    assert concurrency["fifo"]["statuses"] == {"200": concurrency["fifo"]["rounds"] * (concurrency["fifo"]["followers"] + 1)}
+    fifo = concurrency["fifo"]
+    assert fifo["statuses"] == {"200": fifo["rounds"] * (fifo["followers"] + 1)}
     burst = concurrency["burst"]
     assert burst["busy_503"] == burst["busy_with_retry_after"]  # every 503 carries Retry-After
     assert burst["ok"] + burst["busy_503"] == burst["requests"]

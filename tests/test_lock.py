@@ -499,7 +499,9 @@ def test_default_lock_path_uses_xdg_runtime_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "environ", [{}, {"XDG_RUNTIME_DIR": ""}, {"XDG_RUNTIME_DIR": "/nonexistent-runtime-dir"}], ids=["unset", "empty", "missing"]
+    "environ",
+    [{}, {"XDG_RUNTIME_DIR": ""}, {"XDG_RUNTIME_DIR": "/nonexistent-runtime-dir"}],
+    ids=["unset", "empty", "missing"],
 )
 def test_default_lock_path_uses_run_user_when_xdg_is_unusable(
     environ: dict[str, str], monkeypatch: pytest.MonkeyPatch

@@ -100,7 +100,8 @@ def test_prompt_over_the_limit_is_refused_with_exact_counts(tiny_worker: worker.
     pipeline = tiny_worker._pipeline
     assert pipeline is not None
     limits = worker.Limits(max_prompt_tokens=40)
-    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None, tiny_worker.queue)
+    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None,
+                          tiny_worker.queue)
     small._pipeline = pipeline
     small._ready.set()
     exact = pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT))).token_count
@@ -113,7 +114,8 @@ def test_budget_clamp_on_the_real_pipeline(tiny_worker: worker.Worker) -> None:
     assert pipeline is not None
     exact = pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT))).token_count
     limits = worker.Limits(max_prompt_tokens=exact, min_response_tokens=5)
-    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None, tiny_worker.queue)
+    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None,
+                          tiny_worker.queue)
     small._pipeline = pipeline
     small._ready.set()
     result = small.run(worker.JobRequest("summary", INPUT, max_new_tokens=100), "r1")

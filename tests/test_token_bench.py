@@ -199,7 +199,8 @@ def test_real_run_on_tiny_model_emulated_npu(tmp_path: Path) -> None:
 
 def test_without_stop_rules_every_generation_ends_at_eos_or_the_budget(tmp_path: Path) -> None:
     out = tmp_path / "tokens.json"
-    code = tokens.main(["--model", str(TINY_MODEL), "--no-stop-rules", "--inputs", str(write_inputs(tmp_path / "in.jsonl")),
+    code = tokens.main(["--model", str(TINY_MODEL), "--no-stop-rules",
+                        "--inputs", str(write_inputs(tmp_path / "in.jsonl")),
                         "--jobs", "summary", "--json", str(out), "--quiet", "--no-oracle"])
     assert code == 0
     data = json.loads(out.read_text(encoding="utf-8"))

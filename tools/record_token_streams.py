@@ -34,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    inputs = {item["id"]: item for item in map(json.loads, (REPO / "bench" / "token_inputs.jsonl").read_text().splitlines())}
-    settings = worker.Settings(model_path=args.model, device="CPU", cache_dir=None, lock_path=Path("/tmp/record-streams.lock"))
+    inputs = {item["id"]: item
+              for item in map(json.loads, (REPO / "bench" / "token_inputs.jsonl").read_text().splitlines())}
+    settings = worker.Settings(model_path=args.model, device="CPU", cache_dir=None,
+                               lock_path=Path("/tmp/record-streams.lock"))
     pipeline = worker.load_genai_pipeline(settings)
     streams = []
     for input_id in INPUT_IDS:
