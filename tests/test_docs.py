@@ -198,7 +198,8 @@ def test_documented_worker_command(
 
 
 def test_contract_error_example_is_what_the_worker_says(daemon: tuple[int, dict[str, str]]) -> None:
-    (example,) = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", (REPO / "CONTRACT.md").read_text(), re.DOTALL)
+    (example,) = [json.loads(block)
+                  for block in re.findall(r"```json\n(.*?)```", (REPO / "CONTRACT.md").read_text(), re.DOTALL)
                   if '"error"' in block]
     port, _ = daemon
     request = urllib.request.Request(
@@ -350,7 +351,8 @@ def test_token_commands_work_on_a_fresh_home_and_are_enforced(tmp_path: Path) ->
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", headers={"Authorization": f"Bearer {token}"})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
+                                             headers={"Authorization": f"Bearer {token}"})
             try:
                 with urllib.request.urlopen(request, timeout=2) as response:
                     assert response.status == 200

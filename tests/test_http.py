@@ -155,7 +155,9 @@ def test_400_invalid_request(start_server: Callable[..., worker.WorkerHTTPServer
 
 
 def test_400_invalid_json_never_echoes_input(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    body = assert_error(call(start_server(), "POST", "/v1/worker/generate", b'{"input": "' + CANARY.encode()), 400, "invalid_json")
+    body = assert_error(
+        call(start_server(), "POST", "/v1/worker/generate", b'{"input": "' + CANARY.encode()), 400, "invalid_json"
+    )
     assert CANARY not in json.dumps(body)
 
 
@@ -206,7 +208,9 @@ def test_413_body_too_large_is_refused_without_reading(start_server: Callable[..
 
 def test_413_input_too_long(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     body = assert_error(
-        call(start_server(), "POST", "/v1/worker/generate", {"job": "title", "input": "x" * 6001}), 413, "input_too_long"
+        call(start_server(), "POST", "/v1/worker/generate", {"job": "title", "input": "x" * 6001}),
+        413,
+        "input_too_long",
     )
     assert "6001" in body["error"]["message"] and "6000" in body["error"]["message"]
 
@@ -217,7 +221,9 @@ def test_413_prompt_too_long_never_reaches_the_pipeline(start_server: Callable[.
     server = start_server(pipeline)
     calls_after_warm_up = len(pipeline.calls)
     long_input = " ".join(["word"] * 1100)  # the fake counts words: over MAX_PROMPT_LEN 1024
-    body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "summary", "input": long_input}), 413, "prompt_too_long")
+    body = assert_error(
+        call(server, "POST", "/v1/worker/generate", {"job": "summary", "input": long_input}), 413, "prompt_too_long"
+    )
     assert "1024" in body["error"]["message"]
     assert len(pipeline.calls) == calls_after_warm_up
 
@@ -254,7 +260,9 @@ def test_500_generation_failed(start_server: Callable[..., worker.WorkerHTTPServ
     pipeline = FakeNpuPipeline(settings)
     server = start_server(pipeline)
     pipeline.fail_with = RuntimeError(f"Infer Request is busy {CANARY}")
-    body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 500, "generation_failed")
+    body = assert_error(
+        call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 500, "generation_failed"
+    )
     assert CANARY not in json.dumps(body)
     pipeline.fail_with = None
     assert call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"})[0] == 200
@@ -271,7 +279,9 @@ def test_500_internal_error_logs_type_only(
 
     server = start_server(BrokenTokenizer(cpu_settings(Path("/unused"))))
     with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"):
-        body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "title", "input": CANARY}), 500, "internal_error")
+        body = assert_error(
+            call(server, "POST", "/v1/worker/generate", {"job": "title", "input": CANARY}), 500, "internal_error"
+        )
     assert CANARY not in json.dumps(body)
     assert "KeyError" in caplog.text and CANARY not in caplog.text
 
@@ -296,7 +306,9 @@ def test_502_npu_proof_failed_keeps_the_measured_fields(
     pipeline = FakeNpuPipeline(dataclasses.replace(cpu_settings(Path("/unused")), **npu), busy_file=busy_file)
     server = start_server(pipeline, **npu)
     pipeline.busy_increment_us = 0  # generation "ran" but the NPU counter did not move
-    body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 502, "npu_proof_failed")
+    body = assert_error(
+        call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 502, "npu_proof_failed"
+    )
     result = body["result"]
     assert (result["npu_busy_delta_us"], result["npu_proof"], result["device"]) == (0, "failed", "NPU")
     assert result["tokens"]["generated"] > 0
@@ -342,8 +354,8 @@ def test_logs_carry_ids_and_counts_but_no_text(
     settings = cpu_settings(Path("/unused"))
     server = start_server(FakeNpuPipeline(settings, reply=f"Output {CANARY}"))
     with caplog.at_level(logging.DEBUG, logger="openvino_genai_npu_worker"):
-        status, headers, body = call(server, "POST", f"/v1/worker/generate?q={CANARY}", {"job": "summary", "input": f"In {CANARY}."},
-                                     {"X-Canary": CANARY})
+        status, headers, body = call(server, "POST", f"/v1/worker/generate?q={CANARY}",
+                                     {"job": "summary", "input": f"In {CANARY}."}, {"X-Canary": CANARY})
         call(server, "POST", "/v1/worker/generate", b"{" + CANARY.encode())
         raw(server, f"GET /{CANARY} HTTP/9\r\n\r\n".encode())
     assert status == 200 and CANARY in body["text"]  # the caller gets the output...

@@ -127,7 +127,8 @@ def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=4242)
-    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
+    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["npu_busy_delta_us"] == 4242 and report["device"] == "NPU"
@@ -139,7 +140,8 @@ def test_smoke_fails_on_a_fake_npu_with_zero_delta(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
-    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
+    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 3
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "npu_proof_failed"
 
@@ -153,7 +155,7 @@ def test_npu_requested_on_a_host_without_one_is_a_configuration_error(
     model.mkdir()
     for name in worker.GENAI_MODEL_FILES:
         (model / name).write_text("")
-    code = worker.main(["--model", str(model), "--device", "NPU", "--no-npu-proof", "--lock-file", str(tmp_path / "l" / "npu.lock"),
-                        "--job", "title", "--input", "x"])
+    code = worker.main(["--model", str(model), "--device", "NPU", "--no-npu-proof",
+                        "--lock-file", str(tmp_path / "l" / "npu.lock"), "--job", "title", "--input", "x"])
     err = capsys.readouterr().err
     assert code == 78 and "no NPU: OpenVINO sees only ['CPU']" in err and "--emulate-npu" in err

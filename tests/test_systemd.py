@@ -52,20 +52,25 @@ EXPOSURE_THRESHOLD = 5.3
 
 # README.md, "Running as a service": run here, in this order, with HOME set to a temporary directory.
 INSTALL_COMMANDS = [
-    "python3 -m venv ~/.local/share/openvino-genai-npu-worker/venv && ~/.local/share/openvino-genai-npu-worker/venv/bin/pip install .",
+    ("python3 -m venv ~/.local/share/openvino-genai-npu-worker/venv && "
+     "~/.local/share/openvino-genai-npu-worker/venv/bin/pip install ."),
     "install -Dm644 -t ~/.local/share/openvino-genai-npu-worker README.md CONTRACT.md",
     "install -Dm644 -t ~/.config/systemd/user systemd/openvino-genai-npu-worker.service",
-    'install -Dm600 systemd/openvino-genai-npu-worker.env.example ~/.config/openvino-genai-npu-worker/env && echo "OV_GENAI_NPU_MODEL=$HOME/models/Qwen2.5-1.5B-Instruct-int4-ov" >> ~/.config/openvino-genai-npu-worker/env',
+    ('install -Dm600 systemd/openvino-genai-npu-worker.env.example ~/.config/openvino-genai-npu-worker/env && '
+     'echo "OV_GENAI_NPU_MODEL=$HOME/models/Qwen2.5-1.5B-Instruct-int4-ov" >> ~/.config/openvino-genai-npu-worker/env'),
 ]
 # README.md, "Running as a service": the installed smoke test, run by test_installed_smoke_test_runs.
 INSTALLED_SMOKE_COMMAND = "~/.local/share/openvino-genai-npu-worker/venv/bin/openvino-genai-npu-smoke"
 # README.md, "Running as a service": the commands no test can run.
 NEEDS_USER_SESSION = {
-    "systemctl --user daemon-reload && systemctl --user enable --now openvino-genai-npu-worker.service": "needs a running systemd user manager",
+    "systemctl --user daemon-reload && systemctl --user enable --now openvino-genai-npu-worker.service":
+        "needs a running systemd user manager",
     "systemctl --user status openvino-genai-npu-worker.service": "needs a running systemd user manager",
     "journalctl --user -u openvino-genai-npu-worker.service -f": "needs journald and a user manager",
     "loginctl enable-linger": "needs systemd-logind; changes the host",
-    "readlink /proc/self/ns/mnt /proc/$(systemctl --user show -p MainPID --value openvino-genai-npu-worker.service)/ns/mnt": "needs the running service",
+    ("readlink /proc/self/ns/mnt "
+     "/proc/$(systemctl --user show -p MainPID --value openvino-genai-npu-worker.service)/ns/mnt"):
+        "needs the running service",
 }
 SERVICE_COMMANDS = INSTALL_COMMANDS + [INSTALLED_SMOKE_COMMAND] + list(NEEDS_USER_SESSION)
 README_SECTION = "Running as a service"
@@ -336,7 +341,11 @@ def test_installed_worker_writes_only_where_the_unit_allows(installed: dict[str,
 def test_installed_worker_without_env_file_exits_with_a_code_that_is_not_restarted(installed: dict[str, Path]) -> None:
     table = specifiers(installed["home"], installed["runtime_dir"])
     environ = {name: resolve(setting, table) for name, setting in environment().items()}
-    environ |= {"HOME": str(installed["home"]), "PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(installed["runtime_dir"])}
+    environ |= {
+        "HOME": str(installed["home"]),
+        "PATH": os.environ["PATH"],
+        "XDG_RUNTIME_DIR": str(installed["runtime_dir"]),
+    }
     completed = subprocess.run([resolve(value("ExecStart"), table)], env=environ, check=False, capture_output=True,
                                text=True, timeout=60)
     assert completed.returncode == worker.EXIT_CONFIG
@@ -353,7 +362,13 @@ needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="syst
 
 def analyze(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory() as runtime_dir:  # verify --user wants an XDG_RUNTIME_DIR
-        env = {"HOME": str(home), "PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": runtime_dir, "SYSTEMD_PAGER": "", "LANG": "C.UTF-8"}
+        env = {
+            "HOME": str(home),
+            "PATH": os.environ["PATH"],
+            "XDG_RUNTIME_DIR": runtime_dir,
+            "SYSTEMD_PAGER": "",
+            "LANG": "C.UTF-8",
+        }
         return subprocess.run([SYSTEMD_ANALYZE, *args], env=env, check=False, capture_output=True, text=True,
                               timeout=120)
 

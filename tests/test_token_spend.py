@@ -103,7 +103,8 @@ def overhead(pipeline: FakeNpuPipeline, job: str) -> int:
 
 
 def test_truncate_changes_nothing_for_an_input_that_fits(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    status, _, result = call(start_server(), "POST", "/v1/worker/generate", {"job": "title", "input": "hello", "truncate": True})
+    status, _, result = call(start_server(), "POST", "/v1/worker/generate",
+                             {"job": "title", "input": "hello", "truncate": True})
     assert status == 200 and result["input_truncated"] is None
 
 
@@ -126,7 +127,8 @@ def test_truncate_with_the_models_tokenizer_fills_the_limit_and_no_more(tiny_wor
     assert result["tokens"]["prompt"] <= limit
     kept = len(text) - result["input_truncated"]["dropped_chars"]
     one_more = worker.shorten_middle(text, kept + 1)
-    assert pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], one_more))).token_count > limit
+    prompt = pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], one_more))
+    assert pipeline.encode(prompt).token_count > limit
 
 
 def test_the_cli_refuses_an_over_long_input_before_it_loads_the_model(
@@ -196,14 +198,16 @@ def test_the_models_extra_stop_token_ends_a_job(tmp_path: Path) -> None:
 
 
 def test_the_models_penalties_are_kept_and_the_jobs_settings_forced(tmp_path: Path) -> None:
-    model = tiny_model_with(tmp_path, repetition_penalty=1.3, do_sample=True, temperature=0.7, num_beams=4, max_length=20)
+    model = tiny_model_with(tmp_path, repetition_penalty=1.3, do_sample=True, temperature=0.7, num_beams=4,
+                            max_length=20)
     built = worker.build_worker(cpu_settings(tmp_path, model_path=model), worker.load_genai_pipeline)
     built.load(warm_up=False)
     pipeline = built._pipeline
     assert isinstance(pipeline, worker.GenAIPipeline)
     config = pipeline.generation_config(33, worker.MEMORY_GRAMMAR)
     assert config.repetition_penalty == pytest.approx(1.3)  # the model's, kept
-    assert (config.do_sample, config.num_beams, config.max_new_tokens, config.apply_chat_template) == (False, 1, 33, False)
+    assert (config.do_sample, config.num_beams, config.max_new_tokens, config.apply_chat_template) == (
+        False, 1, 33, False)
     assert config.structured_output_config is not None
     first = built.run(worker.JobRequest("title", "Greedy is deterministic.", max_new_tokens=8), "r1")
     again = built.run(worker.JobRequest("title", "Greedy is deterministic.", max_new_tokens=8), "r2")
