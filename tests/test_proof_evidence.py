@@ -295,7 +295,8 @@ def test_the_floor_over_http_is_a_502(
     server = start_server(pipeline, device="NPU", busy_path=busy_file, min_busy_ratio=0.5)
     pipeline.busy_increment_us = 1
     request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/v1/worker/generate",
-                                     data=b'{"job": "title", "input": "x"}', headers={"Content-Type": "application/json"})
+                                     data=b'{"job": "title", "input": "x"}',
+                                     headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as failure:
         urllib.request.urlopen(request, timeout=10)
     body = json.loads(failure.value.read())
@@ -312,7 +313,8 @@ def test_the_floor_over_http_is_a_502(
 def test_the_floor_on_the_cli_is_exit_3(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1, seconds_per_token=0.01)
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1,
+                                               seconds_per_token=0.01)
     args = ["--model", str(npu_settings.model_path), "--device", "NPU", "--busy-path", str(busy_file),
             "--lock-file", str(npu_settings.lock_path), "--min-busy-ratio", "0.3", "--job", "title", "--input", "x"]
     assert worker.main(args, pipeline_factory=factory) == worker.EXIT_PROOF_FAILED
@@ -336,8 +338,10 @@ def test_a_floor_that_makes_no_sense_is_a_usage_error(tmp_path: Path, flags: lis
 def test_the_smoke_test_prints_the_ratio_and_how_to_choose_a_floor(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=30_000, seconds_per_token=0.01)
-    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=30_000,
+                                               seconds_per_token=0.01)
+    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)
@@ -348,7 +352,8 @@ def test_the_smoke_test_prints_the_ratio_and_how_to_choose_a_floor(
 def test_the_doctor_names_other_holders(proc: ProcTree) -> None:
     proc.process(200, {9: "/dev/accel/accel0"})
     check = worker.npu_holders_check(worker.AccelHolders(proc.root, pid=100))
-    assert check.warning and "1 other process of this user" in check.detail and "adds to every job's busy delta" in check.detail
+    assert check.warning
+    assert "1 other process of this user" in check.detail and "adds to every job's busy delta" in check.detail
     (proc.root / "200" / "fd" / "9").unlink()
     check = worker.npu_holders_check(worker.AccelHolders(proc.root, pid=100))
     assert not check.warning and check.detail.startswith("0 other processes")
