@@ -755,7 +755,10 @@ def overhead_run(bench: Bench, daemon: Daemon, text: str, max_new_tokens: int, b
         stats = summarize(latency[mode])
         result[mode] = {
             "latency_ms": stats,
-            "overhead_ms": {"p50": difference(stats, direct_stats, "p50"), "p95": difference(stats, direct_stats, "p95")},
+            "overhead_ms": {
+                "p50": difference(stats, direct_stats, "p50"),
+                "p95": difference(stats, direct_stats, "p95"),
+            },
             "server_overhead_ms": summarize(server_overhead[mode]),
             "server_generate_ms": summarize(server_generate[mode]),
             # Per request: the client's latency minus the worker's timing_ms.total, i.e. request
@@ -990,7 +993,8 @@ def fifo_check(port: int, text: str, rounds: int, gated: bool, spacing_s: float 
         for thread in threads:
             thread.start()
         head_thread.start()
-        in_control = not gated or wait_for_health(monitor, lambda h: h["jobs_in_flight"] >= 1 and h["queue_waiting"] == 0)
+        in_control = not gated or wait_for_health(
+            monitor, lambda h: h["jobs_in_flight"] >= 1 and h["queue_waiting"] == 0)
         for index, event in enumerate(go):
             event.set()
             if gated:
@@ -1115,7 +1119,8 @@ def bench_scaling(bench: Bench) -> dict[str, Any]:
         # sizes that do not fit are skipped there instead.
         max_prompt_tokens = max(max_prompt_tokens, needed)
     else:
-        skipped = [{"chars": c["chars"], "prompt_tokens": c["prompt_tokens"]} for c in cases if c["prompt_tokens"] > max_prompt_tokens]
+        skipped = [{"chars": c["chars"], "prompt_tokens": c["prompt_tokens"]}
+                   for c in cases if c["prompt_tokens"] > max_prompt_tokens]
         cases = [case for case in cases if case["prompt_tokens"] <= max_prompt_tokens]
     latency: dict[tuple[int, str], list[float]] = {}
     server_overhead: dict[int, list[float]] = {case["chars"]: [] for case in cases}
@@ -1301,8 +1306,8 @@ def bench_profile(bench: Bench) -> dict[str, Any]:
     for profiler, clients in runs:
         name = f"{profiler}-{clients}-client{'s' if clients > 1 else ''}"
         command = [sys.executable, str(PROFILE_WORKER_PY), "--profiler", profiler, "--out", str(out_dir / name), "--"]
-        daemon = Daemon(bench.config, f"profile-{name}", ["--queue-depth", str(max(clients, worker.DEFAULT_QUEUE_DEPTH))],
-                        command=command)
+        daemon = Daemon(bench.config, f"profile-{name}",
+                        ["--queue-depth", str(max(clients, worker.DEFAULT_QUEUE_DEPTH))], command=command)
         with daemon:
             records, exceptions, wall_s = run_clients(daemon.port, clients, plan.profile_requests // clients, body)
             time.sleep(0.2)  # the connection threads end and file their profiles
@@ -1417,7 +1422,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
         errors = sum(lv["errors"] for lv in levels) if levels else None
         found.append(Target("errors under 1/4/16 clients", errors, 0, "count"))
         fifo = dig(results, "concurrency", "fifo") or {}
-        found.append(Target("FIFO: start-order inversions, queue entry order confirmed", fifo.get("inversions"), 0, "count"))
+        found.append(Target("FIFO: start-order inversions, queue entry order confirmed", fifo.get("inversions"), 0,
+                            "count"))
         burst_result = dig(results, "concurrency", "burst") or {}
         missing = None
         if "busy_503" in burst_result:
@@ -1430,11 +1436,13 @@ def targets(results: dict[str, Any]) -> list[Target]:
         soak = results["soak"]
         n = soak.get("requests")
         growth = soak.get("rss_growth_kb")
-        found.append(Target(f"soak RSS growth over {n} requests", None if growth is None else round(growth / 1024, 2), 5.0, "MB"))
+        found.append(Target(f"soak RSS growth over {n} requests",
+                            None if growth is None else round(growth / 1024, 2), 5.0, "MB"))
         found.append(Target("soak threads back to baseline (end - start)", soak.get("threads_delta"), 0, "count"))
         found.append(Target("soak fds back to baseline (end - start)", soak.get("fds_delta"), 0, "count"))
     if "startup" in results:
-        found.append(Target("worker.py --help wall time, median", dig(results, "startup", "help_ms", "p50"), 150.0, "ms"))
+        found.append(Target("worker.py --help wall time, median", dig(results, "startup", "help_ms", "p50"), 150.0,
+                            "ms"))
     return found
 
 
@@ -1507,19 +1515,21 @@ def render_concurrency(data: dict[str, Any]) -> str:
             + fifo_lines
             + f"\nburst: {b['clients']} clients x {b['rounds']} rounds at --queue-depth {b['queue_depth']}: "
               f"{b['busy_503']}/{b['requests']} answered 503 ({b['busy_rate']:.1%}), "
-              f"{b['busy_with_retry_after']} with Retry-After {b['retry_after_values']}, types {b['busy_error_types']}, "
-              f"{b['ok']} ok, other {b['other_statuses']}, exceptions {b['exceptions']}")
+              f"{b['busy_with_retry_after']} with Retry-After {b['retry_after_values']}, "
+              f"types {b['busy_error_types']}, {b['ok']} ok, other {b['other_statuses']}, exceptions {b['exceptions']}")
 
 
 def render_scaling(data: dict[str, Any]) -> str:
-    rows = [[r["chars"], r["input_tokens"], r["prompt_tokens"], r["chars_per_input_token"], r["direct_ms"]["p50"], r["http_keepalive_ms"]["p50"],
-             r["overhead_ms"]["p50"], r["overhead_ms"]["p95"], r["server_generate_ms"]["p50"],
-             r["server_overhead_ms"]["p50"], r["server_overhead_ms"]["p95"]] for r in data["sizes"]]
+    rows = [[r["chars"], r["input_tokens"], r["prompt_tokens"], r["chars_per_input_token"], r["direct_ms"]["p50"],
+             r["http_keepalive_ms"]["p50"], r["overhead_ms"]["p50"], r["overhead_ms"]["p95"],
+             r["server_generate_ms"]["p50"], r["server_overhead_ms"]["p50"], r["server_overhead_ms"]["p95"]]
+            for r in data["sizes"]]
     skipped = f"\nskipped (over --max-prompt-tokens): {data['skipped']}" if data["skipped"] else ""
     return (f"scaling: job {data['job']}, {data['max_new_tokens']} new tokens, daemon "
             f"--max-prompt-tokens {data['daemon_max_prompt_tokens']}\n"
-            + table(["chars", "input tokens", "prompt tokens", "chars/token", "direct p50 ms", "http p50 ms", "overhead p50",
-                     "overhead p95", "server generate p50", "server p50", "server p95"], rows) + skipped)
+            + table(["chars", "input tokens", "prompt tokens", "chars/token", "direct p50 ms", "http p50 ms",
+                     "overhead p50", "overhead p95", "server generate p50", "server p50", "server p95"], rows)
+            + skipped)
 
 
 def render_soak(data: dict[str, Any]) -> str:
@@ -1536,9 +1546,12 @@ def render_soak(data: dict[str, Any]) -> str:
 def render_startup(data: dict[str, Any]) -> str:
     rows = [["worker.py --help (ms)", *(data["help_ms"][k] for k in ("n", "p50", "min", "max"))],
             ["python -c pass (ms), the floor", *(data["python_floor_ms"][k] for k in ("n", "p50", "min", "max"))],
-            ["start to /healthz 200, empty cache (s)", *(data["healthz_empty_cache_s"][k] for k in ("n", "p50", "min", "max"))],
-            ["start to /healthz 200, warm cache (s)", *(data["healthz_warm_cache_s"][k] for k in ("n", "p50", "min", "max"))]]
-    return "startup\n" + table(["what", "n", "median", "min", "max"], rows) + f"\ncache dir: {data['cache_bytes']} bytes"
+            ["start to /healthz 200, empty cache (s)",
+             *(data["healthz_empty_cache_s"][k] for k in ("n", "p50", "min", "max"))],
+            ["start to /healthz 200, warm cache (s)",
+             *(data["healthz_warm_cache_s"][k] for k in ("n", "p50", "min", "max"))]]
+    return ("startup\n" + table(["what", "n", "median", "min", "max"], rows)
+            + f"\ncache dir: {data['cache_bytes']} bytes")
 
 
 def render_profile(data: dict[str, Any]) -> str:
@@ -1560,7 +1573,8 @@ def render_profile(data: dict[str, Any]) -> str:
 def render_targets(found: Sequence[Target]) -> str:
     rows = [[t.status, t.name, t.value, (">= " if t.higher_is_better else "<= ") + fmt(t.limit), t.unit]
             for t in found]
-    return "targets (one run, one machine; reported, never asserted)\n" + table(["status", "target", "value", "limit", "unit"], rows)
+    return ("targets (one run, one machine; reported, never asserted)\n"
+            + table(["status", "target", "value", "limit", "unit"], rows))
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -1647,8 +1661,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("section", nargs="?", default="all", choices=[*SECTIONS, "all", *EXTRA_SECTIONS],
                         help="what to run (default all; profile is never part of all)")
     parser.add_argument("--quick", action="store_true", help="a small run that checks the bench itself (seconds)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results (default %(default)s)")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory (default: the tiny test model)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                        help="where to write the results (default %(default)s)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="model directory (default: the tiny test model)")
     parser.add_argument("--device", choices=("CPU", "NPU"), default="CPU", help="device (default CPU)")
     parser.add_argument("--cache-dir", type=Path,
                         help="compiled-model cache for every daemon and the baseline (default: fresh per daemon; "
@@ -1680,7 +1696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, Any] = {
         "meta": {
-            "command": "python " + " ".join(shlex.quote(a) for a in ["bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+            "command": "python " + " ".join(shlex.quote(a)
+                                            for a in ["bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "quick": args.quick,
             "model": str(args.model),
