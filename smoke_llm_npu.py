@@ -39,10 +39,10 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Sequence
 
 import worker
 
@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="npu_busy_time_us file (default: found under /sys/class/accel) [OV_GENAI_NPU_BUSY_PATH]")
     parser.add_argument("--emulate-npu", action="store_true",
                         default=worker.env_flag(environ, "OV_GENAI_NPU_EMULATE"),
-                        help="GenAI's NPU pipeline compiled for the CPU: no NPU needed, no proof [OV_GENAI_NPU_EMULATE=1]")
+                        help="GenAI's NPU pipeline compiled for the CPU: no NPU needed, no proof "
+                             "[OV_GENAI_NPU_EMULATE=1]")
     parser.add_argument("--input", default=SMOKE_INPUT, help="text to title")
     parser.add_argument("--version", action="version", version=f"{SCRIPT_NAME} {worker.__version__}")
 

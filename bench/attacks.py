@@ -32,18 +32,18 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS_DIR = REPO / "tests"
 sys.path.insert(0, str(TESTS_DIR))  # the attack tools live beside the tests that use them
 
-from slow_clients import Prober  # noqa: E402
-from slow_clients import SlowBodyAttack  # noqa: E402
-from slow_clients import SlowHeadAttack  # noqa: E402
-from slow_clients import probe_once  # noqa: E402
+from slow_clients import Prober
+from slow_clients import SlowBodyAttack
+from slow_clients import SlowHeadAttack
+from slow_clients import probe_once
 
 WORKER_PY = REPO / "worker.py"
 TINY_MODEL = TESTS_DIR / "fixtures" / "tiny-chatml-ov"
@@ -295,7 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {name} ...", file=sys.stderr, flush=True)
             try:
                 results.append(run_scenario(name, options, workdir, args.worker.resolve()))
-            except Exception as exc:  # one broken scenario must not lose the others' numbers
+            except Exception as exc:  # noqa: BLE001 - one broken scenario must not lose the others' numbers
                 failed = True
                 print(f"{name}: FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
     print(render(results))

@@ -32,15 +32,15 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import worker  # noqa: E402
+import worker
 
 IVPU_FDINFO = (
     "pos:\t0\nflags:\t02100002\nmnt_id:\t26\nino:\t1027\ndrm-driver:\tintel_vpu\ndrm-client-id:\t42\n"
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                           "scan_start_us": summary(workers[mode][0]._holders.start_us),
                           "scan_finish_us": summary(workers[mode][0]._holders.finish_us),
                           "token_late_ms": summary(workers[mode][0]._pipeline.token_late_ms)} for mode in workers}
-            def added_by_tree(measure: str) -> float:
+            def added_by_tree(measure: str, run: dict[str, Any] = run) -> float:
                 return round(run["tree"][measure]["median"] - run["no_tree"][measure]["median"], 3)
 
             run["added_ms"] = {

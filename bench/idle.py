@@ -33,14 +33,14 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-import run as bench  # noqa: E402  (the Daemon and RunConfig of the main bench)
+import run as bench  # the Daemon and RunConfig of the main bench
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,8 @@ import http.client
 import importlib.util
 import json
 import os
-import resource
 import py_compile
+import resource
 import signal
 import socket
 import statistics

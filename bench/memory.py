@@ -32,7 +32,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import worker  # noqa: E402
+import worker
 
 SMOLLM2_IR = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-int8-sym-ov"
 REQUEST = worker.JobRequest("title", "The nightly backup of the photo library finished at 03:12.", max_new_tokens=16)

@@ -26,9 +26,9 @@ import pstats
 import runpy
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER_PY = REPO / "worker.py"

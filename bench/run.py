@@ -47,6 +47,7 @@ import dataclasses
 import hashlib
 import http.client
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -61,11 +62,12 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
-from typing import Callable
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -73,7 +75,10 @@ WORKER_PY = REPO / "worker.py"
 PROFILE_WORKER_PY = BENCH_DIR / "profile_worker.py"
 
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402  (constants, JOBS and job_messages: the identical prompt for the baseline)
+import worker  # constants, JOBS and job_messages: the identical prompt for the baseline
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; annotations here are never evaluated
 
 # ==================================================================================================
 # Settings
@@ -446,7 +451,7 @@ class Daemon:
         except OSError:
             return "(no log)"
 
-    def __enter__(self) -> Daemon:
+    def __enter__(self) -> Self:
         try:
             self.wait_ready()
         except BaseException:
@@ -454,7 +459,7 @@ class Daemon:
             raise
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
         if self.on_exit is not None:
             self.on_exit(self)
@@ -523,7 +528,7 @@ def read_busy_us() -> int | None:
 def cli_has_batch() -> bool:
     """Whether this worker.py has the --batch mode (rows that need it are skipped without it)."""
     result = subprocess.run([sys.executable, str(WORKER_PY), "--help"], cwd=REPO, env=worker_env(),
-                            capture_output=True, text=True, timeout=60)
+                            check=False, capture_output=True, text=True, timeout=60)
     return "--batch" in result.stdout
 
 
@@ -700,7 +705,7 @@ def overhead_run(bench: Bench, daemon: Daemon, text: str, max_new_tokens: int, b
     def run(mode: str, record: bool) -> None:
         if mode == "direct":
             before_us = read_busy_us() if on_npu else None
-            elapsed_ms, generated = direct.generate(prompt, max_new_tokens)
+            elapsed_ms, _generated = direct.generate(prompt, max_new_tokens)
             after_us = read_busy_us() if on_npu else None
             if record:
                 latency[mode].append(elapsed_ms)
@@ -750,7 +755,10 @@ def overhead_run(bench: Bench, daemon: Daemon, text: str, max_new_tokens: int, b
         stats = summarize(latency[mode])
         result[mode] = {
             "latency_ms": stats,
-            "overhead_ms": {"p50": difference(stats, direct_stats, "p50"), "p95": difference(stats, direct_stats, "p95")},
+            "overhead_ms": {
+                "p50": difference(stats, direct_stats, "p50"),
+                "p95": difference(stats, direct_stats, "p95"),
+            },
             "server_overhead_ms": summarize(server_overhead[mode]),
             "server_generate_ms": summarize(server_generate[mode]),
             # Per request: the client's latency minus the worker's timing_ms.total, i.e. request
@@ -938,7 +946,7 @@ def order_checks(records: Sequence[Record]) -> dict[str, Any]:
     tolerance_s = ORDER_TOLERANCE_MS / 1000.0
     windows = sorted((r.began_at, r.started_at, r.ended_at) for r in records)  # by began_at
     by_start = sorted(windows, key=lambda w: w[1])
-    overlaps = sum(1 for before, after in zip(by_start, by_start[1:]) if after[1] < before[2] - tolerance_s)
+    overlaps = sum(1 for before, after in itertools.pairwise(by_start) if after[1] < before[2] - tolerance_s)
     inversions = 0
     for i, (early_began, early_started, _) in enumerate(windows):
         for late_began, late_started, _ in windows[i + 1:]:
@@ -974,21 +982,25 @@ def fifo_check(port: int, text: str, rounds: int, gated: bool, spacing_s: float 
         replies: list[Reply | None] = [None] * FIFO_FOLLOWERS
         go = [threading.Event() for _ in followers]
 
-        def follow(index: int) -> None:
+        def follow(index: int, go: list[threading.Event] = go, followers: list[Client] = followers,
+                   replies: list[Reply | None] = replies) -> None:
             go[index].wait()
             replies[index] = followers[index].post(body)
 
         threads = [threading.Thread(target=follow, args=(i,), daemon=True) for i in range(FIFO_FOLLOWERS)]
-        head_thread = threading.Thread(target=lambda: statuses.update([head.post(head_body).status]), daemon=True)
+        head_thread = threading.Thread(target=lambda head=head: statuses.update([head.post(head_body).status]),
+                                       daemon=True)
         for thread in threads:
             thread.start()
         head_thread.start()
-        in_control = not gated or wait_for_health(monitor, lambda h: h["jobs_in_flight"] >= 1 and h["queue_waiting"] == 0)
+        in_control = not gated or wait_for_health(
+            monitor, lambda h: h["jobs_in_flight"] >= 1 and h["queue_waiting"] == 0)
         for index, event in enumerate(go):
             event.set()
             if gated:
                 # Waiting in the queue: followers 0..index, while the head still runs.
-                in_control = in_control and wait_for_health(monitor, lambda h: h["queue_waiting"] >= index + 1)
+                in_control = in_control and wait_for_health(
+                    monitor, lambda h, index=index: h["queue_waiting"] >= index + 1)
             else:
                 time.sleep(spacing_s)
         for thread in (*threads, head_thread):
@@ -1004,7 +1016,7 @@ def fifo_check(port: int, text: str, rounds: int, gated: bool, spacing_s: float 
         controlled += 1
         records = [Record(i, reply) for i, reply in enumerate(done)]
         start_order = [record.client for record in sorted(records, key=lambda r: r.started_at)]
-        round_inversions = sum(1 for a, b in zip(start_order, start_order[1:]) if b < a)
+        round_inversions = sum(1 for a, b in itertools.pairwise(start_order) if b < a)
         inversions += round_inversions
         kept += round_inversions == 0
         queue_waits.append([round(reply.timing("queue"), 2) for reply in done])
@@ -1046,7 +1058,7 @@ def burst(port: int, text: str, rounds: int) -> dict[str, Any]:
     for _ in range(rounds):
         barrier = threading.Barrier(BURST_CLIENTS)
 
-        def shoot(client: Client) -> None:
+        def shoot(client: Client, barrier: threading.Barrier = barrier) -> None:
             barrier.wait()
             try:
                 reply = client.post(body)
@@ -1107,7 +1119,8 @@ def bench_scaling(bench: Bench) -> dict[str, Any]:
         # sizes that do not fit are skipped there instead.
         max_prompt_tokens = max(max_prompt_tokens, needed)
     else:
-        skipped = [{"chars": c["chars"], "prompt_tokens": c["prompt_tokens"]} for c in cases if c["prompt_tokens"] > max_prompt_tokens]
+        skipped = [{"chars": c["chars"], "prompt_tokens": c["prompt_tokens"]}
+                   for c in cases if c["prompt_tokens"] > max_prompt_tokens]
         cases = [case for case in cases if case["prompt_tokens"] <= max_prompt_tokens]
     latency: dict[tuple[int, str], list[float]] = {}
     server_overhead: dict[int, list[float]] = {case["chars"]: [] for case in cases}
@@ -1293,8 +1306,8 @@ def bench_profile(bench: Bench) -> dict[str, Any]:
     for profiler, clients in runs:
         name = f"{profiler}-{clients}-client{'s' if clients > 1 else ''}"
         command = [sys.executable, str(PROFILE_WORKER_PY), "--profiler", profiler, "--out", str(out_dir / name), "--"]
-        daemon = Daemon(bench.config, f"profile-{name}", ["--queue-depth", str(max(clients, worker.DEFAULT_QUEUE_DEPTH))],
-                        command=command)
+        daemon = Daemon(bench.config, f"profile-{name}",
+                        ["--queue-depth", str(max(clients, worker.DEFAULT_QUEUE_DEPTH))], command=command)
         with daemon:
             records, exceptions, wall_s = run_clients(daemon.port, clients, plan.profile_requests // clients, body)
             time.sleep(0.2)  # the connection threads end and file their profiles
@@ -1344,9 +1357,10 @@ def step_costs(bench: Bench, text: str) -> dict[str, Any]:
     for max_new_tokens in (16, 128):
         config = genai.GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, apply_chat_template=False)
         variants: dict[str, Callable[[], Any]] = {
-            "generate([prompt])": lambda: direct.pipeline.generate([prompt], config),
-            "generate([prompt], streamer)": lambda: direct.pipeline.generate([prompt], config, NoOpStreamer()),
-            "generate(tokenized)": lambda: direct.pipeline.generate(encoded, config),
+            "generate([prompt])": lambda config=config: direct.pipeline.generate([prompt], config),
+            "generate([prompt], streamer)": (
+                lambda config=config: direct.pipeline.generate([prompt], config, NoOpStreamer())),
+            "generate(tokenized)": lambda config=config: direct.pipeline.generate(encoded, config),
         }
         samples_by: dict[str, list[float]] = {name: [] for name in variants}
         rng = random.Random(max_new_tokens)
@@ -1408,7 +1422,8 @@ def targets(results: dict[str, Any]) -> list[Target]:
         errors = sum(lv["errors"] for lv in levels) if levels else None
         found.append(Target("errors under 1/4/16 clients", errors, 0, "count"))
         fifo = dig(results, "concurrency", "fifo") or {}
-        found.append(Target("FIFO: start-order inversions, queue entry order confirmed", fifo.get("inversions"), 0, "count"))
+        found.append(Target("FIFO: start-order inversions, queue entry order confirmed", fifo.get("inversions"), 0,
+                            "count"))
         burst_result = dig(results, "concurrency", "burst") or {}
         missing = None
         if "busy_503" in burst_result:
@@ -1421,11 +1436,13 @@ def targets(results: dict[str, Any]) -> list[Target]:
         soak = results["soak"]
         n = soak.get("requests")
         growth = soak.get("rss_growth_kb")
-        found.append(Target(f"soak RSS growth over {n} requests", None if growth is None else round(growth / 1024, 2), 5.0, "MB"))
+        found.append(Target(f"soak RSS growth over {n} requests",
+                            None if growth is None else round(growth / 1024, 2), 5.0, "MB"))
         found.append(Target("soak threads back to baseline (end - start)", soak.get("threads_delta"), 0, "count"))
         found.append(Target("soak fds back to baseline (end - start)", soak.get("fds_delta"), 0, "count"))
     if "startup" in results:
-        found.append(Target("worker.py --help wall time, median", dig(results, "startup", "help_ms", "p50"), 150.0, "ms"))
+        found.append(Target("worker.py --help wall time, median", dig(results, "startup", "help_ms", "p50"), 150.0,
+                            "ms"))
     return found
 
 
@@ -1498,19 +1515,21 @@ def render_concurrency(data: dict[str, Any]) -> str:
             + fifo_lines
             + f"\nburst: {b['clients']} clients x {b['rounds']} rounds at --queue-depth {b['queue_depth']}: "
               f"{b['busy_503']}/{b['requests']} answered 503 ({b['busy_rate']:.1%}), "
-              f"{b['busy_with_retry_after']} with Retry-After {b['retry_after_values']}, types {b['busy_error_types']}, "
-              f"{b['ok']} ok, other {b['other_statuses']}, exceptions {b['exceptions']}")
+              f"{b['busy_with_retry_after']} with Retry-After {b['retry_after_values']}, "
+              f"types {b['busy_error_types']}, {b['ok']} ok, other {b['other_statuses']}, exceptions {b['exceptions']}")
 
 
 def render_scaling(data: dict[str, Any]) -> str:
-    rows = [[r["chars"], r["input_tokens"], r["prompt_tokens"], r["chars_per_input_token"], r["direct_ms"]["p50"], r["http_keepalive_ms"]["p50"],
-             r["overhead_ms"]["p50"], r["overhead_ms"]["p95"], r["server_generate_ms"]["p50"],
-             r["server_overhead_ms"]["p50"], r["server_overhead_ms"]["p95"]] for r in data["sizes"]]
+    rows = [[r["chars"], r["input_tokens"], r["prompt_tokens"], r["chars_per_input_token"], r["direct_ms"]["p50"],
+             r["http_keepalive_ms"]["p50"], r["overhead_ms"]["p50"], r["overhead_ms"]["p95"],
+             r["server_generate_ms"]["p50"], r["server_overhead_ms"]["p50"], r["server_overhead_ms"]["p95"]]
+            for r in data["sizes"]]
     skipped = f"\nskipped (over --max-prompt-tokens): {data['skipped']}" if data["skipped"] else ""
     return (f"scaling: job {data['job']}, {data['max_new_tokens']} new tokens, daemon "
             f"--max-prompt-tokens {data['daemon_max_prompt_tokens']}\n"
-            + table(["chars", "input tokens", "prompt tokens", "chars/token", "direct p50 ms", "http p50 ms", "overhead p50",
-                     "overhead p95", "server generate p50", "server p50", "server p95"], rows) + skipped)
+            + table(["chars", "input tokens", "prompt tokens", "chars/token", "direct p50 ms", "http p50 ms",
+                     "overhead p50", "overhead p95", "server generate p50", "server p50", "server p95"], rows)
+            + skipped)
 
 
 def render_soak(data: dict[str, Any]) -> str:
@@ -1527,9 +1546,12 @@ def render_soak(data: dict[str, Any]) -> str:
 def render_startup(data: dict[str, Any]) -> str:
     rows = [["worker.py --help (ms)", *(data["help_ms"][k] for k in ("n", "p50", "min", "max"))],
             ["python -c pass (ms), the floor", *(data["python_floor_ms"][k] for k in ("n", "p50", "min", "max"))],
-            ["start to /healthz 200, empty cache (s)", *(data["healthz_empty_cache_s"][k] for k in ("n", "p50", "min", "max"))],
-            ["start to /healthz 200, warm cache (s)", *(data["healthz_warm_cache_s"][k] for k in ("n", "p50", "min", "max"))]]
-    return "startup\n" + table(["what", "n", "median", "min", "max"], rows) + f"\ncache dir: {data['cache_bytes']} bytes"
+            ["start to /healthz 200, empty cache (s)",
+             *(data["healthz_empty_cache_s"][k] for k in ("n", "p50", "min", "max"))],
+            ["start to /healthz 200, warm cache (s)",
+             *(data["healthz_warm_cache_s"][k] for k in ("n", "p50", "min", "max"))]]
+    return ("startup\n" + table(["what", "n", "median", "min", "max"], rows)
+            + f"\ncache dir: {data['cache_bytes']} bytes")
 
 
 def render_profile(data: dict[str, Any]) -> str:
@@ -1551,7 +1573,8 @@ def render_profile(data: dict[str, Any]) -> str:
 def render_targets(found: Sequence[Target]) -> str:
     rows = [[t.status, t.name, t.value, (">= " if t.higher_is_better else "<= ") + fmt(t.limit), t.unit]
             for t in found]
-    return "targets (one run, one machine; reported, never asserted)\n" + table(["status", "target", "value", "limit", "unit"], rows)
+    return ("targets (one run, one machine; reported, never asserted)\n"
+            + table(["status", "target", "value", "limit", "unit"], rows))
 
 
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
@@ -1638,8 +1661,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("section", nargs="?", default="all", choices=[*SECTIONS, "all", *EXTRA_SECTIONS],
                         help="what to run (default all; profile is never part of all)")
     parser.add_argument("--quick", action="store_true", help="a small run that checks the bench itself (seconds)")
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write the results (default %(default)s)")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model directory (default: the tiny test model)")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON,
+                        help="where to write the results (default %(default)s)")
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help="model directory (default: the tiny test model)")
     parser.add_argument("--device", choices=("CPU", "NPU"), default="CPU", help="device (default CPU)")
     parser.add_argument("--cache-dir", type=Path,
                         help="compiled-model cache for every daemon and the baseline (default: fresh per daemon; "
@@ -1671,7 +1696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     results: dict[str, Any] = {
         "meta": {
-            "command": "python " + " ".join(shlex.quote(a) for a in ["bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
+            "command": "python " + " ".join(shlex.quote(a)
+                                            for a in ["bench/run.py", *(sys.argv[1:] if argv is None else argv)]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "quick": args.quick,
             "model": str(args.model),
@@ -1694,7 +1720,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"== {section} ...", file=sys.stderr, flush=True)
             try:
                 data = SECTION_FUNCTIONS[section](bench)
-            except Exception as exc:  # one broken section must not lose the others' numbers
+            except Exception as exc:  # noqa: BLE001 - one broken section must not lose the others' numbers
                 failed = True
                 results[section] = {"error": f"{type(exc).__name__}: {exc}", "daemon_logs": bench.daemon_logs}
                 bench.daemon_logs = {}

@@ -18,8 +18,8 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 

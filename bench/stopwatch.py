@@ -18,12 +18,12 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402
+import worker
 
 STREAMS = REPO / "tests" / "fixtures" / "token_streams.json"
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-int8-sym-ov"
@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for job, row in rows.items():
         overhead = "-" if decode_ms is None else f"{row['step_us'] / 1000 + row['decodes_per_token'] * decode_ms:.3f}"
-        print(f"| {job} | {row['tokens']} | {row['decodes']} | {row['decodes_per_token']:.3f} | {row['step_us']:.1f} | {overhead} |")
+        print(f"| {job} | {row['tokens']} | {row['decodes']} | {row['decodes_per_token']:.3f} "
+              f"| {row['step_us']:.1f} | {overhead} |")
     print(f"\none decode of 100 ids with the model's tokenizer: {decode_ms:.3f} ms" if decode_ms is not None
           else "\n(no tokenizer at --model: decode cost not measured)")
     return 0

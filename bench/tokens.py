@@ -55,22 +55,22 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterable
-from typing import Sequence
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 WORKER_PY = REPO / "worker.py"
 
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402  (the code under measurement)
+import worker  # the code under measurement
 
 sys.path.insert(0, str(BENCH_DIR))
-import run as run_bench  # noqa: E402  (its table)
+import run as run_bench  # its table
 
 # ==================================================================================================
 # Settings
@@ -540,9 +540,9 @@ def render(aggregates: dict[str, Any]) -> str:
         table(["job", "n", "generated", "max_new", "kept", "discarded %", "length", "oracle-savable %",
                "shape viol.", "errors", "stop rules", "json_valid %", ">=1 cand. %"], rows),
         "",
-        f"overall: {overall['generated_tokens']} tokens generated, {overall['discarded_tokens']} discarded "
-        f"({fmt(overall['discarded_pct'])}%): {overall['npu_decode_s_discarded']} s of NPU decode at "
-        f"{NPU_DECODE_MS_PER_TOKEN:g} ms/token; {overall['errors']} failed jobs",
+        (f"overall: {overall['generated_tokens']} tokens generated, {overall['discarded_tokens']} discarded "
+         f"({fmt(overall['discarded_pct'])}%): {overall['npu_decode_s_discarded']} s of NPU decode at "
+         f"{NPU_DECODE_MS_PER_TOKEN:g} ms/token; {overall['errors']} failed jobs"),
     ])
 
 

@@ -14,17 +14,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import worker  # noqa: E402
+import worker
 
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-chatml-ov"
 
@@ -87,9 +87,11 @@ class FakeNpuPipeline:
             busy_until += max(0, self.busy_increment_us) / 1e6
         tokens = re.findall(r"\s*\S+", self.reply)
         ids = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-        triggers = frozenset(index for token, index in ids.items() if stop_rules and set(token) & set(worker.STOP_TRIGGER_CHARS[stop_rules]))
+        triggers = frozenset(index for token, index in ids.items()
+                             if stop_rules and set(token) & set(worker.STOP_TRIGGER_CHARS[stop_rules]))
         pieces = {index: token for token, index in ids.items()}
-        watch = worker.StopWatch(should_stop, stop_rules, lambda token_ids: "".join(pieces[i] for i in token_ids), triggers)
+        watch = worker.StopWatch(should_stop, stop_rules, lambda token_ids: "".join(pieces[i] for i in token_ids),
+                                 triggers)
         generated, finish = min(len(tokens), max_new_tokens), "stop"
         if generated < len(tokens):
             finish = "length"
@@ -146,7 +148,9 @@ def make_worker(settings: worker.Settings, pipeline: Any, *, warm_up: bool = Tru
     return built
 
 
-def serve_in_thread(settings: worker.Settings, factory: worker.PipelineFactory, *, load: bool = True) -> worker.WorkerHTTPServer:
+def serve_in_thread(
+    settings: worker.Settings, factory: worker.PipelineFactory, *, load: bool = True
+) -> worker.WorkerHTTPServer:
     """Bind in the caller's thread (port 0 is fine), serve in a daemon thread; the caller shuts down."""
     built = worker.build_worker(settings, factory)
     if load:
@@ -199,7 +203,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., worker.WorkerHTTPServ
         settings = dataclasses.replace(cpu_settings(tmp_path, port=0, lock_timeout_s=5.0), **changes)
         if factory is None:
             chosen = pipeline or FakeNpuPipeline(settings)
-            factory = lambda _settings: chosen  # noqa: E731
+            factory = lambda _settings: chosen
         server = serve_in_thread(settings, factory, load=load)
         servers.append(server)
         return server

@@ -43,8 +43,12 @@ import statistics
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 from typing import Any
-from typing import Sequence
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; annotations here are never evaluated
 
 GENERATE_PATH = "/v1/worker/generate"
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
@@ -138,11 +142,11 @@ class _SlowAttack:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    def __enter__(self) -> _SlowAttack:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> None:
@@ -485,11 +489,11 @@ class Prober:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> Prober:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def start(self) -> None:

@@ -490,7 +490,8 @@ MEMORY_CASES = [
     param('{"candidates": [{"text": "Prefers tea over coffee"}]}', [TEA], True, id="object"),
     param('{"candidates": []}', [], True, id="object-empty-list"),
     param('[{"text": "Prefers tea over coffee"}]', [TEA], True, id="bare-list"),
-    param('["Prefers tea over coffee", "Lives in Lisbon since last spring"]', [TEA, LISBON], True, id="list-of-strings"),
+    param('["Prefers tea over coffee", "Lives in Lisbon since last spring"]', [TEA, LISBON], True,
+          id="list-of-strings"),
     param(
         '```json\n{"candidates": [{"text": "Prefers tea over coffee"}]}\n```',
         [TEA],
@@ -498,7 +499,8 @@ MEMORY_CASES = [
         id="code-fenced",
     ),
     param(
-        'Here are the facts worth remembering:\n{"candidates": [{"text": "Prefers tea over coffee"}]}\nHope this helps!',
+        ('Here are the facts worth remembering:\n{"candidates": [{"text": "Prefers tea over coffee"}]}\n'
+         'Hope this helps!'),
         [TEA],
         True,
         id="text-around-json",
@@ -511,7 +513,8 @@ MEMORY_CASES = [
     ),
     param('{"candidates": [{"text": "  Prefers   tea\\nover coffee "}]}', [TEA], True, id="whitespace-normalised"),
     param(
-        '{"candidates": [{"fact": "x"}, {"text": 5}, {"text": null}, 42, null, [], {"text": "Prefers tea over coffee"}]}',
+        ('{"candidates": [{"fact": "x"}, {"text": 5}, {"text": null}, 42, null, [], '
+         '{"text": "Prefers tea over coffee"}]}'),
         [TEA],
         True,
         id="items-without-text-skipped",
@@ -538,11 +541,12 @@ MEMORY_CASES = [
     # Cut off by the token budget: the items complete before the cut are kept, json_valid says the cut.
     param('{"candidates": [{"text": "Prefers tea over coffee"}, ', [TEA], False, id="truncated-mid-array"),
     param('{"candidates": [{"text": "Prefers tea over coffee"}]', [TEA], False, id="truncated-before-last-brace"),
-    param('{"candidates":[{"text":"Prefers tea over coffee"},{"text":"Lives in Lis', [TEA], False, id="truncated-compact"),
+    param('{"candidates":[{"text":"Prefers tea over coffee"},{"text":"Lives in Lis', [TEA], False,
+          id="truncated-compact"),
     param('[{"text": "Prefers tea over coffee"}, {"text": "Lives in Lisbon since last spring"}', [TEA, LISBON], False,
           id="truncated-bare-list"),
-    param('{"candidates": [{"text": "Prefers tea over coffee"} {"text": "Lives in Lisbon since last spring"}', [TEA, LISBON],
-          False, id="truncated-missing-comma"),
+    param('{"candidates": [{"text": "Prefers tea over coffee"} {"text": "Lives in Lisbon since last spring"}',
+          [TEA, LISBON], False, id="truncated-missing-comma"),
     param('{"other": 1, "candidates": [{"text": "Prefers tea over coffee"}', [], False, id="truncated-other-key-first"),
     param('{"candidates": "x"}', [], False, id="candidates-is-string"),
     param('{"candidates": {"text": "x"}}', [], False, id="candidates-is-object"),
@@ -589,7 +593,7 @@ def test_parse_memory_candidates_duplicates_do_not_use_up_the_five() -> None:
     ],
 )
 def test_parse_memory_candidates_cuts_overlong_text(fact: str) -> None:
-    candidates, valid = worker.parse_memory_candidates('{"candidates": [{"text": "%s"}]}' % fact)
+    candidates, valid = worker.parse_memory_candidates('{"candidates": [{"text": "' + fact + '"}]}')
     assert valid is True
     [candidate] = candidates
     assert len(fact) > worker.MEMORY_CANDIDATE_MAX_CHARS
@@ -975,7 +979,10 @@ def test_error_body_with_result() -> None:
 @pytest.mark.parametrize("status", sorted(worker.ProtocolError.TYPES))
 def test_error_body_protocol_error(status: int) -> None:
     body = worker.error_body(worker.ProtocolError(status), "rid")
-    assert body == {"error": {"type": worker.ProtocolError.TYPES[status], "message": f"HTTP error {status}"}, "request_id": "rid"}
+    assert body == {
+        "error": {"type": worker.ProtocolError.TYPES[status], "message": f"HTTP error {status}"},
+        "request_id": "rid",
+    }
 
 
 def test_error_types_are_distinct() -> None:
@@ -1002,7 +1009,8 @@ def test_contract_error_table_is_parsed() -> None:
     assert ("configuration", None, 78) in rows
 
 
-@pytest.mark.parametrize("name, status, exit_code", contract_error_rows(), ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize("name, status, exit_code", contract_error_rows(),
+                         ids=lambda v: v if isinstance(v, str) else None)
 def test_error_classes_match_contract_table(name: str, status: int | None, exit_code: int | None) -> None:
     by_type = {cls.type: cls for cls in all_error_classes() if cls is not worker.ProtocolError}
     if name in by_type:
@@ -1074,7 +1082,12 @@ NPU_ONLY_KEYS = {"MAX_PROMPT_LEN", "MIN_RESPONSE_LEN", "PREFILL_HINT", "GENERATE
         param(
             None,
             worker.Limits(max_prompt_tokens=2048, min_response_tokens=128),
-            {"MAX_PROMPT_LEN": 2048, "MIN_RESPONSE_LEN": 128, "PREFILL_HINT": "DYNAMIC", "GENERATE_HINT": "FAST_COMPILE"},
+            {
+                "MAX_PROMPT_LEN": 2048,
+                "MIN_RESPONSE_LEN": 128,
+                "PREFILL_HINT": "DYNAMIC",
+                "GENERATE_HINT": "FAST_COMPILE",
+            },
             id="custom-limits-no-cache",
         ),
     ],
@@ -1215,7 +1228,8 @@ def test_busy_counter_default_pattern_is_documented() -> None:
     assert worker.BUSY_COUNTER_GLOB in CONTRACT.read_text(encoding="utf-8")
 
 
-@pytest.mark.parametrize("content", ["", "n/a\n", "12.5", "0x10", "\x00\x01"], ids=["empty", "text", "float", "hex", "binary"])
+@pytest.mark.parametrize("content", ["", "n/a\n", "12.5", "0x10", "\x00\x01"],
+                         ids=["empty", "text", "float", "hex", "binary"])
 def test_busy_counter_garbage_is_config_error(tmp_path: Path, content: str) -> None:
     pattern = fake_sysfs(tmp_path / "sys", {"accel0": content})
     with pytest.raises(worker.ConfigError):
@@ -1301,7 +1315,8 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Any:
         param(["--job", "poem", "--input", "x"], 2, "--job", id="unknown-job"),
         param(["--input", "x"], 2, "need --job", id="input-without-job"),
         param(["--max-new-tokens", "5"], 2, "need --job", id="max-new-tokens-without-job"),
-        param(["--job", "title", "--input", "x", "--input-file", "-"], 2, "not allowed with", id="input-and-input-file"),
+        param(["--job", "title", "--input", "x", "--input-file", "-"], 2, "not allowed with",
+              id="input-and-input-file"),
         param(["--model", "/m", "--demo"], 2, "not allowed with", id="model-and-demo"),
         param(["--queue-depth", "0"], 2, "--queue-depth must be at least 1", id="queue-depth-0"),
         param(["--max-input-chars", "0"], 2, "--max-input-chars", id="max-input-chars-0"),

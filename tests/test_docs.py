@@ -20,9 +20,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Iterator
 
 import pytest
 
@@ -117,8 +117,8 @@ def run(command: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     env = {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"}
     documented = any(command == line for _, line, _ in README + CONTRACT)  # not a curl with its port swapped
     pasted = as_pasted(command) if documented else command
-    return subprocess.run(["bash", "-c", pasted], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(["bash", "-c", pasted], cwd=REPO, env=env, check=False, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_the_docs_commands_find_this_interpreter_without_an_activated_venv() -> None:
@@ -173,7 +173,9 @@ def worker_commands() -> list[tuple[str, str, str | None]]:
 
 
 @pytest.mark.parametrize("where,command,example", worker_commands(), ids=lambda value: str(value)[:60])
-def test_documented_worker_command(daemon: tuple[int, dict[str, str]], where: str, command: str, example: str | None) -> None:
+def test_documented_worker_command(
+    daemon: tuple[int, dict[str, str]], where: str, command: str, example: str | None
+) -> None:
     port, env = daemon
     assert DOC_PORT in command or not command.startswith("curl")
     if command.startswith("curl "):
@@ -196,7 +198,8 @@ def test_documented_worker_command(daemon: tuple[int, dict[str, str]], where: st
 
 
 def test_contract_error_example_is_what_the_worker_says(daemon: tuple[int, dict[str, str]]) -> None:
-    (example,) = [json.loads(block) for block in re.findall(r"```json\n(.*?)```", (REPO / "CONTRACT.md").read_text(), re.DOTALL)
+    (example,) = [json.loads(block)
+                  for block in re.findall(r"```json\n(.*?)```", (REPO / "CONTRACT.md").read_text(), re.DOTALL)
                   if '"error"' in block]
     port, _ = daemon
     request = urllib.request.Request(
@@ -348,7 +351,8 @@ def test_token_commands_work_on_a_fresh_home_and_are_enforced(tmp_path: Path) ->
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz", headers={"Authorization": f"Bearer {token}"})
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/healthz",
+                                             headers={"Authorization": f"Bearer {token}"})
             try:
                 with urllib.request.urlopen(request, timeout=2) as response:
                     assert response.status == 200
@@ -399,11 +403,13 @@ def test_the_worker_and_the_smoke_test_keep_openvino_telemetry_out(tmp_path: Pat
     job = [sys.executable, "worker.py", "--device", "CPU", "--model", str(TINY_MODEL), "--job", "title",
            "--input", "Telemetry check.", "--output", "text"]
     smoke = [sys.executable, "smoke_llm_npu.py", "--emulate-npu", "--model", str(TINY_MODEL)]
-    threads = [sys.executable, "-c", "import threading, worker; worker.import_openvino(); "
-               "print(sorted(t.name for t in threading.enumerate()))"]
+    threads = [sys.executable, "-c", ("import threading, worker; worker.import_openvino(); "
+                                      "print(sorted(t.name for t in threading.enumerate()))")]
     for command in (job, smoke):
-        assert subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=120).returncode == 0
-    names = subprocess.run(threads, cwd=REPO, env=env, capture_output=True, text=True, timeout=60).stdout
+        completed = subprocess.run(command, cwd=REPO, env=env, check=False, capture_output=True, timeout=120)
+        assert completed.returncode == 0
+    names = subprocess.run(threads, cwd=REPO, env=env, check=False, capture_output=True, text=True,
+                           timeout=60).stdout
     assert names.strip() == "['MainThread']"
     assert not (tmp_path / "home" / "intel").exists()
 

@@ -476,7 +476,7 @@ def test_the_readme_export_recipe_is_the_doctors_fix_and_passes_its_check() -> N
 
     readme = (Path(worker.__file__).parent / "README.md").read_text()
     (recipe,) = re.findall(
-        r"^pip install 'optimum-intel\[openvino\]' && (optimum-cli export openvino .*)$", readme, re.M
+        r"^pip install 'optimum-intel\[openvino\]' && (optimum-cli export openvino .*)$", readme, re.MULTILINE
     )
     model, directory = recipe.split()[4], recipe.split()[-1]
     assert recipe == worker.NPU_EXPORT_COMMAND.replace("<hf-model>", model).replace("<dir>", directory)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 
 import pytest
 
@@ -150,7 +150,7 @@ def test_an_idle_kept_alive_connection_makes_room_silently_and_is_counted(
         assert idle.reply().status == 200  # kept alive, idle from now on
         stalled_conn.send(b"GET /livez HTTP/1.1\r\n")
         # Both held by the gate (the idle one handed back by its handler), none in service.
-        in_service = server._in_service  # noqa: SLF001
+        in_service = server._in_service
         assert wait_for(lambda: server.open_connections == 2 and not any(in_service.values()), 5)
         reply, _ = exchange(port, request(port, "GET", "/livez"))
         assert reply.status == 200

@@ -31,20 +31,24 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
-from typing import Callable
-from typing import Iterator
 
 import pytest
 
 import worker
-from conftest import FakeNpuPipeline
 from conftest import TINY_MODEL
+from conftest import FakeNpuPipeline
 from conftest import assert_error
 from conftest import cpu_settings
 from conftest import serve_in_thread
 from conftest import wait_for
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self needs 3.11; annotations here are never evaluated
 
 SOCKET_TIMEOUT_S = 5.0
 JOB_BODY = b'{"job": "title", "input": "Quarterly revenue is up twelve percent."}'
@@ -81,10 +85,10 @@ class Conn:
         self.buffer = b""
         self.eof = False
 
-    def __enter__(self) -> Conn:
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -355,7 +359,8 @@ def test_1_2_a_host_not_naming_this_worker_is_403_before_the_body_is_read(
     calls = generate_calls(fake_server)
     host = host.format(port=port, other=port + 1 if port < 65535 else port - 1)
     # Content-Length promises 100 bytes that never come: reading the body would hang until timeout.
-    data = request(port, "POST", "/v1/worker/generate", host=host, headers=("Content-Type: application/json", "Content-Length: 100"))
+    data = request(port, "POST", "/v1/worker/generate", host=host,
+                   headers=("Content-Type: application/json", "Content-Length: 100"))
     started = time.monotonic()
     reply, closed = exchange(port, data, timeout=3)
     assert time.monotonic() - started < 2.5
@@ -380,13 +385,19 @@ def test_2_missing_or_duplicated_host_is_403(fake_server: worker.WorkerHTTPServe
     assert_serves(fake_server)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:{port}", "localhost", "localhost:{port}", "LOCALHOST:{port}", "[::1]", "[::1]:{port}"])
-def test_1_2_loopback_host_names_with_the_right_port_or_none_pass(fake_server: worker.WorkerHTTPServer, host: str) -> None:
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1", "127.0.0.1:{port}", "localhost", "localhost:{port}", "LOCALHOST:{port}", "[::1]", "[::1]:{port}"],
+)
+def test_1_2_loopback_host_names_with_the_right_port_or_none_pass(
+    fake_server: worker.WorkerHTTPServer, host: str
+) -> None:
     port = fake_server.server_port
     reply, closed = exchange(port, request(port, host=host.format(port=port)))
     assert reply.status == 200 and reply.json()["status"] == "ok"
     assert not closed  # keep-alive
-    reply, _ = exchange(port, request(port, "POST", "/v1/worker/generate", body=JOB_BODY, host=host.format(port=port)), timeout=30)
+    reply, _ = exchange(port, request(port, "POST", "/v1/worker/generate", body=JOB_BODY, host=host.format(port=port)),
+                        timeout=30)
     assert reply.status == 200 and reply.json()["job"] == "title"
 
 
@@ -452,14 +463,18 @@ def test_3_options_never_gets_cors_headers(fake_server: worker.WorkerHTTPServer,
 
 @pytest.mark.parametrize(
     "content_type",
-    ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/jsonx", None],
+    [
+        "text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x", "application/jsonx", None,
+    ],
 )
 def test_4_a_body_that_is_not_application_json_is_415_and_no_job_runs(
     fake_server: worker.WorkerHTTPServer, content_type: str | None
 ) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
-    data = request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type=content_type)  # the body is valid JSON
+    # The body is valid JSON.
+    data = request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type=content_type)
     reply, closed = exchange(port, data)
     assert_error(reply, 415, "unsupported_media_type")
     assert closed  # the body was not read
@@ -469,14 +484,17 @@ def test_4_a_body_that_is_not_application_json_is_415_and_no_job_runs(
 
 def test_4_application_json_with_parameters_passes(fake_server: worker.WorkerHTTPServer) -> None:
     port = fake_server.server_port
-    reply, _ = exchange(port, request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type="Application/JSON; charset=utf-8"), timeout=30)
+    reply, _ = exchange(port, request(port, "POST", "/v1/worker/generate", body=JOB_BODY,
+                                      content_type="Application/JSON; charset=utf-8"), timeout=30)
     assert reply.status == 200
 
 
 # --- 5: bearer token -------------------------------------------------------------------------------
 
 
-def test_5_token_missing_or_wrong_is_401_right_is_200_and_livez_needs_none(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_5_token_missing_or_wrong_is_401_right_is_200_and_livez_needs_none(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server(token=TOKEN)
     port = server.server_port
     calls = len(server.pipeline.calls)  # type: ignore[attr-defined]
@@ -492,7 +510,9 @@ def test_5_token_missing_or_wrong_is_401_right_is_200_and_livez_needs_none(start
         "non-ascii": ("Authorization: Bearer \xe9\xe9",),
     }
     for name, headers in wrong.items():
-        for path, method, body in (("/v1/worker/generate", "POST", JOB_BODY), ("/healthz", "GET", None), ("/metrics", "GET", None)):
+        for path, method, body in (
+            ("/v1/worker/generate", "POST", JOB_BODY), ("/healthz", "GET", None), ("/metrics", "GET", None)
+        ):
             reply, closed = exchange(port, request(port, method, path, body=body, headers=headers))
             assert_error(reply, 401, "unauthorized")
             assert reply.header("WWW-Authenticate") == "Bearer", name
@@ -513,7 +533,9 @@ def test_5_token_missing_or_wrong_is_401_right_is_200_and_livez_needs_none(start
 # --- 6 and 27: start-up refusals -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.10", "127.0.0.2", "::ffff:127.0.0.1", "localhost.localdomain", ""])
+@pytest.mark.parametrize(
+    "host", ["0.0.0.0", "::", "192.168.1.10", "127.0.0.2", "::ffff:127.0.0.1", "localhost.localdomain", ""]
+)
 def test_6_non_loopback_hosts_are_refused(host: str) -> None:
     with pytest.raises(worker.ConfigError, match="refusing to bind") as caught:
         worker.check_loopback(host)
@@ -537,7 +559,8 @@ def _no_pipeline(_settings: worker.Settings) -> worker.Pipeline:
 def test_6_main_refuses_a_non_loopback_bind_with_exit_78(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    base = ["--model", str(TINY_MODEL), "--device", "CPU", "--port", "0", "--lock-file", str(tmp_path / "npu.lock"), "--cache-dir", str(tmp_path / "c")]
+    base = ["--model", str(TINY_MODEL), "--device", "CPU", "--port", "0", "--lock-file", str(tmp_path / "npu.lock"),
+            "--cache-dir", str(tmp_path / "c")]
     assert _main_without_touching_signals(["--host", "0.0.0.0", *base], pipeline_factory=_no_pipeline) == 78
     err = capsys.readouterr().err
     assert "configuration" in err and "refusing to bind '0.0.0.0'" in err
@@ -553,7 +576,8 @@ def test_27_a_port_in_use_is_exit_78_with_a_clear_message(tmp_path: Path, capsys
         port = taken.getsockname()[1]
         with pytest.raises(worker.ConfigError, match=f"port {port} on 127.0.0.1 is already in use"):
             worker.bind_server(cpu_settings(tmp_path, port=port), None)  # type: ignore[arg-type]
-        argv = ["--model", str(TINY_MODEL), "--device", "CPU", "--port", str(port), "--lock-file", str(tmp_path / "npu.lock"), "--cache-dir", str(tmp_path / "c")]
+        argv = ["--model", str(TINY_MODEL), "--device", "CPU", "--port", str(port),
+                "--lock-file", str(tmp_path / "npu.lock"), "--cache-dir", str(tmp_path / "c")]
         assert _main_without_touching_signals(argv, pipeline_factory=_no_pipeline) == 78
     assert f"port {port} on 127.0.0.1 is already in use" in capsys.readouterr().err
 
@@ -567,10 +591,18 @@ def test_27_the_listener_never_shares_its_port(fake_server: worker.WorkerHTTPSer
 
 @pytest.mark.parametrize(
     "values",
-    [["-1"], ["abc"], ["+5"], ["5, 5"], ["0x10"], ["1e3"], ["5.0"], [" "], ["\xb2"], ["\u0665".encode().decode("latin-1")], ["5", "6"], ["64", "1000000000"]],
-    ids=["negative", "letters", "plus", "list", "hex", "exponent", "decimal", "blank", "superscript-two", "arabic-digit-bytes", "two-values", "small-and-huge"],
+    [
+        ["-1"], ["abc"], ["+5"], ["5, 5"], ["0x10"], ["1e3"], ["5.0"], [" "], ["\xb2"],
+        ["\u0665".encode().decode("latin-1")], ["5", "6"], ["64", "1000000000"],
+    ],
+    ids=[
+        "negative", "letters", "plus", "list", "hex", "exponent", "decimal", "blank", "superscript-two",
+        "arabic-digit-bytes", "two-values", "small-and-huge",
+    ],
 )
-def test_7_8_a_bad_content_length_is_400_and_the_connection_closes(fake_server: worker.WorkerHTTPServer, values: list[str]) -> None:
+def test_7_8_a_bad_content_length_is_400_and_the_connection_closes(
+    fake_server: worker.WorkerHTTPServer, values: list[str]
+) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
     headers = ("Content-Type: application/json", *(f"Content-Length: {value}" for value in values))
@@ -588,7 +620,8 @@ def test_7_8_a_bad_content_length_is_400_and_the_connection_closes(fake_server: 
 def test_8_a_duplicated_identical_content_length_is_400_as_documented(fake_server: worker.WorkerHTTPServer) -> None:
     port = fake_server.server_port
     length = f"Content-Length: {len(JOB_BODY)}"
-    data = request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", length, length)) + JOB_BODY
+    data = (request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", length, length))
+            + JOB_BODY)
     reply, _ = exchange(port, data, timeout=30)
     assert_error(reply, 400, "invalid_request")
 
@@ -597,12 +630,15 @@ def test_8_a_duplicated_identical_content_length_is_400_as_documented(fake_serve
 
 
 @pytest.mark.parametrize("length", [worker.Limits().max_body_bytes + 1, 1_000_000_000, 10**30])
-def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(fake_server: worker.WorkerHTTPServer, length: int) -> None:
+def test_9_content_length_over_the_cap_is_413_at_once_nothing_read_and_closed(
+    fake_server: worker.WorkerHTTPServer, length: int
+) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
     with Conn(port, timeout=3) as conn:
         started = time.monotonic()
-        conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", f"Content-Length: {length}")) + b"{")
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          headers=("Content-Type: application/json", f"Content-Length: {length}")) + b"{")
         reply = conn.reply()  # the promised body never comes: an answer at all proves nothing was waited for
         assert time.monotonic() - started < 2
         body = assert_error(reply, 413, "body_too_large")
@@ -622,19 +658,23 @@ def test_9_a_body_of_exactly_the_cap_is_read(fake_server: worker.WorkerHTTPServe
 # --- 10: Transfer-Encoding -------------------------------------------------------------------------
 
 
-def test_10_chunked_is_411_and_content_length_with_transfer_encoding_is_400(fake_server: worker.WorkerHTTPServer) -> None:
+def test_10_chunked_is_411_and_content_length_with_transfer_encoding_is_400(
+    fake_server: worker.WorkerHTTPServer
+) -> None:
     port = fake_server.server_port
     calls = generate_calls(fake_server)
     smuggled = request(port, "POST", "/v1/worker/generate", body=JOB_BODY)
     chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled)
     for te in ("chunked", "Chunked", "gzip, chunked", "identity"):
         with Conn(port) as conn:
-            conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", f"Transfer-Encoding: {te}")) + chunk)
+            conn.send(request(port, "POST", "/v1/worker/generate",
+                              headers=("Content-Type: application/json", f"Transfer-Encoding: {te}")) + chunk)
             assert_error(conn.reply(), 411, "length_required")
             assert conn.closed_within(3)  # exactly one response: the chunk's request was not run
     with Conn(port) as conn:
         conn.send(
-            request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", "Content-Length: 4", "Transfer-Encoding: chunked"))
+            request(port, "POST", "/v1/worker/generate",
+                    headers=("Content-Type: application/json", "Content-Length: 4", "Transfer-Encoding: chunked"))
             + b"0\r\n\r\n" + smuggled
         )
         body = assert_error(conn.reply(), 400, "invalid_request")
@@ -656,12 +696,20 @@ def test_11_expect_100_continue_gets_the_final_4xx_and_no_100(fake_server: worke
     expected = {
         "bad-host": (403, "forbidden"), "origin": (403, "forbidden"), "oversize": (413, "body_too_large"),
         "text-plain": (415, "unsupported_media_type"), "chunked": (411, "length_required"),
-        "bad-length": (400, "invalid_request"), "wrong-method": (405, "method_not_allowed"), "unknown-path": (404, "not_found"),
+        "bad-length": (400, "invalid_request"), "wrong-method": (405, "method_not_allowed"),
+        "unknown-path": (404, "not_found"),
     }[case]
     host = "evil.example" if case == "bad-host" else "default"
-    method, path = {"wrong-method": ("PUT", "/v1/worker/generate"), "unknown-path": ("POST", "/v1/nothing")}.get(case, ("POST", "/v1/worker/generate"))
+    method, path = {
+        "wrong-method": ("PUT", "/v1/worker/generate"),
+        "unknown-path": ("POST", "/v1/nothing"),
+    }.get(case, ("POST", "/v1/worker/generate"))
     headers = ["Expect: 100-continue", f"Content-Type: {'text/plain' if case == 'text-plain' else 'application/json'}"]
-    headers.append({"oversize": "Content-Length: 1000000000", "chunked": "Transfer-Encoding: chunked", "bad-length": "Content-Length: -1"}.get(case, "Content-Length: 30"))
+    headers.append({
+        "oversize": "Content-Length: 1000000000",
+        "chunked": "Transfer-Encoding: chunked",
+        "bad-length": "Content-Length: -1",
+    }.get(case, "Content-Length: 30"))
     if case == "origin":
         headers.append("Origin: null")
     with Conn(port, timeout=3) as conn:
@@ -674,7 +722,9 @@ def test_11_expect_100_continue_gets_the_final_4xx_and_no_100(fake_server: worke
     assert_serves(fake_server)
 
 
-def test_11_expect_100_continue_on_a_good_request_gets_100_then_the_result(fake_server: worker.WorkerHTTPServer) -> None:
+def test_11_expect_100_continue_on_a_good_request_gets_100_then_the_result(
+    fake_server: worker.WorkerHTTPServer
+) -> None:
     port = fake_server.server_port
     headers = ("Expect: 100-continue", "Content-Type: application/json", f"Content-Length: {len(JOB_BODY)}")
     with Conn(port, timeout=30) as conn:
@@ -703,7 +753,8 @@ def test_12_a_half_closed_short_body_is_400_and_no_job(start_server: Callable[..
     port = server.server_port
     calls = len(server.pipeline.calls)  # type: ignore[attr-defined]
     with Conn(port) as conn:
-        conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
         conn.sock.shutdown(socket.SHUT_WR)  # EOF: the rest never comes
         body = assert_error(conn.reply(), 400, "invalid_request")
         assert "shorter than Content-Length" in body["error"]["message"]
@@ -719,7 +770,8 @@ def test_12_a_stalled_short_body_is_dropped_after_the_read_timeout_and_no_job(
     port = server.server_port
     calls = len(server.pipeline.calls)  # type: ignore[attr-defined]
     with Conn(port) as conn:
-        conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
         started = time.monotonic()
         data = conn.read_all(short_read_timeout + 4)  # the client keeps the connection open and waits
         waited = time.monotonic() - started
@@ -734,10 +786,10 @@ def test_12_a_stalled_short_body_is_not_a_500(
 ) -> None:
     server = start_server()
     port = server.server_port
-    with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"):
-        with Conn(port) as conn:
-            conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
-            data = conn.read_all(short_read_timeout + 4)
+    with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"), Conn(port) as conn:
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          headers=("Content-Type: application/json", "Content-Length: 100")) + JOB_BODY[:20])
+        data = conn.read_all(short_read_timeout + 4)
     assert all(status < 500 for status in parse_replies(data)), data[:300]
     assert b"internal_error" not in data
     assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
@@ -752,7 +804,8 @@ REJECTIONS = {
     "405-post-to-healthz": ("POST", "/healthz", ("Content-Type: application/json",), 405),
     "404-unknown-path": ("POST", "/v1/nowhere", ("Content-Type: application/json",), 404),
     "403-origin": ("POST", "/v1/worker/generate", ("Content-Type: application/json", "Origin: null"), 403),
-    "403-sec-fetch": ("POST", "/v1/worker/generate", ("Content-Type: application/json", "Sec-Fetch-Site: cross-site"), 403),
+    "403-sec-fetch": ("POST", "/v1/worker/generate", ("Content-Type: application/json", "Sec-Fetch-Site: cross-site"),
+                      403),
 }
 
 
@@ -843,7 +896,10 @@ def test_14_99_headers_pass_and_100_are_431(fake_server: worker.WorkerHTTPServer
 
 @pytest.mark.parametrize(
     "line",
-    [b"GARBAGE", b"GET", b"GET /healthz HTTP/1.1 extra", b"GET /healthz HTTP/x.y", b"GET /healthz FTP/1.0", b"\x00\xff\xfe"],
+    [
+        b"GARBAGE", b"GET", b"GET /healthz HTTP/1.1 extra", b"GET /healthz HTTP/x.y", b"GET /healthz FTP/1.0",
+        b"\x00\xff\xfe",
+    ],
 )
 def test_14_a_malformed_request_line_is_400_json(fake_server: worker.WorkerHTTPServer, line: bytes) -> None:
     port = fake_server.server_port
@@ -857,10 +913,15 @@ def test_14_a_malformed_request_line_is_400_json(fake_server: worker.WorkerHTTPS
 
 @pytest.mark.parametrize(
     "data",
-    [b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"BREW /healthz HTTP/1.1\r\n\r\n", b"GET /healthz HTTP/2.0\r\n\r\n"],
+    [
+        b"GARBAGE\r\n\r\n", b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", b"BREW /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/2.0\r\n\r\n",
+    ],
     ids=["400", "414", "501", "505"],
 )
-def test_14_protocol_errors_carry_one_request_id_in_header_and_body(fake_server: worker.WorkerHTTPServer, data: bytes) -> None:
+def test_14_protocol_errors_carry_one_request_id_in_header_and_body(
+    fake_server: worker.WorkerHTTPServer, data: bytes
+) -> None:
     with Conn(fake_server.server_port) as conn:
         conn.send(data)
         reply = conn.reply()
@@ -943,7 +1004,8 @@ def test_15_a_trickled_body_gets_408_at_the_body_deadline(
     port = server.server_port
     calls = len(server.pipeline.calls)  # type: ignore[attr-defined]
     with Conn(port, timeout=5) as conn:
-        conn.send(request(port, "POST", "/v1/worker/generate", headers=("Content-Type: application/json", "Content-Length: 100")))
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          headers=("Content-Type: application/json", "Content-Length: 100")))
         started = time.monotonic()
         for _ in range(40):
             conn.send(b" ")
@@ -967,7 +1029,8 @@ def _hold(server: worker.WorkerHTTPServer, count: int, data: bytes = b"") -> lis
         conns.append(conn)
         if data:
             conn.send(data)
-        assert wait_for(lambda: server.open_connections >= expected, 3), (server.open_connections, expected)
+        assert wait_for(lambda expected=expected: server.open_connections >= expected, 3), (
+            server.open_connections, expected)
     return conns
 
 
@@ -1150,7 +1213,8 @@ def test_17_a_job_whose_deadline_passed_before_its_turn_never_reaches_the_pipeli
     server = start_server()
     port = server.server_port
     calls = len(server.pipeline.calls)  # type: ignore[attr-defined]
-    reply, _ = exchange(port, request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x", "timeout_s": 1e-9}'))
+    reply, _ = exchange(port, request(port, "POST", "/v1/worker/generate",
+                                      body=b'{"job": "title", "input": "x", "timeout_s": 1e-9}'))
     assert_error(reply, 504, "timeout")
     assert len(server.pipeline.calls) == calls  # type: ignore[attr-defined]
 
@@ -1203,7 +1267,8 @@ HOSTILE_BODIES: dict[str, tuple[bytes, int, str]] = {
     "tokens-negative": (b'{"job": "title", "input": "x", "max_new_tokens": -1}', 400, "invalid_request"),
     "tokens-over-job-max": (b'{"job": "title", "input": "x", "max_new_tokens": 65}', 400, "invalid_request"),
     "tokens-over-limit": (b'{"job": "summary", "input": "x", "max_new_tokens": 257}', 400, "invalid_request"),
-    "tokens-huge": (b'{"job": "title", "input": "x", "max_new_tokens": 100000000000000000000000000000}', 400, "invalid_request"),
+    "tokens-huge": (b'{"job": "title", "input": "x", "max_new_tokens": 100000000000000000000000000000}', 400,
+                    "invalid_request"),
     "tokens-1e400": (b'{"job": "title", "input": "x", "max_new_tokens": 1e400}', 400, "invalid_request"),
     "timeout-string": (b'{"job": "title", "input": "x", "timeout_s": "1"}', 400, "invalid_request"),
     "timeout-bool": (b'{"job": "title", "input": "x", "timeout_s": true}', 400, "invalid_request"),
@@ -1213,7 +1278,11 @@ HOSTILE_BODIES: dict[str, tuple[bytes, int, str]] = {
     "timeout-1e400": (b'{"job": "title", "input": "x", "timeout_s": 1e400}', 400, "invalid_request"),
     "timeout-list": (b'{"job": "title", "input": "x", "timeout_s": [1]}', 400, "invalid_request"),
     "unknown-field": (b'{"job": "title", "input": "x", "temperature": 0.7}', 400, "invalid_request"),
-    "many-unknown-fields": (b"{" + b",".join(b'"f%d": %d' % (i, i) for i in range(3000)) + b', "job": "title", "input": "x"}', 400, "invalid_request"),
+    "many-unknown-fields": (
+        b"{" + b",".join(b'"f%d": %d' % (i, i) for i in range(3000)) + b', "job": "title", "input": "x"}',
+        400,
+        "invalid_request",
+    ),
 }
 
 
@@ -1269,12 +1338,17 @@ def _echo_cases(port: int) -> dict[str, bytes]:
         "content-type": request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type=f"text/{CANARY}"),
         "content-length": (job + f"Content-Type: application/json\r\nContent-Length: {CANARY}\r\n\r\n").encode(),
         "transfer-encoding": (job + f"Content-Type: application/json\r\nTransfer-Encoding: {CANARY}\r\n\r\n").encode(),
-        "invalid-json": request(port, "POST", "/v1/worker/generate", body=f'{{"job": "title", "input": "{CANARY}'.encode()),
-        "unknown-field-name": request(port, "POST", "/v1/worker/generate", body=f'{{"job": "title", "input": "x", "{CANARY}": 1}}'.encode()),
+        "invalid-json": request(port, "POST", "/v1/worker/generate",
+                                body=f'{{"job": "title", "input": "{CANARY}'.encode()),
+        "unknown-field-name": request(port, "POST", "/v1/worker/generate",
+                                      body=f'{{"job": "title", "input": "x", "{CANARY}": 1}}'.encode()),
         "job-value": request(port, "POST", "/v1/worker/generate", body=f'{{"job": "{CANARY}", "input": "x"}}'.encode()),
-        "input-too-long": request(port, "POST", "/v1/worker/generate", body=f'{{"job": "title", "input": "{CANARY * 400}"}}'.encode()),
-        "input-with-bad-tokens": request(port, "POST", "/v1/worker/generate", body=f'{{"job": "title", "input": "{CANARY}", "max_new_tokens": 0}}'.encode()),
-        "input-with-nul": request(port, "POST", "/v1/worker/generate", body=f'{{"job": "title", "input": "{CANARY}\\u0000"}}'.encode()),
+        "input-too-long": request(port, "POST", "/v1/worker/generate",
+                                  body=f'{{"job": "title", "input": "{CANARY * 400}"}}'.encode()),
+        "input-with-bad-tokens": request(port, "POST", "/v1/worker/generate",
+                                         body=f'{{"job": "title", "input": "{CANARY}", "max_new_tokens": 0}}'.encode()),
+        "input-with-nul": request(port, "POST", "/v1/worker/generate",
+                                  body=f'{{"job": "title", "input": "{CANARY}\\u0000"}}'.encode()),
         "long-request-line": request(port, "GET", f"/{CANARY}" + "a" * 70_000),
         "long-header": request(port, headers=(f"X-Canary: {CANARY}" + "a" * 70_000,)),
     }
@@ -1294,7 +1368,9 @@ def test_20_error_bodies_never_echo_the_request_line_headers_or_input(fake_serve
 
 
 def test_21_22_canary_sweep_the_marker_reaches_no_log_no_stream_and_no_error_body(
-    start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+    start_server: Callable[..., worker.WorkerHTTPServer],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     marker = f"MARKER-{CANARY}-sweep"
 
@@ -1315,23 +1391,32 @@ def test_21_22_canary_sweep_the_marker_reaches_no_log_no_stream_and_no_error_bod
     auth = f"Authorization: Bearer {TOKEN}"
     job = f"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{auth}\r\n"
     channels = {
-        "body (a job that succeeds)": request(port, "POST", "/v1/worker/generate", body=json.dumps({"job": "summary", "input": f"In {marker}."}).encode(), headers=(auth,)),
+        "body (a job that succeeds)": request(port, "POST", "/v1/worker/generate",
+                                              body=json.dumps({"job": "summary", "input": f"In {marker}."}).encode(),
+                                              headers=(auth,)),
         "query string": request(port, "GET", f"/healthz?{marker}=1", headers=(auth,)),
-        "query string of a job": request(port, "POST", f"/v1/worker/generate?q={marker}", body=JOB_BODY, headers=(auth,)),
+        "query string of a job": request(port, "POST", f"/v1/worker/generate?q={marker}", body=JOB_BODY,
+                                         headers=(auth,)),
         "path": request(port, "GET", f"/{marker}", headers=(auth,)),
         "malformed request line": f"GET /{marker} HTTP/9\r\n\r\n".encode(),
         "garbage request line": f"{marker}\r\n\r\n".encode(),
         "unknown method": request(port, marker.replace("-", ""), "/healthz"),
-        "header value": request(port, "GET", "/healthz", headers=(auth, f"X-Canary: {marker}", f"User-Agent: {marker}")),
+        "header value": request(port, "GET", "/healthz",
+                                headers=(auth, f"X-Canary: {marker}", f"User-Agent: {marker}")),
         "host header": request(port, host=marker, headers=(auth,)),
         "origin header": request(port, headers=(auth, f"Origin: http://{marker}")),
         "wrong token": request(port, headers=(f"Authorization: Bearer {marker}",)),
-        "content type": request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type=f"text/{marker}", headers=(auth,)),
+        "content type": request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type=f"text/{marker}",
+                                headers=(auth,)),
         "content length": (job + f"Content-Type: application/json\r\nContent-Length: {marker}\r\n\r\n").encode(),
         "invalid json": request(port, "POST", "/v1/worker/generate", body=b"{" + marker.encode(), headers=(auth,)),
-        "unknown field": request(port, "POST", "/v1/worker/generate", body=json.dumps({"job": "title", "input": "x", marker: 1}).encode(), headers=(auth,)),
-        "input too long": request(port, "POST", "/v1/worker/generate", body=json.dumps({"job": "title", "input": marker * 300}).encode(), headers=(auth,)),
-        "tokenizer bug (internal_error)": request(port, "POST", "/v1/worker/generate", body=json.dumps({"job": "title", "input": f"explode-the-tokenizer {marker}"}).encode(), headers=(auth,)),
+        "unknown field": request(port, "POST", "/v1/worker/generate",
+                                 body=json.dumps({"job": "title", "input": "x", marker: 1}).encode(), headers=(auth,)),
+        "input too long": request(port, "POST", "/v1/worker/generate",
+                                  body=json.dumps({"job": "title", "input": marker * 300}).encode(), headers=(auth,)),
+        "tokenizer bug (internal_error)": request(
+            port, "POST", "/v1/worker/generate",
+            body=json.dumps({"job": "title", "input": f"explode-the-tokenizer {marker}"}).encode(), headers=(auth,)),
         "long header": request(port, headers=(auth, f"X-Canary: {marker}" + "a" * 70_000)),
     }
     replies: dict[str, bytes] = {}
@@ -1342,13 +1427,14 @@ def test_21_22_canary_sweep_the_marker_reaches_no_log_no_stream_and_no_error_bod
     # A generation that fails with the marker in the exception message.
     pipeline.fail_with = RuntimeError(f"Infer Request is busy {marker}")
     with Conn(port) as conn:
-        conn.send(request(port, "POST", "/v1/worker/generate", body=json.dumps({"job": "title", "input": marker}).encode(), headers=(auth,)))
+        conn.send(request(port, "POST", "/v1/worker/generate",
+                          body=json.dumps({"job": "title", "input": marker}).encode(), headers=(auth,)))
         replies["generation fails"] = conn.reply().raw
     pipeline.fail_with = None
     # Every request is counted (and logged: by its handler, or by the gate's once-a-second
     # refusal line) before its answer leaves.
     assert sum(server.worker.metrics.requests.values()) == len(replies)
-    server._refusals.flush(time.monotonic())  # the gate's pending refusal counts, now  # noqa: SLF001
+    server._refusals.flush(time.monotonic())  # the gate's pending refusal counts, now
 
     statuses = {name: int(raw.split(b" ", 2)[1]) for name, raw in replies.items()}
     assert statuses == {
@@ -1366,7 +1452,9 @@ def test_21_22_canary_sweep_the_marker_reaches_no_log_no_stream_and_no_error_bod
     # ...and the marker nowhere: not in a message, its arguments, an exception or a stack.
     for record in caplog.records:
         rendered = " ".join(
-            str(part) for part in (record.getMessage(), record.args, record.exc_text, record.exc_info, record.stack_info) if part
+            str(part)
+            for part in (record.getMessage(), record.args, record.exc_text, record.exc_info, record.stack_info)
+            if part
         )
         assert marker not in rendered, rendered[:300]
         assert record.exc_info is None, "a log record carries an exception (and its message)"
@@ -1386,35 +1474,59 @@ def test_the_real_model_still_serves_after_each_hostile_request(real_server: wor
     smuggled = request(port, "POST", "/v1/worker/generate", body=JOB_BODY)
     hostile: dict[str, tuple[bytes, list[int]]] = {
         "1 foreign host": (request(port, "POST", "/v1/worker/generate", body=JOB_BODY, host="evil.example"), [403]),
-        "3 origin null": (request(port, "POST", "/v1/worker/generate", body=JOB_BODY, headers=("Origin: null",)), [403]),
+        "3 origin null": (request(port, "POST", "/v1/worker/generate", body=JOB_BODY, headers=("Origin: null",)),
+                          [403]),
         "4 text/plain": (request(port, "POST", "/v1/worker/generate", body=JOB_BODY, content_type="text/plain"), [415]),
         "7 negative length": ((job + "Content-Length: -1\r\n\r\n").encode() + JOB_BODY, [400]),
         "8 two lengths": ((job + "Content-Length: 5\r\nContent-Length: 6\r\n\r\n").encode() + JOB_BODY, [400]),
         "9 one gigabyte": ((job + "Content-Length: 1000000000\r\n\r\n{").encode(), [413]),
-        "10 chunked": ((job + "Transfer-Encoding: chunked\r\n\r\n").encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled), [411]),
-        "10 length and chunked": ((job + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode() + smuggled, [400]),
-        "11 expect with a foreign host": (request(port, "POST", "/v1/worker/generate", host="evil.example", headers=("Expect: 100-continue", "Content-Type: application/json", "Content-Length: 30")), [403]),
-        "13 smuggled in a rejected body": ((job.replace("application/json", "text/plain") + f"Content-Length: {len(smuggled)}\r\n\r\n").encode() + smuggled, [415]),
+        "10 chunked": (
+            (job + "Transfer-Encoding: chunked\r\n\r\n").encode()
+            + b"%x\r\n%s\r\n0\r\n\r\n" % (len(smuggled), smuggled),
+            [411],
+        ),
+        "10 length and chunked": (
+            (job + "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n").encode() + smuggled,
+            [400],
+        ),
+        "11 expect with a foreign host": (
+            request(port, "POST", "/v1/worker/generate", host="evil.example",
+                    headers=("Expect: 100-continue", "Content-Type: application/json", "Content-Length: 30")),
+            [403],
+        ),
+        "13 smuggled in a rejected body": (
+            (job.replace("application/json", "text/plain") + f"Content-Length: {len(smuggled)}\r\n\r\n").encode()
+            + smuggled,
+            [415],
+        ),
         "14 long request line": (request(port, "GET", "/" + "a" * 70_000), [414]),
         "14 too many headers": (request(port, headers=tuple(f"X-H{i}: 1" for i in range(120))), [431]),
         "14 TLS hello on the HTTP port": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", [400]),
         "18 deep nesting": (request(port, "POST", "/v1/worker/generate", body=b"[" * 60_000), [400]),
-        "18 NaN": (request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x", "timeout_s": NaN}'), [400]),
+        "18 NaN": (request(port, "POST", "/v1/worker/generate",
+                           body=b'{"job": "title", "input": "x", "timeout_s": NaN}'), [400]),
         "18 not an object": (request(port, "POST", "/v1/worker/generate", body=b"[]"), [400]),
-        "19 invalid UTF-8": (request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "\xff"}'), [400]),
+        "19 invalid UTF-8": (request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "\xff"}'),
+                             [400]),
         "19 wrong type": (request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": 5}'), [400]),
-        "19 unknown field": (request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x", "seed": 1}'), [400]),
-        "19 input too long": (request(port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "' + b"x" * 6001 + b'"}'), [413]),
+        "19 unknown field": (request(port, "POST", "/v1/worker/generate",
+                                     body=b'{"job": "title", "input": "x", "seed": 1}'), [400]),
+        "19 input too long": (request(port, "POST", "/v1/worker/generate",
+                                      body=b'{"job": "title", "input": "' + b"x" * 6001 + b'"}'), [413]),
     }
     real_job = request(
-        port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "Quarterly revenue is up twelve percent.", "max_new_tokens": 4}'
+        port, "POST", "/v1/worker/generate",
+        body=b'{"job": "title", "input": "Quarterly revenue is up twelve percent.", "max_new_tokens": 4}',
     )
     for name, (data, statuses) in hostile.items():
         calls = generate_calls(real_server)
         reply, closed = exchange(port, data, timeout=10)  # one response; a closed connection had nothing more
         assert [reply.status] == statuses, name
         assert reply.header("Content-Type") == "application/json" and "error" in reply.json(), name
-        assert closed == (name not in {"18 deep nesting", "18 NaN", "18 not an object", "19 invalid UTF-8", "19 wrong type", "19 unknown field", "19 input too long"}), name
+        assert closed == (name not in {
+            "18 deep nesting", "18 NaN", "18 not an object", "19 invalid UTF-8", "19 wrong type", "19 unknown field",
+            "19 input too long",
+        }), name
         assert generate_calls(real_server) == calls, name
         reply, _ = exchange(port, real_job, timeout=60)
         assert reply.status == 200, (name, reply.raw[:300])

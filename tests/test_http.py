@@ -7,9 +7,9 @@ import http.client
 import json
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from typing import Callable
 
 import pytest
 
@@ -18,6 +18,7 @@ from conftest import FakeNpuPipeline
 from conftest import assert_error
 from conftest import call
 from conftest import cpu_settings
+
 CANARY = "CANARY-7f3a9c"
 
 
@@ -91,7 +92,9 @@ def test_models_says_null_overheads_while_the_model_loads(start_server: Callable
     assert {job["max_input_tokens"] for job in body["jobs"].values()} == {None}
 
 
-def test_an_input_at_the_limit_fits_the_body_cap_even_fully_escaped(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_an_input_at_the_limit_fits_the_body_cap_even_fully_escaped(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     """6000 emoji escaped by json.dumps are 72 KB of \\ud83d\\ude00: a body that must be accepted."""
     body = json.dumps({"job": "title", "input": "\U0001f600" * 6000, "max_new_tokens": 4})
     assert len(body) > 72_000
@@ -128,7 +131,9 @@ def test_job_endpoints_fix_the_job(start_server: Callable[..., worker.WorkerHTTP
     assert (status, body["error"]["type"]) == (400, "invalid_request")
 
 
-def test_keep_alive_serves_several_requests_on_one_connection(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_keep_alive_serves_several_requests_on_one_connection(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     connection = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=10)
     try:
@@ -150,7 +155,9 @@ def test_400_invalid_request(start_server: Callable[..., worker.WorkerHTTPServer
 
 
 def test_400_invalid_json_never_echoes_input(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    body = assert_error(call(start_server(), "POST", "/v1/worker/generate", b'{"input": "' + CANARY.encode()), 400, "invalid_json")
+    body = assert_error(
+        call(start_server(), "POST", "/v1/worker/generate", b'{"input": "' + CANARY.encode()), 400, "invalid_json"
+    )
     assert CANARY not in json.dumps(body)
 
 
@@ -172,7 +179,9 @@ def test_405_method_not_allowed_with_allow(start_server: Callable[..., worker.Wo
     assert call(server, "POST", "/healthz", {})[1]["Allow"] == "GET, HEAD"
 
 
-def test_411_length_required_without_content_length_or_when_chunked(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_411_length_required_without_content_length_or_when_chunked(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     no_length = b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n"
     status, body = raw_json(raw(server, no_length))
@@ -199,7 +208,9 @@ def test_413_body_too_large_is_refused_without_reading(start_server: Callable[..
 
 def test_413_input_too_long(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     body = assert_error(
-        call(start_server(), "POST", "/v1/worker/generate", {"job": "title", "input": "x" * 6001}), 413, "input_too_long"
+        call(start_server(), "POST", "/v1/worker/generate", {"job": "title", "input": "x" * 6001}),
+        413,
+        "input_too_long",
     )
     assert "6001" in body["error"]["message"] and "6000" in body["error"]["message"]
 
@@ -210,7 +221,9 @@ def test_413_prompt_too_long_never_reaches_the_pipeline(start_server: Callable[.
     server = start_server(pipeline)
     calls_after_warm_up = len(pipeline.calls)
     long_input = " ".join(["word"] * 1100)  # the fake counts words: over MAX_PROMPT_LEN 1024
-    body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "summary", "input": long_input}), 413, "prompt_too_long")
+    body = assert_error(
+        call(server, "POST", "/v1/worker/generate", {"job": "summary", "input": long_input}), 413, "prompt_too_long"
+    )
     assert "1024" in body["error"]["message"]
     assert len(pipeline.calls) == calls_after_warm_up
 
@@ -247,13 +260,17 @@ def test_500_generation_failed(start_server: Callable[..., worker.WorkerHTTPServ
     pipeline = FakeNpuPipeline(settings)
     server = start_server(pipeline)
     pipeline.fail_with = RuntimeError(f"Infer Request is busy {CANARY}")
-    body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 500, "generation_failed")
+    body = assert_error(
+        call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 500, "generation_failed"
+    )
     assert CANARY not in json.dumps(body)
     pipeline.fail_with = None
     assert call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"})[0] == 200
 
 
-def test_500_internal_error_logs_type_only(start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture) -> None:
+def test_500_internal_error_logs_type_only(
+    start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
     class BrokenTokenizer(FakeNpuPipeline):
         def count_tokens(self, prompt: str) -> int:
             if CANARY in prompt:
@@ -262,7 +279,9 @@ def test_500_internal_error_logs_type_only(start_server: Callable[..., worker.Wo
 
     server = start_server(BrokenTokenizer(cpu_settings(Path("/unused"))))
     with caplog.at_level(logging.INFO, logger="openvino_genai_npu_worker"):
-        body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "title", "input": CANARY}), 500, "internal_error")
+        body = assert_error(
+            call(server, "POST", "/v1/worker/generate", {"job": "title", "input": CANARY}), 500, "internal_error"
+        )
     assert CANARY not in json.dumps(body)
     assert "KeyError" in caplog.text and CANARY not in caplog.text
 
@@ -283,11 +302,13 @@ def test_502_empty_output(start_server: Callable[..., worker.WorkerHTTPServer]) 
 def test_502_npu_proof_failed_keeps_the_measured_fields(
     start_server: Callable[..., worker.WorkerHTTPServer], busy_file: Path
 ) -> None:
-    npu = dict(device="NPU", busy_path=busy_file)
+    npu = {"device": "NPU", "busy_path": busy_file}
     pipeline = FakeNpuPipeline(dataclasses.replace(cpu_settings(Path("/unused")), **npu), busy_file=busy_file)
     server = start_server(pipeline, **npu)
     pipeline.busy_increment_us = 0  # generation "ran" but the NPU counter did not move
-    body = assert_error(call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 502, "npu_proof_failed")
+    body = assert_error(
+        call(server, "POST", "/v1/worker/generate", {"job": "title", "input": "x"}), 502, "npu_proof_failed"
+    )
     result = body["result"]
     assert (result["npu_busy_delta_us"], result["npu_proof"], result["device"]) == (0, "failed", "NPU")
     assert result["tokens"]["generated"] > 0
@@ -327,12 +348,14 @@ def test_rejected_body_is_not_run_as_a_second_request(start_server: Callable[...
     assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 415 ")
 
 
-def test_logs_carry_ids_and_counts_but_no_text(start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_carry_ids_and_counts_but_no_text(
+    start_server: Callable[..., worker.WorkerHTTPServer], caplog: pytest.LogCaptureFixture
+) -> None:
     settings = cpu_settings(Path("/unused"))
     server = start_server(FakeNpuPipeline(settings, reply=f"Output {CANARY}"))
     with caplog.at_level(logging.DEBUG, logger="openvino_genai_npu_worker"):
-        status, headers, body = call(server, "POST", f"/v1/worker/generate?q={CANARY}", {"job": "summary", "input": f"In {CANARY}."},
-                                     {"X-Canary": CANARY})
+        status, headers, body = call(server, "POST", f"/v1/worker/generate?q={CANARY}",
+                                     {"job": "summary", "input": f"In {CANARY}."}, {"X-Canary": CANARY})
         call(server, "POST", "/v1/worker/generate", b"{" + CANARY.encode())
         raw(server, f"GET /{CANARY} HTTP/9\r\n\r\n".encode())
     assert status == 200 and CANARY in body["text"]  # the caller gets the output...
@@ -352,7 +375,9 @@ def test_only_loopback_binds_are_accepted(tmp_path: Path) -> None:
             worker.bind_server(cpu_settings(tmp_path, host=host, port=0), None)  # type: ignore[arg-type]
 
 
-def test_a_port_in_use_is_a_configuration_error(start_server: Callable[..., worker.WorkerHTTPServer], tmp_path: Path) -> None:
+def test_a_port_in_use_is_a_configuration_error(
+    start_server: Callable[..., worker.WorkerHTTPServer], tmp_path: Path
+) -> None:
     taken = start_server().server_port
     with pytest.raises(worker.ConfigError, match=f"port {taken} .* already in use"):
         worker.bind_server(cpu_settings(tmp_path, port=taken), None)  # type: ignore[arg-type]

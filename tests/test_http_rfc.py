@@ -18,10 +18,10 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
-from typing import Callable
 
 import pytest
 from pytest import param
@@ -126,15 +126,19 @@ def test_head_end(data: bytes, end: int | None) -> None:
     param(["Host: 127.0.0.1:{port}  "], 200, id="trailing-whitespace-in-host"),
     param(["Host: 127.0.0.1:{port}\t"], 200, id="trailing-tab-in-host"),
     param(["Host : 127.0.0.1:{port}"], 400, id="space-before-colon"),
-    param(["Host: 127.0.0.1:{port}", "X-A : b", "Origin: http://evil.example"], 400, id="space-before-colon-hid-origin"),
+    param(["Host: 127.0.0.1:{port}", "X-A : b", "Origin: http://evil.example"], 400,
+          id="space-before-colon-hid-origin"),
     param(["Host: 127.0.0.1:{port}", "NoColon", "Origin: http://evil.example"], 400, id="no-colon-hid-origin"),
     param(["Host: 127.0.0.1:{port}", "X-A: a\x00b"], 400, id="nul"),
     param(["Host: 127.0.0.1:{port}", "X-A: a", " b"], 400, id="obs-fold"),
 ])
-def test_header_fields_over_a_socket(start_server: Callable[..., worker.WorkerHTTPServer], lines: list[str], status: int) -> None:
+def test_header_fields_over_a_socket(
+    start_server: Callable[..., worker.WorkerHTTPServer], lines: list[str], status: int
+) -> None:
     server = start_server()
     port = server.server_port
-    data = ("\r\n".join(["GET /healthz HTTP/1.1", *(line.format(port=port) for line in lines)]) + "\r\n\r\n").encode("latin-1")
+    data = ("\r\n".join(["GET /healthz HTTP/1.1", *(line.format(port=port) for line in lines)])
+            + "\r\n\r\n").encode("latin-1")
     reply, closed = exchange(port, data)
     assert reply.status == status, reply.raw[:300]
     if status == 400:
@@ -142,7 +146,9 @@ def test_header_fields_over_a_socket(start_server: Callable[..., worker.WorkerHT
         assert server.worker.metrics.refusals["malformed_head"] == 1
 
 
-def test_a_head_over_128_kib_in_all_is_431_before_its_end_arrives(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_a_head_over_128_kib_in_all_is_431_before_its_end_arrives(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     lines = [f"X-Big-{index}: " + "a" * 60_000 for index in range(3)]  # each line within 64 KiB
@@ -196,11 +202,13 @@ def test_curl_head_gets_200(start_server: Callable[..., worker.WorkerHTTPServer]
         pytest.skip("curl is not installed")
     server = start_server()
     completed = subprocess.run(["curl", "-sI", f"http://127.0.0.1:{server.server_port}/livez"],
-                               capture_output=True, text=True, timeout=10)
+                               check=False, capture_output=True, text=True, timeout=10)
     assert completed.stdout.startswith("HTTP/1.1 200 OK")
 
 
-def test_an_http_1_0_client_that_asks_for_keep_alive_hears_it(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_an_http_1_0_client_that_asks_for_keep_alive_hears_it(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     with Conn(port, timeout=3) as conn:
@@ -221,7 +229,7 @@ def test_ab_keep_alive_does_not_wait_for_a_timeout(start_server: Callable[..., w
     server = start_server()
     started = time.monotonic()
     completed = subprocess.run(["ab", "-q", "-k", "-n", "200", "-c", "1", f"http://127.0.0.1:{server.server_port}/livez"],
-                               capture_output=True, text=True, timeout=60)
+                               check=False, capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
     assert re.search(r"Keep-Alive requests:\s+200", completed.stdout), completed.stdout
     assert "Failed requests:        0" in completed.stdout
@@ -236,10 +244,13 @@ def test_pipelined_requests_are_answered_in_order(start_server: Callable[..., wo
         conn.send(request(port, "GET", "/livez") + job + request(port, "GET", "/models"))  # one write
         replies = [conn.reply() for _ in range(3)]
     assert [reply.status for reply in replies] == [200, 200, 200]
-    assert replies[0].json()["status"] == "alive" and replies[1].json()["job"] == "title" and "jobs" in replies[2].json()
+    assert (replies[0].json()["status"] == "alive" and replies[1].json()["job"] == "title"
+            and "jobs" in replies[2].json())
 
 
-def test_a_client_that_half_closes_after_its_request_gets_the_answer(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_a_client_that_half_closes_after_its_request_gets_the_answer(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     with Conn(port, timeout=10) as conn:
@@ -270,7 +281,8 @@ def test_openapi_names_the_address_actually_bound(start_server: Callable[..., wo
             sock.settimeout(5)
             sock.connect((host, server.server_port))
             bracketed = "[::1]" if host == "::1" else host
-            sock.sendall(f"GET /openapi.json HTTP/1.1\r\nHost: {bracketed}:{server.server_port}\r\nConnection: close\r\n\r\n".encode())
+            sock.sendall(f"GET /openapi.json HTTP/1.1\r\nHost: {bracketed}:{server.server_port}\r\n"
+                         "Connection: close\r\n\r\n".encode())
             data = b""
             while chunk := sock.recv(65536):
                 data += chunk
@@ -292,7 +304,8 @@ def metrics_after_some_traffic(server: worker.WorkerHTTPServer) -> str:
 
 def test_metrics_pass_the_prometheus_client_parser(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     parser = pytest.importorskip("prometheus_client.parser")
-    families = {family.name: family for family in parser.text_string_to_metric_families(metrics_after_some_traffic(start_server()))}
+    families = {family.name: family
+                for family in parser.text_string_to_metric_families(metrics_after_some_traffic(start_server()))}
     assert families["npu_worker_npu_busy_seconds"].type == "counter"
     refusals = [sample for sample in families["npu_worker_refusals"].samples if sample.name.endswith("_total")]
     assert {sample.labels["reason"]: sample.value for sample in refusals} == {"malformed_head": 1.0}
@@ -302,7 +315,7 @@ def test_metrics_pass_promtool_check_metrics(start_server: Callable[..., worker.
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (Debian package prometheus)")
     completed = subprocess.run(["promtool", "check", "metrics"], input=metrics_after_some_traffic(start_server()),
-                               capture_output=True, text=True, timeout=30)
+                               check=False, capture_output=True, text=True, timeout=30)
     assert completed.returncode == 0, completed.stdout + completed.stderr
 
 
@@ -342,8 +355,9 @@ def test_every_log_line_of_a_busy_session_is_logfmt(
     breaking = FakeNpuPipeline(settings)
     failing = start_server(breaking)
     breaking.fail_with = RuntimeError("boom")
-    exchange(failing.server_port, request(failing.server_port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x"}'))
-    server._refusals.flush(time.monotonic())  # noqa: SLF001
+    exchange(failing.server_port,
+             request(failing.server_port, "POST", "/v1/worker/generate", body=b'{"job": "title", "input": "x"}'))
+    server._refusals.flush(time.monotonic())
     lines = [record.getMessage() for record in caplog.records if record.name == "openvino_genai_npu_worker"]
     assert len(lines) >= 8
     parsed = [parse_logfmt(line) for line in lines]
@@ -362,7 +376,8 @@ def test_client_caused_5xx_never_become_last_error(start_server: Callable[..., w
     exchange(port, request(port, "BREW", "/livez"))  # 501
     exchange(port, b"GET /livez HTTP/2.0\r\n\r\n")  # 505
     body = json.dumps({"job": "summary", "input": "x", "timeout_s": 0.1}).encode()
-    assert_error(exchange(port, request(port, "POST", "/v1/worker/generate", body=body))[0], 504, "timeout")  # its own timeout_s
+    # its own timeout_s
+    assert_error(exchange(port, request(port, "POST", "/v1/worker/generate", body=body))[0], 504, "timeout")
     assert server.worker.metrics.last_error is None
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=10) as response:
         assert json.loads(response.read())["last_error"] is None
@@ -403,7 +418,9 @@ def test_a_device_that_stops_working_fails_liveness(
     assert worker.self_check(server, server.worker, None)[0] is not None  # no WATCHDOG=1: systemd restarts us
 
 
-def test_one_failure_between_successes_is_not_a_lost_device(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_one_failure_between_successes_is_not_a_lost_device(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")))
     server = start_server(pipeline)
     port = server.server_port
@@ -419,7 +436,9 @@ def test_one_failure_between_successes_is_not_a_lost_device(start_server: Callab
 # --- the job deadline counts from receipt ----------------------------------------------------------------
 
 
-def test_the_deadline_counts_from_the_first_byte_not_from_the_body(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_the_deadline_counts_from_the_first_byte_not_from_the_body(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     port = server.server_port
     body = json.dumps({"job": "title", "input": "x", "timeout_s": 0.3}).encode()
@@ -459,7 +478,8 @@ def test_only_http_response_writes_a_status_line_and_only_two_places_send() -> N
                             for n in ast.walk(node)))
     assert writers == ["http_response"]
     senders = sorted(name for name, node in functions.items()
-                     if any(isinstance(n, ast.Attribute) and n.attr in ("send", "sendall", "send_response", "send_header")
+                     if any(isinstance(n, ast.Attribute)
+                            and n.attr in ("send", "sendall", "send_response", "send_header")
                             for n in ast.walk(node)))
     # send_all (handlers), _send_quietly (the gate's refusals and 100 Continue), _wake (the gate's
     # own socket pair): nothing else writes to a client (SystemdNotifier uses sendto).
@@ -494,7 +514,8 @@ def test_http_servers_own_parsing_error_pages_and_logging_are_never_reached(
 def test_one_function_prints_every_cli_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert worker.report_cli_error(worker.Busy("the NPU lock is held")) == worker.EXIT_BUSY
     assert capsys.readouterr().err == "worker.py: busy: the NPU lock is held\n"
-    assert worker.report_cli_error(worker.InputTooLong("too long"), request_id="r1", prog="smoke_llm_npu.py") == worker.EXIT_USAGE
+    assert worker.report_cli_error(worker.InputTooLong("too long"), request_id="r1",
+                                   prog="smoke_llm_npu.py") == worker.EXIT_USAGE
     out = capsys.readouterr()
     assert json.loads(out.out) == {"error": {"type": "input_too_long", "message": "too long"}, "request_id": "r1"}
     assert out.err == "smoke_llm_npu.py: input_too_long: too long\n"

@@ -17,11 +17,11 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -147,6 +147,7 @@ def run_cli(tmp_path: Path, lock_path: Path, *extra: str) -> subprocess.Complete
         ],
         cwd=REPO,
         env=worker_env(tmp_path),
+        check=False,
         capture_output=True,
         text=True,
         timeout=CLI_TIMEOUT_S,
@@ -401,7 +402,7 @@ def test_queue_is_first_in_first_out(lock_path: Path) -> None:
             futures = []
             for index in range(5):
                 futures.append(pool.submit(_take_turn, queue, 10.0, order, index))
-                assert wait_for(lambda: queue.waiting == index + 1), f"job {index} did not queue"
+                assert wait_for(lambda index=index: queue.waiting == index + 1), f"job {index} did not queue"
             assert order == []
         for future in futures:
             future.result(timeout=10)
@@ -420,9 +421,8 @@ def test_full_queue_rejects_at_once(lock_path: Path) -> None:
             futures.append(pool.submit(_take_turn, queue, 10.0, order, 1))
             assert wait_for(lambda: queue.waiting == 2)
             started = time.monotonic()
-            with pytest.raises(worker.Busy) as info:
-                with queue.turn(5.0):
-                    pytest.fail("a third job ran past a full queue")
+            with pytest.raises(worker.Busy) as info, queue.turn(5.0):
+                pytest.fail("a third job ran past a full queue")
             assert time.monotonic() - started < 2.0  # at once, not after its 5 s timeout
             assert "queue is full" in info.value.message
             assert info.value.retry_after_s is not None
@@ -460,9 +460,8 @@ def test_queue_times_out_on_a_lock_held_by_another_process(lock_path: Path) -> N
     queue = worker.JobQueue(worker.NpuLock(lock_path), depth=8)
     with lock_holder(lock_path) as holder:
         started = time.monotonic()
-        with pytest.raises(worker.Busy) as info:
-            with queue.turn(0.3):
-                pytest.fail("ran while another process held the lock")
+        with pytest.raises(worker.Busy) as info, queue.turn(0.3):
+            pytest.fail("ran while another process held the lock")
         assert 0.3 <= time.monotonic() - started < 3.0
         assert "held by another process" in info.value.message
         holder.kill()
@@ -473,10 +472,9 @@ def test_queue_times_out_on_a_lock_held_by_another_process(lock_path: Path) -> N
 def test_exception_in_turn_releases_queue_and_lock(lock_path: Path) -> None:
     """An exception inside `with queue.turn()` frees both the file lock and the queue."""
     queue = worker.JobQueue(worker.NpuLock(lock_path), depth=8)
-    with pytest.raises(RuntimeError, match="boom"):
-        with queue.turn(0.5):
-            assert has_open(os.getpid(), lock_path)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), queue.turn(0.5):
+        assert has_open(os.getpid(), lock_path)
+        raise RuntimeError("boom")
     assert not has_open(os.getpid(), lock_path)  # the fd is closed
     fd = worker.NpuLock(lock_path).acquire(0)  # another open file description gets it at once
     release(fd)
@@ -501,9 +499,13 @@ def test_default_lock_path_uses_xdg_runtime_dir(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "environ", [{}, {"XDG_RUNTIME_DIR": ""}, {"XDG_RUNTIME_DIR": "/nonexistent-runtime-dir"}], ids=["unset", "empty", "missing"]
+    "environ",
+    [{}, {"XDG_RUNTIME_DIR": ""}, {"XDG_RUNTIME_DIR": "/nonexistent-runtime-dir"}],
+    ids=["unset", "empty", "missing"],
 )
-def test_default_lock_path_uses_run_user_when_xdg_is_unusable(environ: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_lock_path_uses_run_user_when_xdg_is_unusable(
+    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The daemon (XDG set by systemd) and a cron job (XDG unset) meet in /run/user/$UID."""
     uid = 2_000_000_011
     run_user = Path(f"/run/user/{uid}")
@@ -598,7 +600,8 @@ def test_daemon_and_two_clis_all_wait_for_each_other_and_succeed(tmp_path: Path,
                 clis = [start_cli(tmp_path, lock_path), start_cli(tmp_path, lock_path)]
                 # All three are inside NpuLock.acquire (they have the lock file open) before it frees.
                 for pid in (served.process.pid, *(cli.pid for cli in clis)):
-                    assert wait_for(lambda: has_open(pid, lock_path), 20.0), f"pid {pid} never reached the lock"
+                    assert wait_for(lambda pid=pid: has_open(pid, lock_path), 20.0), (
+                        f"pid {pid} never reached the lock")
                 assert not request.done()
                 holder.kill()
                 status, _, body = request.result(timeout=60)

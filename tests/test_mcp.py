@@ -16,21 +16,24 @@ import os
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import pytest
-from conftest import REPO, FakeNpuPipeline, TinyDaemon, cpu_settings
 
 import worker
+from conftest import REPO
+from conftest import FakeNpuPipeline
+from conftest import TinyDaemon
+from conftest import cpu_settings
 
 mcp = pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
-from mcp import (
-    ClientSession,
-    StdioServerParameters,
-    types,
-)
+from mcp import ClientSession
+from mcp import StdioServerParameters
+from mcp import types
 from mcp.client.stdio import stdio_client
 
 GENERATE = "/v1/worker/generate"

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, TinyDaemon
 
 import worker
+from conftest import REPO
+from conftest import TinyDaemon
 
 SECTION = REPO.joinpath("README.md").read_text().split("## Use from an agent\n", 1)[1].split("\n## ", 1)[0]
 BLOCKS = dict(re.findall(r"```(sh|toml|json)\n(.*?)```", SECTION, re.DOTALL))

@@ -15,13 +15,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
-from conftest import REPO, FakeNpuPipeline, cpu_settings
 
 import worker
+from conftest import REPO
+from conftest import FakeNpuPipeline
+from conftest import cpu_settings
 
 READ_TIMEOUT_S = 10.0
 MODERN_META = {worker.MCP_META_VERSION: "2026-07-28", worker.MCP_META_CAPABILITIES: {}}

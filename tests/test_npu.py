@@ -60,7 +60,9 @@ def test_no_npu_proof_says_unavailable_and_reads_no_counter(npu_settings: worker
     assert (result["npu_busy_delta_us"], result["npu_proof"]) == (None, "unavailable")
 
 
-def test_npu_memory_candidates_ask_for_the_schema_and_validate_the_json(npu_settings: worker.Settings, busy_file: Path) -> None:
+def test_npu_memory_candidates_ask_for_the_schema_and_validate_the_json(
+    npu_settings: worker.Settings, busy_file: Path
+) -> None:
     pipeline = FakeNpuPipeline(npu_settings, busy_file=busy_file, reply='{"candidates": [{"text": "Lives in Lisbon"}]}')
     result = make_worker(npu_settings, pipeline).run(worker.JobRequest("memory_candidate", "I live in Lisbon."), "r1")
     assert result["candidates"] == [{"text": "Lives in Lisbon"}] and result["json_valid"] is True
@@ -77,15 +79,19 @@ def cli_args(settings: worker.Settings, *extra: str) -> list[str]:
     ]
 
 
-def test_cli_job_on_fake_npu_prints_the_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=777)  # noqa: E731
+def test_cli_job_on_fake_npu_prints_the_delta(
+    npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=777)
     code = worker.main(cli_args(npu_settings, "--job", "title", "--input", "hello"), pipeline_factory=factory)
     body = json.loads(capsys.readouterr().out)
     assert (code, body["npu_busy_delta_us"], body["npu_proof"]) == (0, 777, "verified")
 
 
-def test_cli_zero_delta_exits_3(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)  # noqa: E731
+def test_cli_zero_delta_exits_3(
+    npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
     code = worker.main(cli_args(npu_settings, "--job", "title", "--input", "hello"), pipeline_factory=factory)
     out = capsys.readouterr()
     body = json.loads(out.out)
@@ -93,10 +99,12 @@ def test_cli_zero_delta_exits_3(npu_settings: worker.Settings, busy_file: Path, 
     assert "npu_proof_failed" in out.err
 
 
-def test_missing_counter_is_a_startup_error(npu_settings: worker.Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_counter_is_a_startup_error(
+    npu_settings: worker.Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     settings = dataclasses.replace(npu_settings, busy_path=tmp_path / "no-such-counter")
     loaded: list[Any] = []
-    factory = lambda settings: loaded.append(settings) or FakeNpuPipeline(settings)  # noqa: E731
+    factory = lambda settings: loaded.append(settings) or FakeNpuPipeline(settings)
     for mode in (["--job", "title", "--input", "x"], ["--port", "0"]):
         assert worker.main(cli_args(settings, *mode), pipeline_factory=factory) == 78
         assert "Linux >= 6.11" in capsys.readouterr().err
@@ -104,7 +112,7 @@ def test_missing_counter_is_a_startup_error(npu_settings: worker.Settings, tmp_p
 
 
 def test_daemon_that_fails_its_warm_up_proof_exits_3(npu_settings: worker.Settings, busy_file: Path) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)  # noqa: E731
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
     assert worker.main(cli_args(npu_settings, "--port", "0"), pipeline_factory=factory) == 3
 
 
@@ -115,9 +123,12 @@ def test_smoke_skips_without_an_npu(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.err.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")
 
 
-def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=4242)  # noqa: E731
-    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
+def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(
+    npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=4242)
+    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["npu_busy_delta_us"] == 4242 and report["device"] == "NPU"
@@ -125,21 +136,26 @@ def test_smoke_passes_on_a_fake_npu_with_a_positive_delta(npu_settings: worker.S
     assert set(report["versions"]) == {"worker", "openvino", "openvino-genai"}
 
 
-def test_smoke_fails_on_a_fake_npu_with_zero_delta(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)  # noqa: E731
-    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
+def test_smoke_fails_on_a_fake_npu_with_zero_delta(
+    npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
+    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 3
     assert json.loads(capsys.readouterr().out)["error"]["type"] == "npu_proof_failed"
 
 
-def test_npu_requested_on_a_host_without_one_is_a_configuration_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_npu_requested_on_a_host_without_one_is_a_configuration_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The real factory checks OpenVINO's device list before building anything (this host: CPU only)."""
     pytest.importorskip("openvino_genai")
     model = tmp_path / "model"
     model.mkdir()
     for name in worker.GENAI_MODEL_FILES:
         (model / name).write_text("")
-    code = worker.main(["--model", str(model), "--device", "NPU", "--no-npu-proof", "--lock-file", str(tmp_path / "l" / "npu.lock"),
-                        "--job", "title", "--input", "x"])
+    code = worker.main(["--model", str(model), "--device", "NPU", "--no-npu-proof",
+                        "--lock-file", str(tmp_path / "l" / "npu.lock"), "--job", "title", "--input", "x"])
     err = capsys.readouterr().err
     assert code == 78 and "no NPU: OpenVINO sees only ['CPU']" in err and "--emulate-npu" in err

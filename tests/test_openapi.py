@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from typing import Iterator
 
 import pytest
 import schemathesis
@@ -227,8 +227,10 @@ def test_every_error_reachable_on_the_job_endpoints_has_its_status_documented(do
         responses = document["paths"][path]["post"]["responses"]
         assert {int(status) for status in responses} == {200, *reachable.values()}, path
         for status in reachable.values():
-            assert resolve(document, responses[str(status)]["content"]["application/json"]["schema"])["required"] == ["error", "request_id"]
-        assert resolve(document, responses["200"]["content"]["application/json"]["schema"]) is document["components"]["schemas"]["Result"]
+            error_schema = resolve(document, responses[str(status)]["content"]["application/json"]["schema"])
+            assert error_schema["required"] == ["error", "request_id"]
+        assert (resolve(document, responses["200"]["content"]["application/json"]["schema"])
+                is document["components"]["schemas"]["Result"])
 
 
 def test_the_get_endpoints_document_their_errors(document: dict[str, Any]) -> None:
@@ -254,7 +256,8 @@ def test_result_health_and_error_schemas_are_the_contracts_tables(document: dict
         assert set(result["properties"][parent]["required"]) == nested - optional
     assert result["properties"]["finish_reason"]["enum"] == ["stop", "length"]
     assert result["properties"]["job"]["enum"] == list(worker.JOBS)
-    health = resolve(document, document["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
+    health = resolve(document,
+                     document["paths"]["/healthz"]["get"]["responses"]["200"]["content"]["application/json"]["schema"])
     health_fields = {code(row[0]) for row in table(section("### GET /healthz"))}
     assert set(health["properties"]) == health_fields == set(health["required"])
     assert health["properties"]["status"]["enum"] == ["ok", "loading", "stopping"]
@@ -292,7 +295,8 @@ def test_servers_names_the_port_the_worker_listens_on(live: worker.WorkerHTTPSer
 
 # --- (b) schemathesis against the live worker ------------------------------------------------------
 
-OPERATIONS = [(path, "GET") for path in ("/livez", "/healthz", "/models", "/metrics", "/openapi.json")] + [(path, "POST") for path in JOB_PATHS]
+OPERATIONS = ([(path, "GET") for path in ("/livez", "/healthz", "/models", "/metrics", "/openapi.json")]
+              + [(path, "POST") for path in JOB_PATHS])
 CHECKS = [status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -309,7 +313,9 @@ def test_schemathesis_sees_every_operation(api_schema: Any) -> None:
 
 
 @pytest.mark.parametrize("field", ["max_new_tokens", "timeout_s"])
-def test_null_for_an_optional_number_is_400_as_the_schema_says(live: worker.WorkerHTTPServer, document: dict[str, Any], field: str) -> None:
+def test_null_for_an_optional_number_is_400_as_the_schema_says(
+    live: worker.WorkerHTTPServer, document: dict[str, Any], field: str
+) -> None:
     body = {"job": "title", "input": "x", field: None}
     assert not OAS30Validator(request_schema(document, "/v1/worker/generate")).is_valid(body)
     status, _, reply = call(live, "POST", "/v1/worker/generate", body)
@@ -340,8 +346,10 @@ def test_schemathesis_finds_no_server_error_and_no_nonconformance(
         if response.status_code >= 500:
             # The one 5xx a healthy worker gives: the client's own deadline was too short to meet.
             body = response.json()
-            tiny_deadline = isinstance(case.body, dict) and isinstance(case.body.get("timeout_s"), float) and case.body["timeout_s"] < 0.01
-            assert (response.status_code, body["error"]["type"], tiny_deadline) == (504, "timeout", True), (case.body, body)
+            tiny_deadline = (isinstance(case.body, dict) and isinstance(case.body.get("timeout_s"), float)
+                             and case.body["timeout_s"] < 0.01)
+            assert (response.status_code, body["error"]["type"], tiny_deadline) == (504, "timeout", True), (
+                case.body, body)
 
     run()
     assert statuses, "schemathesis sent nothing"

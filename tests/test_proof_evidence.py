@@ -13,9 +13,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from typing import Callable
 
 import pytest
 from pytest import param
@@ -78,7 +78,9 @@ def holders(proc: ProcTree, pid: int = 100) -> worker.AccelHolders:
     param(None, 100.0, None, id="no-delta"),
     param(500, 0.0, None, id="no-time"),
 ])
-def test_the_busy_ratio_is_the_delta_over_the_generation_time(delta: int | None, generate_ms: float, ratio: float | None) -> None:
+def test_the_busy_ratio_is_the_delta_over_the_generation_time(
+    delta: int | None, generate_ms: float, ratio: float | None
+) -> None:
     assert worker.busy_ratio(delta, generate_ms) == ratio
 
 
@@ -91,7 +93,9 @@ def test_the_busy_ratio_is_the_delta_over_the_generation_time(delta: int | None,
     param(1000, 3000, 0.5, 0.2, None, id="over-the-floor"),
     param(None, 3000, None, None, "was not read", id="unread"),
 ])
-def test_proof_problem(before: int | None, after: int, ratio: float | None, floor: float | None, problem: str | None) -> None:
+def test_proof_problem(
+    before: int | None, after: int, ratio: float | None, floor: float | None, problem: str | None
+) -> None:
     found = worker.proof_problem(before, after, ratio, floor)
     assert (found is None) if problem is None else (found is not None and problem in found)
 
@@ -257,7 +261,9 @@ def test_the_floor_turns_a_tiny_delta_into_a_proof_failure(
     assert failure.value.result["npu_busy_delta_us"] == 3
 
 
-def test_without_a_floor_a_tiny_delta_still_passes(npu_settings: worker.Settings, busy_file: Path, proc: ProcTree) -> None:
+def test_without_a_floor_a_tiny_delta_still_passes(
+    npu_settings: worker.Settings, busy_file: Path, proc: ProcTree
+) -> None:
     proc.process(100, {3: "/dev/accel/accel0"}, {3: IVPU_FDINFO})
     built, pipeline = npu_worker(npu_settings, busy_file, proc, seconds_per_token=0.01)
     pipeline.busy_increment_us = 3
@@ -289,7 +295,8 @@ def test_the_floor_over_http_is_a_502(
     server = start_server(pipeline, device="NPU", busy_path=busy_file, min_busy_ratio=0.5)
     pipeline.busy_increment_us = 1
     request = urllib.request.Request(f"http://127.0.0.1:{server.server_port}/v1/worker/generate",
-                                     data=b'{"job": "title", "input": "x"}', headers={"Content-Type": "application/json"})
+                                     data=b'{"job": "title", "input": "x"}',
+                                     headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as failure:
         urllib.request.urlopen(request, timeout=10)
     body = json.loads(failure.value.read())
@@ -303,8 +310,11 @@ def test_the_floor_over_http_is_a_502(
         assert "npu_worker_npu_busy_ratio_count" in response.read().decode()
 
 
-def test_the_floor_on_the_cli_is_exit_3(npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1, seconds_per_token=0.01)  # noqa: E731
+def test_the_floor_on_the_cli_is_exit_3(
+    npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=1,
+                                               seconds_per_token=0.01)
     args = ["--model", str(npu_settings.model_path), "--device", "NPU", "--busy-path", str(busy_file),
             "--lock-file", str(npu_settings.lock_path), "--min-busy-ratio", "0.3", "--job", "title", "--input", "x"]
     assert worker.main(args, pipeline_factory=factory) == worker.EXIT_PROOF_FAILED
@@ -328,8 +338,10 @@ def test_a_floor_that_makes_no_sense_is_a_usage_error(tmp_path: Path, flags: lis
 def test_the_smoke_test_prints_the_ratio_and_how_to_choose_a_floor(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=30_000, seconds_per_token=0.01)  # noqa: E731
-    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file), "--lock-file", str(npu_settings.lock_path)]
+    factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=30_000,
+                                               seconds_per_token=0.01)
+    args = ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
     assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)
@@ -340,7 +352,8 @@ def test_the_smoke_test_prints_the_ratio_and_how_to_choose_a_floor(
 def test_the_doctor_names_other_holders(proc: ProcTree) -> None:
     proc.process(200, {9: "/dev/accel/accel0"})
     check = worker.npu_holders_check(worker.AccelHolders(proc.root, pid=100))
-    assert check.warning and "1 other process of this user" in check.detail and "adds to every job's busy delta" in check.detail
+    assert check.warning
+    assert "1 other process of this user" in check.detail and "adds to every job's busy delta" in check.detail
     (proc.root / "200" / "fd" / "9").unlink()
     check = worker.npu_holders_check(worker.AccelHolders(proc.root, pid=100))
     assert not check.warning and check.detail.startswith("0 other processes")

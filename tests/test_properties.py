@@ -68,7 +68,8 @@ inputs = st.one_of(
     marked_text,
     any_text.map(lambda text: text + MARK),
     st.sampled_from(["", " ", "\t\n\u3000", "\x00", "a\x00b", "\ud800", MARK + "\udfff", "x"]),
-    st.builds(lambda char, n: MARK + char * n, st.characters(exclude_categories=()), st.sampled_from([33, 34, 35, 5990, 5992, 5993, 6000, 6001])),
+    st.builds(lambda char, n: MARK + char * n, st.characters(exclude_categories=()),
+              st.sampled_from([33, 34, 35, 5990, 5992, 5993, 6000, 6001])),
 )
 field_values = {
     "job": st.one_of(st.sampled_from(list(worker.JOBS)), json_values),
@@ -129,7 +130,9 @@ def check_request(body: dict[str, Any], limits: worker.Limits, job: str | None) 
 @example(body={"job": "title", "input": "x"}, limits=LIMITS[0], job=None)
 @example(body={"job": "title", "input": "x" * 6000, "max_new_tokens": 64, "timeout_s": 120}, limits=LIMITS[0], job=None)
 @example(body={"input": "x", "max_new_tokens": 96}, limits=LIMITS[0], job="notification")
-def test_validate_job_request_gives_a_valid_job_or_a_400_or_413(body: dict[str, Any], limits: worker.Limits, job: str | None) -> None:
+def test_validate_job_request_gives_a_valid_job_or_a_400_or_413(
+    body: dict[str, Any], limits: worker.Limits, job: str | None
+) -> None:
     check_request(body, limits, job)
 
 
@@ -153,7 +156,9 @@ def _check_bytes(data: bytes, limits: worker.Limits, job: str | None) -> None:
 )
 @example(value={"job": "title", "input": "x", "timeout_s": math.nan}, limits=LIMITS[0], job=None, encoding="utf-8")
 @example(value={"job": "title", "input": "\ud800" + MARK}, limits=LIMITS[0], job=None, encoding="utf-8")
-def test_any_json_document_parses_and_validates_or_is_a_400_or_413(value: Any, limits: worker.Limits, job: str | None, encoding: str) -> None:
+def test_any_json_document_parses_and_validates_or_is_a_400_or_413(
+    value: Any, limits: worker.Limits, job: str | None, encoding: str
+) -> None:
     text = json.dumps(value, ensure_ascii=encoding != "utf-8")  # NaN/Infinity allowed: they must be refused
     try:
         data = text.encode(encoding)
@@ -185,7 +190,8 @@ def test_mutated_json_bodies_are_a_job_or_a_400_or_413(body: bytes, position: in
 
 
 @fast(60)
-@given(depth=st.one_of(st.integers(min_value=0, max_value=3000), st.sampled_from([100_000, 60_000])), kind=st.sampled_from("[{"))
+@given(depth=st.one_of(st.integers(min_value=0, max_value=3000), st.sampled_from([100_000, 60_000])),
+       kind=st.sampled_from("[{"))
 def test_any_nesting_depth_is_a_400(depth: int, kind: str) -> None:
     opener, closer = (b"[", b"]") if kind == "[" else (b'{"a":', b"}")
     data = b'{"job": "title", "input": ' + opener * depth + b"1" + closer * depth + b"}"
@@ -202,18 +208,21 @@ def test_any_nesting_depth_is_a_400(depth: int, kind: str) -> None:
 # Fragments of what small models emit around an answer: preambles, labels, markdown, quotes,
 # reasoning blocks, sentence ends, line separators, repetitions and JSON pieces.
 FRAGMENTS = [
-    "a", "b", "T", "tea", "NPU", "1.1.1.1", " ", "  ", ".", "..", ":", "!", "?", ",", "-", "\u2026", "\n", "\r\n", "\u2028", "\x85", "\x1c", "\t",
-    '"', "'", "`", "*", "**", "\u201c", "\u201d", "\u00ab", "\u00bb", "# ", "## ", "> ", "- ", "* ", "1. ", "2) ", "```", "```json\n",
-    "Title: ", "Summary:", "Answer: ", "Notification:", "Sure! ", "Sure, here is a title:", "Here's the summary: ", "Okay.", "I think",
-    "<think>", "</think>", "<think>hidden</think>", "foo bar ", "foo bar foo bar foo bar ", "It works. ", "It works. ", "Mr. Smith. ",
-    '"Quoted." ', "(aside) ", "{", "}", "[", "]", '{"candidates": [', '{"text": "', '"}', ", ", "]}", '"...', "null", "42",
+    "a", "b", "T", "tea", "NPU", "1.1.1.1", " ", "  ", ".", "..", ":", "!", "?", ",", "-", "\u2026", "\n",
+    "\r\n", "\u2028", "\x85", "\x1c", "\t", '"', "'", "`", "*", "**", "\u201c", "\u201d", "\u00ab", "\u00bb",
+    "# ", "## ", "> ", "- ", "* ", "1. ", "2) ", "```", "```json\n", "Title: ", "Summary:", "Answer: ",
+    "Notification:", "Sure! ", "Sure, here is a title:", "Here's the summary: ", "Okay.", "I think",
+    "<think>", "</think>", "<think>hidden</think>", "foo bar ", "foo bar foo bar foo bar ", "It works. ",
+    "It works. ", "Mr. Smith. ", '"Quoted." ', "(aside) ", "{", "}", "[", "]", '{"candidates": [',
+    '{"text": "', '"}', ", ", "]}", '"...', "null", "42",
 ]
 model_text = st.lists(st.sampled_from(FRAGMENTS), max_size=40).map("".join)
 raw_texts = st.one_of(
     model_text,
     st.text(st.characters(exclude_categories=()), max_size=200),  # any code point, controls and surrogates included
     st.text(st.sampled_from(" .!?:\"'*#-\n\u2026abcT1"), max_size=200),
-    st.builds(lambda parts, n: "".join(parts) * n, st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=6), st.integers(50, 400)),  # long
+    st.builds(lambda parts, n: "".join(parts) * n, st.lists(st.sampled_from(FRAGMENTS), min_size=1, max_size=6),
+              st.integers(50, 400)),  # long
 )
 
 
@@ -277,7 +286,9 @@ plain_titles = st.lists(
     st.text(st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"), min_size=1, max_size=12),
     min_size=1,
     max_size=14,
-).flatmap(lambda words: st.lists(st.sampled_from([" ", ", ", " - ", ": ", "! ", "? ", "'s "]), min_size=len(words), max_size=len(words)).map(
+).flatmap(lambda words: st.lists(
+    st.sampled_from([" ", ", ", " - ", ": ", "! ", "? ", "'s "]), min_size=len(words), max_size=len(words)
+).map(
     lambda seps: "".join(word + sep for word, sep in zip(words, seps))
 ))
 
@@ -290,7 +301,8 @@ def test_cleaning_a_clean_plain_title_again_changes_nothing(raw: str) -> None:
     except worker.EmptyOutput:
         return
     assert worker.clean_output("title", once).text == once
-    assert worker.clean_output("notification", worker.clean_output("notification", raw).text).text == worker.clean_output("notification", raw).text
+    assert (worker.clean_output("notification", worker.clean_output("notification", raw).text).text
+            == worker.clean_output("notification", raw).text)
 
 
 @pytest.mark.parametrize("raw", ["''>T", "Title: Title: foo", "Title: Here is: x", "`1. >"])

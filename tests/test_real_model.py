@@ -13,8 +13,8 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -100,7 +100,8 @@ def test_prompt_over_the_limit_is_refused_with_exact_counts(tiny_worker: worker.
     pipeline = tiny_worker._pipeline
     assert pipeline is not None
     limits = worker.Limits(max_prompt_tokens=40)
-    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None, tiny_worker.queue)
+    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None,
+                          tiny_worker.queue)
     small._pipeline = pipeline
     small._ready.set()
     exact = pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT))).token_count
@@ -113,7 +114,8 @@ def test_budget_clamp_on_the_real_pipeline(tiny_worker: worker.Worker) -> None:
     assert pipeline is not None
     exact = pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], INPUT))).token_count
     limits = worker.Limits(max_prompt_tokens=exact, min_response_tokens=5)
-    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None, tiny_worker.queue)
+    small = worker.Worker(dataclasses.replace(tiny_worker.settings, limits=limits), worker.load_genai_pipeline, None,
+                          tiny_worker.queue)
     small._pipeline = pipeline
     small._ready.set()
     result = small.run(worker.JobRequest("summary", INPUT, max_new_tokens=100), "r1")
@@ -170,9 +172,10 @@ def demo_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[worker.Wor
 
 DEMO_INPUTS = [
     INPUT,
-    "The nightly backup of the photo library finished at 03:12 after copying 1,204 new files; two files were skipped because they were open.",
-    "Meeting notes: we agreed to ship version 2.3 on Friday. Ana owns the release notes, Tom fixes the login bug first. "
-    "Budget for the new test laptops was approved. Next sync is Monday at 10:00.",
+    ("The nightly backup of the photo library finished at 03:12 after copying 1,204 new files; two files were "
+     "skipped because they were open."),
+    ("Meeting notes: we agreed to ship version 2.3 on Friday. Ana owns the release notes, Tom fixes the login bug "
+     "first. Budget for the new test laptops was approved. Next sync is Monday at 10:00."),
 ]
 
 

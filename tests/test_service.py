@@ -33,12 +33,12 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import Future
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from typing import Callable
-from typing import Iterator
 from typing import TypeVar
 
 import pytest
@@ -301,7 +301,8 @@ def test_notifier_without_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPat
 
 def test_notifier_watchdog_interval_is_half_the_timeout_and_only_for_this_pid() -> None:
     assert worker.SystemdNotifier({"WATCHDOG_USEC": "400000"}).watchdog_interval_s == 0.2
-    assert worker.SystemdNotifier({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s == 0.2
+    assert worker.SystemdNotifier(
+        {"WATCHDOG_USEC": "400000", "WATCHDOG_PID": str(os.getpid())}).watchdog_interval_s == 0.2
     assert worker.SystemdNotifier({"WATCHDOG_USEC": "400000", "WATCHDOG_PID": "1"}).watchdog_interval_s is None
     assert worker.SystemdNotifier({"WATCHDOG_USEC": "0"}).watchdog_interval_s is None
 
@@ -319,7 +320,8 @@ def test_daemon_reports_loading_then_ready_after_warm_up_then_watchdog_then_stop
     lock = worker.NpuLock(tmp_path / "lock" / "npu.lock")
     held = lock.acquire(5.0)  # the daemon's model load waits for this: "loading" lasts as long as we want
     try:
-        with notify_socket(address) as listener, running_daemon(tmp_path, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000") as daemon:
+        with notify_socket(address) as listener, \
+                running_daemon(tmp_path, NOTIFY_SOCKET=address, WATCHDOG_USEC="400000") as daemon:
             first = listener.receive(DAEMON_START_TIMEOUT_S)
             assert first[0].startswith("STATUS=loading tiny-chatml-ov on CPU")
             assert f"EXTEND_TIMEOUT_USEC={worker.LOAD_EXTEND_S * 1_000_000}" in first
@@ -342,7 +344,8 @@ def test_daemon_reports_loading_then_ready_after_warm_up_then_watchdog_then_stop
             metrics = scrape(port)
             assert metrics.value("npu_worker_generate_duration_seconds_count") == WARM_UPS
             assert metrics.value("npu_worker_ready") == 1
-            assert not [labels for labels, _ in metrics.series("npu_worker_requests_total") if labels["endpoint"] == GENERATE]
+            assert not [labels for labels, _ in metrics.series("npu_worker_requests_total")
+                        if labels["endpoint"] == GENERATE]
 
             pings = []
             for _ in range(4):  # WATCHDOG=1 every WATCHDOG_USEC/2, and nothing else in between
@@ -367,7 +370,8 @@ def test_sigterm_while_waiting_for_the_npu_at_start_up_exits_0_promptly(tmp_path
     held = worker.NpuLock(tmp_path / "lock" / "npu.lock").acquire(5.0)  # another process is on the NPU
     try:
         with notify_socket(address) as listener, \
-                running_daemon(tmp_path, "--lock-timeout-s", "30", "--request-timeout-s", "0.5", NOTIFY_SOCKET=address) as daemon:
+                running_daemon(tmp_path, "--lock-timeout-s", "30", "--request-timeout-s", "0.5",
+                               NOTIFY_SOCKET=address) as daemon:
             assert listener.receive(DAEMON_START_TIMEOUT_S)[0].startswith("STATUS=loading")
             daemon.process.send_signal(signal.SIGTERM)
             try:
@@ -436,7 +440,8 @@ def test_watchdog_stops_pinging_while_a_generation_is_stuck(tmp_path: Path, monk
             assert pipeline.hanging.wait(5.0)
             listener.until(lambda fields: fields[0].startswith("STATUS=unhealthy"), 10.0)
             later = [listener.receive(5.0) for _ in range(3)]  # three more checks: none of them pings
-            assert all(fields[0].startswith("STATUS=unhealthy: a generation has held the NPU") for fields in later), later
+            assert all(fields[0].startswith("STATUS=unhealthy: a generation has held the NPU")
+                       for fields in later), later
             assert built.health_problem() is not None
 
             pipeline.release.set()
@@ -463,7 +468,8 @@ def test_the_self_check_is_none_on_a_healthy_server_and_named_on_a_dead_gate(
         problem, ping = worker.self_check(dead, server.worker, None)
         assert problem is None  # nothing asked of it yet
         assert not ping.wait(0.3)
-        assert worker.self_check(dead, server.worker, ping)[0] == "the HTTP gate did not take a turn since the last check"
+        assert (worker.self_check(dead, server.worker, ping)[0]
+                == "the HTTP gate did not take a turn since the last check")
     finally:
         dead.server_close()
 
@@ -556,11 +562,14 @@ def test_sigterm_answers_every_accepted_job_refuses_new_ones_and_exits_0(tmp_pat
 # --------------------------------------------------------------------------------------------------
 
 
-def test_deadline_cancels_the_generation_and_frees_the_npu(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_deadline_cancels_the_generation_and_frees_the_npu(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)
     started = time.monotonic()
-    response = call(server.server_port, "POST", GENERATE, {"job": "summary", "input": "x", "max_new_tokens": 256, "timeout_s": 0.2})
+    response = call(server.server_port, "POST", GENERATE,
+                    {"job": "summary", "input": "x", "max_new_tokens": 256, "timeout_s": 0.2})
     elapsed_s = time.monotonic() - started
     assert_error(response, 504, "timeout")
     assert elapsed_s < 1.0  # the full generation would take 2.56 s
@@ -648,7 +657,8 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
     results = []
     for max_new_tokens, text in ((1, "short"), (2, "a longer input text"), (10, "the longest input of all three here")):
         # A summary: the reply's sentences keep it going past 10 tokens (a title would stop at one).
-        status, _, body = call(port, "POST", GENERATE, {"job": "summary", "input": text, "max_new_tokens": max_new_tokens})
+        status, _, body = call(port, "POST", GENERATE,
+                               {"job": "summary", "input": text, "max_new_tokens": max_new_tokens})
         assert status == 200
         results.append(body)
     assert_error(call(port, "POST", GENERATE, {"job": "title"}), 400, "invalid_request")
@@ -666,9 +676,12 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
         pipeline.count_tokens(pipeline.render_prompt(worker.job_messages(worker.JOBS[request.job], request.input_text)))
         for request in worker.WARMUP_REQUESTS
     )
-    warm_up_generated = sum(min(len(LONG_REPLY.split()), request.max_new_tokens or 0) for request in worker.WARMUP_REQUESTS)
-    assert metrics.value("npu_worker_prompt_tokens_total") == sum(r["tokens"]["prompt"] for r in results) + warm_up_prompt
-    assert metrics.value("npu_worker_generated_tokens_total") == sum(r["tokens"]["generated"] for r in results) + warm_up_generated
+    warm_up_generated = sum(min(len(LONG_REPLY.split()), request.max_new_tokens or 0)
+                            for request in worker.WARMUP_REQUESTS)
+    assert (metrics.value("npu_worker_prompt_tokens_total")
+            == sum(r["tokens"]["prompt"] for r in results) + warm_up_prompt)
+    assert (metrics.value("npu_worker_generated_tokens_total")
+            == sum(r["tokens"]["generated"] for r in results) + warm_up_generated)
     assert [r["tokens"]["generated"] for r in results] == [1, 2, 10]
     warm_ups = len(worker.WARMUP_REQUESTS)
     assert len(pipeline.generations) == 3 + warm_ups
@@ -679,12 +692,14 @@ def test_metrics_count_requests_tokens_and_durations(start_server: Callable[...,
     assert buckets["0.025"] == 0 and buckets["2.5"] == 3 + warm_ups  # every call slept 0.03 s per token, 0.3 s at most
     assert metrics.value("npu_worker_generate_duration_seconds_sum") >= 0.03 * (1 + 2 + 10 + warm_up_generated)
     assert assert_histogram_consistent(metrics, "npu_worker_queue_wait_seconds")[1] == 3 + warm_ups
-    assert assert_histogram_consistent(metrics, "npu_worker_lock_wait_seconds")[1] == 3 + warm_ups + 1  # + the model load
+    # + 1: the model load
+    assert assert_histogram_consistent(metrics, "npu_worker_lock_wait_seconds")[1] == 3 + warm_ups + 1
     assert assert_histogram_consistent(metrics, "npu_worker_request_duration_seconds")[1] == 5
 
     (build_labels, build_value), = metrics.series("npu_worker_build_info")
     assert build_value == 1
-    assert (build_labels["device"], build_labels["model"], build_labels["worker"]) == ("CPU", "tiny-chatml-ov", worker.__version__)
+    assert (build_labels["device"], build_labels["model"], build_labels["worker"]) == (
+        "CPU", "tiny-chatml-ov", worker.__version__)
     assert metrics.value("npu_worker_ready") == 1
     assert metrics.value("npu_worker_queue_waiting") == 0 and metrics.value("npu_worker_jobs_in_flight") == 0
     assert metrics.value("npu_worker_model_load_seconds") >= 0
@@ -730,7 +745,9 @@ def test_metrics_add_up_npu_busy_time_and_count_proof_failures(
     assert (build_labels["device"], build_labels["model"]) == ("NPU", "tiny-chatml-ov")
 
 
-def test_metrics_names_are_valid_in_the_prometheus_text_format(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_metrics_names_are_valid_in_the_prometheus_text_format(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     metrics = scrape(start_server().server_port)
     for name, labels, _ in metrics.samples:
         assert _PROMETHEUS_NAME.fullmatch(name), name
@@ -745,7 +762,7 @@ def test_metrics_count_malformed_requests_too(start_server: Callable[..., worker
         reply = b""
         while chunk := sock.recv(65536):
             reply += chunk
-    assert reply.startswith(b"HTTP/1.0 400 ") or reply.startswith(b"HTTP/1.1 400 ")
+    assert reply.startswith((b"HTTP/1.0 400 ", b"HTTP/1.1 400 "))
     settle(server)
     metrics = scrape(server.server_port)
     assert sum(value for labels, value in metrics.series("npu_worker_requests_total") if labels["status"] == "400") == 1
@@ -853,7 +870,8 @@ def test_healthz_names_the_busy_counter_on_the_npu(
 ) -> None:
     server = start_server(FakeNpuPipeline(npu_settings, busy_file=busy_file), device="NPU", busy_path=busy_file)
     status, _, health = call(server.server_port, "GET", "/healthz")
-    assert (status, health["device"], health["npu_proof"], health["busy_counter"]) == (200, "NPU", "verified", str(busy_file))
+    assert (status, health["device"], health["npu_proof"], health["busy_counter"]) == (
+        200, "NPU", "verified", str(busy_file))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -886,7 +904,8 @@ def fake_npu_host(root: Path) -> FakeHost:
     settings = worker.Settings(
         model_path=model, device="NPU", cache_dir=root / "cache", port=free_port(), lock_path=root / "lock" / "npu.lock"
     )
-    return FakeHost(settings, str(root / "dev" / "accel" / "accel*"), str(root / "sys/class/accel/accel*/device/npu_busy_time_us"))
+    return FakeHost(settings, str(root / "dev" / "accel" / "accel*"),
+                    str(root / "sys/class/accel/accel*/device/npu_busy_time_us"))
 
 
 def test_doctor_passes_on_a_good_npu_host(tmp_path: Path) -> None:
@@ -896,8 +915,8 @@ def test_doctor_passes_on_a_good_npu_host(tmp_path: Path) -> None:
         list_devices=lambda: ["CPU", "NPU"], describe_npu=lambda: {"FULL_DEVICE_NAME": "Intel(R) AI Boost"},
     )
     assert [check.name for check in checks] == [
-        "openvino", "device", "accel device", "busy counter", "npu holders", "model", "npu export", "cache dir", "lock", "port",
-        "mcp bridge",
+        "openvino", "device", "accel device", "busy counter", "npu holders", "model", "npu export", "cache dir",
+        "lock", "port", "mcp bridge",
     ]
     assert [check for check in checks if not check.ok] == []
     details = {check.name: check.detail for check in checks}
@@ -922,7 +941,7 @@ def test_doctor_explains_every_problem_of_a_broken_npu_host(tmp_path: Path) -> N
         settings = dataclasses.replace(settings, port=taken.getsockname()[1])
         checks = worker.doctor_checks(
             settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
-            list_devices=lambda: ["CPU"], describe_npu=lambda: {},
+            list_devices=lambda: ["CPU"], describe_npu=dict,
         )
     failed = {check.name: check for check in checks if not check.ok}
     assert set(failed) == {"device", "accel device", "busy counter", "model", "cache dir", "lock", "port"}
@@ -971,7 +990,8 @@ def accel_checks_as_nobody(accel_glob: str, nobody: int) -> list[dict[str, Any]]
     return json.loads(data)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: to give device nodes a group this user is not in, then drop to nobody")
+@pytest.mark.skipif(os.geteuid() != 0,
+                    reason="needs root: to give device nodes a group this user is not in, then drop to nobody")
 def test_doctor_says_which_accel_nodes_this_user_cannot_open() -> None:
     nobody = 65534
     root = Path(tempfile.mkdtemp(prefix="accel-"))  # nobody must be able to list it (tmp_path is 0700)
@@ -985,7 +1005,9 @@ def test_doctor_says_which_accel_nodes_this_user_cannot_open() -> None:
     finally:
         shutil.rmtree(root)
     group_0 = grp.getgrgid(0).gr_name
-    assert [(check["name"], check["ok"]) for check in checks] == [("accel device", False), ("accel device", False), ("accel device", True)]
+    assert [(check["name"], check["ok"]) for check in checks] == [
+        ("accel device", False), ("accel device", False), ("accel device", True),
+    ]
     foreign, member, usable = checks
     assert "mode 0" in foreign["detail"] and f"group {group_0}" in foreign["detail"]
     assert foreign["fix"] == f'sudo usermod -aG {group_0} "$USER", then log in again'
@@ -1036,7 +1058,7 @@ def test_doctor_prints_an_export_warning_and_still_passes(
     (host.settings.model_path / "openvino_model.xml").write_text(ir_header(mode="int4_asym"))
     checks = worker.doctor_checks(
         host.settings, accel_glob=host.accel_glob, busy_counter_glob=host.busy_counter_glob,
-        list_devices=lambda: ["CPU", "NPU"], describe_npu=lambda: {},
+        list_devices=lambda: ["CPU", "NPU"], describe_npu=dict,
     )
     assert all(check.ok for check in checks)
     # the fake host's globs, as run_doctor prints them
@@ -1056,8 +1078,8 @@ def test_doctor_main_exits_0_on_this_cpu_host_and_78_with_the_port_in_use(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        base = ["--doctor", "--device", "CPU", "--model", str(TINY_MODEL), "--lock-file", str(tmp_path / "lock" / "npu.lock"),
-                "--cache-dir", str(tmp_path / "cache")]
+        base = ["--doctor", "--device", "CPU", "--model", str(TINY_MODEL),
+                "--lock-file", str(tmp_path / "lock" / "npu.lock"), "--cache-dir", str(tmp_path / "cache")]
         assert worker.main([*base, "--port", str(taken.getsockname()[1])]) == worker.EXIT_CONFIG
         in_use = capsys.readouterr().out
     assert "FAIL  port" in in_use and "fix: stop the process listening there" in in_use
@@ -1092,8 +1114,13 @@ def batch_entries(good: int) -> list[tuple[str, dict[str, Any] | None]]:
     for index in range(good):
         job = BATCH_JOBS[index % len(BATCH_JOBS)]
         item_id: Any = (index, f"item-{index}", None)[index % 3]
-        record = {"job": job, "input": f"Item {index}: the quarterly report is due on Friday.", "max_new_tokens": BATCH_TOKENS[job]}
-        entries.append((json.dumps({"id": item_id, **record} if item_id is not None else record), {"id": item_id, "job": job}))
+        record = {
+            "job": job,
+            "input": f"Item {index}: the quarterly report is due on Friday.",
+            "max_new_tokens": BATCH_TOKENS[job],
+        }
+        entries.append((json.dumps({"id": item_id, **record} if item_id is not None else record),
+                        {"id": item_id, "job": job}))
         if index % 10 == 5 and bad:
             line, error_type = bad.pop(0)
             entries.append((line, {"error": error_type}))
@@ -1128,7 +1155,8 @@ def test_batch_of_100_jobs_reports_every_line_in_order_with_one_model_load(tmp_p
     environ = {k: v for k, v in worker_env(tmp_path).items() if k != "NOTIFY_SOCKET"}
     completed = subprocess.run(
         [sys.executable, str(REPO / "worker.py"), "--batch", str(path)],
-        env=environ, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
+        env=environ, stdin=subprocess.DEVNULL, check=False, capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert completed.returncode == worker.EXIT_FAILED, completed.stderr[-2000:]
     check_batch_output(completed.stdout, entries)
@@ -1147,8 +1175,8 @@ def test_batch_from_stdin_with_only_good_lines_exits_0(tmp_path: Path) -> None:
     environ = {k: v for k, v in worker_env(tmp_path).items() if k != "NOTIFY_SOCKET"}
     completed = subprocess.run(
         [sys.executable, str(REPO / "worker.py"), "--batch", "-"],
-        env=environ, input="\n".join(line for line, _ in entries) + "\n", capture_output=True, text=True,
-        timeout=SUBPROCESS_TIMEOUT_S,
+        env=environ, input="\n".join(line for line, _ in entries) + "\n", check=False, capture_output=True,
+        text=True, timeout=SUBPROCESS_TIMEOUT_S,
     )
     assert completed.returncode == worker.EXIT_OK, completed.stderr[-2000:]
     check_batch_output(completed.stdout, entries)
@@ -1181,7 +1209,8 @@ def test_batch_on_the_npu_exits_3_when_a_line_fails_its_proof(
     def run(*lines: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
         path = tmp_path / f"batch-{uuid.uuid4().hex}.jsonl"
         path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-        code = worker.main(["--batch", str(path), *base], pipeline_factory=lambda s: ProofOnlyWithoutMarker(s, busy_file=busy_file))
+        code = worker.main(["--batch", str(path), *base],
+                           pipeline_factory=lambda s: ProofOnlyWithoutMarker(s, busy_file=busy_file))
         return code, [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
     good = {"id": 1, "job": "title", "input": "x"}
@@ -1204,8 +1233,8 @@ def test_batch_echoes_the_id_of_a_line_that_fails_validation(
     path.write_text(json.dumps({"id": "x7", "job": "poem", "input": "x"}) + "\n"
                     + json.dumps({"id": 8, "job": "title", "input": "x" * 6001}) + "\n")
     code = worker.main(
-        ["--batch", str(path), "--device", "CPU", "--model", str(TINY_MODEL), "--lock-file", str(tmp_path / "lock" / "npu.lock"),
-         "--cache-dir", str(tmp_path / "cache")],
+        ["--batch", str(path), "--device", "CPU", "--model", str(TINY_MODEL),
+         "--lock-file", str(tmp_path / "lock" / "npu.lock"), "--cache-dir", str(tmp_path / "cache")],
         pipeline_factory=FakeNpuPipeline,
     )
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

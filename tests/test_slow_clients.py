@@ -6,7 +6,7 @@ accepts a few connections (the fix's own tests assert what the worker does under
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 

@@ -25,13 +25,13 @@ from typing import Any
 import pytest
 
 import worker
-from slow_clients import Prober
-from slow_clients import SlowBodyAttack
-from slow_clients import SlowHeadAttack
 from conftest import call
 from conftest import needs_tiny_model
 from conftest import running_daemon
 from conftest import wait_for
+from slow_clients import Prober
+from slow_clients import SlowBodyAttack
+from slow_clients import SlowHeadAttack
 from test_service import NotifySocket
 from test_service import notify_socket
 

@@ -75,7 +75,8 @@ def test_a_summary_is_complete_at_its_sentence_limit_or_a_repeated_sentence(text
     param('{"candidates":[{"text":"Prefers tea"}]}', worker.STOP_JSON, id="closed"),
     param('{"candidates":[{"text":"Prefers tea"}', None, id="open"),
     param('{"candidates":[{"text":"Prefers tea"},{"text":"Lives in Lisbon"},', None, id="two-new"),
-    param('{"candidates":[{"text":"Prefers tea"},{"text":"prefers  tea"}', worker.STOP_REPEATED_ITEM, id="repeated-item"),
+    param('{"candidates":[{"text":"Prefers tea"},{"text":"prefers  tea"}', worker.STOP_REPEATED_ITEM,
+          id="repeated-item"),
     param('{"candidates":[{"text":"Prefers tea"},{"text":"Prefers tea', None, id="repeat-not-finished"),
 ])
 def test_memory_candidates_are_complete_when_the_json_closes_or_an_item_repeats(text: str, rule: str | None) -> None:
@@ -87,7 +88,8 @@ def test_memory_candidates_are_complete_when_the_json_closes_or_an_item_repeats(
           '{"candidates":[{"text":"A b"},{"text":"C d"}]}', ["A b", "C d"], id="closed-before-the-repeat"),
     param(worker.STOP_REPETITION, '{"candidates":[{"text":"A b"},{"text":"1.1.1.1.1.1.1.1',
           '{"candidates":[{"text":"A b"}]}', ["A b"], id="closed-before-the-loop"),
-    param(worker.STOP_REPETITION, '{"candidates":[{"text":"0.0.0.0.0.0.0', '{"candidates":[]}', [], id="loop-in-the-first"),
+    param(worker.STOP_REPETITION, '{"candidates":[{"text":"0.0.0.0.0.0.0', '{"candidates":[]}', [],
+          id="loop-in-the-first"),
     param(None, '{"candidates":[{"text":"A b"},{"text":"C', '{"candidates":[{"text":"A b"},{"text":"C', ["A b"],
           id="budget-cut-stays-cut"),
 ])

@@ -28,8 +28,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -52,20 +52,25 @@ EXPOSURE_THRESHOLD = 5.3
 
 # README.md, "Running as a service": run here, in this order, with HOME set to a temporary directory.
 INSTALL_COMMANDS = [
-    "python3 -m venv ~/.local/share/openvino-genai-npu-worker/venv && ~/.local/share/openvino-genai-npu-worker/venv/bin/pip install .",
+    ("python3 -m venv ~/.local/share/openvino-genai-npu-worker/venv && "
+     "~/.local/share/openvino-genai-npu-worker/venv/bin/pip install ."),
     "install -Dm644 -t ~/.local/share/openvino-genai-npu-worker README.md CONTRACT.md",
     "install -Dm644 -t ~/.config/systemd/user systemd/openvino-genai-npu-worker.service",
-    'install -Dm600 systemd/openvino-genai-npu-worker.env.example ~/.config/openvino-genai-npu-worker/env && echo "OV_GENAI_NPU_MODEL=$HOME/models/Qwen2.5-1.5B-Instruct-int4-ov" >> ~/.config/openvino-genai-npu-worker/env',
+    ('install -Dm600 systemd/openvino-genai-npu-worker.env.example ~/.config/openvino-genai-npu-worker/env && '
+     'echo "OV_GENAI_NPU_MODEL=$HOME/models/Qwen2.5-1.5B-Instruct-int4-ov" >> ~/.config/openvino-genai-npu-worker/env'),
 ]
 # README.md, "Running as a service": the installed smoke test, run by test_installed_smoke_test_runs.
 INSTALLED_SMOKE_COMMAND = "~/.local/share/openvino-genai-npu-worker/venv/bin/openvino-genai-npu-smoke"
 # README.md, "Running as a service": the commands no test can run.
 NEEDS_USER_SESSION = {
-    "systemctl --user daemon-reload && systemctl --user enable --now openvino-genai-npu-worker.service": "needs a running systemd user manager",
+    "systemctl --user daemon-reload && systemctl --user enable --now openvino-genai-npu-worker.service":
+        "needs a running systemd user manager",
     "systemctl --user status openvino-genai-npu-worker.service": "needs a running systemd user manager",
     "journalctl --user -u openvino-genai-npu-worker.service -f": "needs journald and a user manager",
     "loginctl enable-linger": "needs systemd-logind; changes the host",
-    "readlink /proc/self/ns/mnt /proc/$(systemctl --user show -p MainPID --value openvino-genai-npu-worker.service)/ns/mnt": "needs the running service",
+    ("readlink /proc/self/ns/mnt "
+     "/proc/$(systemctl --user show -p MainPID --value openvino-genai-npu-worker.service)/ns/mnt"):
+        "needs the running service",
 }
 SERVICE_COMMANDS = INSTALL_COMMANDS + [INSTALLED_SMOKE_COMMAND] + list(NEEDS_USER_SESSION)
 README_SECTION = "Running as a service"
@@ -295,7 +300,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Pa
         "PIP_CACHE_DIR": os.environ.get("PIP_CACHE_DIR") or str(Path.home() / ".cache" / "pip"),
     }
     for command in INSTALL_COMMANDS:
-        completed = subprocess.run(["bash", "-c", command], cwd=src, env=env, capture_output=True, text=True, timeout=600)
+        completed = subprocess.run(["bash", "-c", command], cwd=src, env=env, check=False, capture_output=True,
+                                   text=True, timeout=600)
         assert completed.returncode == 0, f"{command}\n{completed.stdout}\n{completed.stderr}"
     yield {"home": home, "runtime_dir": runtime_dir, "unit": home / ".config" / "systemd" / "user" / UNIT_NAME}
 
@@ -335,8 +341,13 @@ def test_installed_worker_writes_only_where_the_unit_allows(installed: dict[str,
 def test_installed_worker_without_env_file_exits_with_a_code_that_is_not_restarted(installed: dict[str, Path]) -> None:
     table = specifiers(installed["home"], installed["runtime_dir"])
     environ = {name: resolve(setting, table) for name, setting in environment().items()}
-    environ |= {"HOME": str(installed["home"]), "PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": str(installed["runtime_dir"])}
-    completed = subprocess.run([resolve(value("ExecStart"), table)], env=environ, capture_output=True, text=True, timeout=60)
+    environ |= {
+        "HOME": str(installed["home"]),
+        "PATH": os.environ["PATH"],
+        "XDG_RUNTIME_DIR": str(installed["runtime_dir"]),
+    }
+    completed = subprocess.run([resolve(value("ExecStart"), table)], env=environ, check=False, capture_output=True,
+                               text=True, timeout=60)
     assert completed.returncode == worker.EXIT_CONFIG
     assert "no model" in completed.stderr
     assert str(completed.returncode) in value("RestartPreventExitStatus").split()
@@ -351,8 +362,15 @@ needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None, reason="syst
 
 def analyze(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory() as runtime_dir:  # verify --user wants an XDG_RUNTIME_DIR
-        env = {"HOME": str(home), "PATH": os.environ["PATH"], "XDG_RUNTIME_DIR": runtime_dir, "SYSTEMD_PAGER": "", "LANG": "C.UTF-8"}
-        return subprocess.run([SYSTEMD_ANALYZE, *args], env=env, capture_output=True, text=True, timeout=120)
+        env = {
+            "HOME": str(home),
+            "PATH": os.environ["PATH"],
+            "XDG_RUNTIME_DIR": runtime_dir,
+            "SYSTEMD_PAGER": "",
+            "LANG": "C.UTF-8",
+        }
+        return subprocess.run([SYSTEMD_ANALYZE, *args], env=env, check=False, capture_output=True, text=True,
+                              timeout=120)
 
 
 @needs_systemd_analyze
@@ -367,7 +385,9 @@ def test_verify_finds_nothing_to_complain_about(installed: dict[str, Path]) -> N
     (("venv/bin/openvino-genai-npu-worker", "venv/bin/no-such-script"), "is not executable"),
     (("PrivateUsers=yes", "PrivateUser=yes"), "Unknown key 'PrivateUser'"),
 ], ids=["missing ExecStart", "misspelt directive"])
-def test_verify_does_complain_about_a_broken_copy(installed: dict[str, Path], change: tuple[str, str], complaint: str) -> None:
+def test_verify_does_complain_about_a_broken_copy(
+    installed: dict[str, Path], change: tuple[str, str], complaint: str
+) -> None:
     broken = installed["unit"].with_name("broken-worker.service")
     broken.write_text(UNIT.read_text().replace(*change))
     try:
@@ -403,10 +423,10 @@ def test_installed_smoke_test_runs_without_the_source_tree(installed: dict[str, 
            "PYTHONPATH": str(borrowed),
            "OV_GENAI_NPU_MODEL": str(REPO / "tests" / "fixtures" / "tiny-chatml-ov")}
     for script in ("openvino-genai-npu-worker", "openvino-genai-npu-smoke"):
-        completed = subprocess.run([str(venv_bin / script), "--version"], env=env, capture_output=True,
-                                   text=True, timeout=60)
+        completed = subprocess.run([str(venv_bin / script), "--version"], env=env, check=False,
+                                   capture_output=True, text=True, timeout=60)
         assert completed.stdout == f"{script} {worker.__version__}\n", completed.stderr
     completed = subprocess.run(["bash", "-c", INSTALLED_SMOKE_COMMAND], cwd=installed["home"], env=env,
-                               capture_output=True, text=True, timeout=120)
+                               check=False, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 77, completed.stderr
     assert completed.stderr.splitlines()[-1].startswith("smoke_llm_npu.py: SKIP: OpenVINO sees no NPU")

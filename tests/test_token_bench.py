@@ -17,8 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-import tokens  # noqa: E402
-import worker  # noqa: E402
+import tokens
+import worker
 
 TINY_MODEL = REPO / "tests" / "fixtures" / "tiny-chatml-ov"
 
@@ -199,7 +199,8 @@ def test_real_run_on_tiny_model_emulated_npu(tmp_path: Path) -> None:
 
 def test_without_stop_rules_every_generation_ends_at_eos_or_the_budget(tmp_path: Path) -> None:
     out = tmp_path / "tokens.json"
-    code = tokens.main(["--model", str(TINY_MODEL), "--no-stop-rules", "--inputs", str(write_inputs(tmp_path / "in.jsonl")),
+    code = tokens.main(["--model", str(TINY_MODEL), "--no-stop-rules",
+                        "--inputs", str(write_inputs(tmp_path / "in.jsonl")),
                         "--jobs", "summary", "--json", str(out), "--quiet", "--no-oracle"])
     assert code == 0
     data = json.loads(out.read_text(encoding="utf-8"))

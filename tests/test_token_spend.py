@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from typing import Callable
 
 import pytest
 from pytest import param
@@ -17,9 +17,9 @@ from pytest import param
 import worker
 from conftest import TINY_MODEL
 from conftest import FakeNpuPipeline
+from conftest import call
 from conftest import cpu_settings
 from conftest import make_worker
-from conftest import call
 
 # --- input that is there but shows nothing ---------------------------------------------------------
 
@@ -65,7 +65,9 @@ def words(count: int) -> str:
     return " ".join(f"w{index % 10}" for index in range(count))
 
 
-def test_prompt_too_long_says_how_much_is_over_and_what_would_fit(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_prompt_too_long_says_how_much_is_over_and_what_would_fit(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     server = start_server()
     _, _, models = call(server, "GET", "/models")
     fits = models["jobs"]["summary"]["max_input_tokens"]
@@ -80,7 +82,9 @@ def test_prompt_too_long_says_how_much_is_over_and_what_would_fit(start_server: 
     assert status == 200 and result["tokens"]["prompt"] == 1024 and result["input_truncated"] is None
 
 
-def test_truncate_keeps_the_start_and_the_end_and_reports_what_it_dropped(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
+def test_truncate_keeps_the_start_and_the_end_and_reports_what_it_dropped(
+    start_server: Callable[..., worker.WorkerHTTPServer]
+) -> None:
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")))
     server = start_server(pipeline)
     text = words(1900)
@@ -99,7 +103,8 @@ def overhead(pipeline: FakeNpuPipeline, job: str) -> int:
 
 
 def test_truncate_changes_nothing_for_an_input_that_fits(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
-    status, _, result = call(start_server(), "POST", "/v1/worker/generate", {"job": "title", "input": "hello", "truncate": True})
+    status, _, result = call(start_server(), "POST", "/v1/worker/generate",
+                             {"job": "title", "input": "hello", "truncate": True})
     assert status == 200 and result["input_truncated"] is None
 
 
@@ -122,10 +127,13 @@ def test_truncate_with_the_models_tokenizer_fills_the_limit_and_no_more(tiny_wor
     assert result["tokens"]["prompt"] <= limit
     kept = len(text) - result["input_truncated"]["dropped_chars"]
     one_more = worker.shorten_middle(text, kept + 1)
-    assert pipeline.encode(pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], one_more))).token_count > limit
+    prompt = pipeline.render_prompt(worker.job_messages(worker.JOBS["summary"], one_more))
+    assert pipeline.encode(prompt).token_count > limit
 
 
-def test_the_cli_refuses_an_over_long_input_before_it_loads_the_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_cli_refuses_an_over_long_input_before_it_loads_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     loads: list[Any] = []
 
     def factory(settings: worker.Settings) -> worker.Pipeline:
@@ -190,14 +198,16 @@ def test_the_models_extra_stop_token_ends_a_job(tmp_path: Path) -> None:
 
 
 def test_the_models_penalties_are_kept_and_the_jobs_settings_forced(tmp_path: Path) -> None:
-    model = tiny_model_with(tmp_path, repetition_penalty=1.3, do_sample=True, temperature=0.7, num_beams=4, max_length=20)
+    model = tiny_model_with(tmp_path, repetition_penalty=1.3, do_sample=True, temperature=0.7, num_beams=4,
+                            max_length=20)
     built = worker.build_worker(cpu_settings(tmp_path, model_path=model), worker.load_genai_pipeline)
     built.load(warm_up=False)
     pipeline = built._pipeline
     assert isinstance(pipeline, worker.GenAIPipeline)
     config = pipeline.generation_config(33, worker.MEMORY_GRAMMAR)
     assert config.repetition_penalty == pytest.approx(1.3)  # the model's, kept
-    assert (config.do_sample, config.num_beams, config.max_new_tokens, config.apply_chat_template) == (False, 1, 33, False)
+    assert (config.do_sample, config.num_beams, config.max_new_tokens, config.apply_chat_template) == (
+        False, 1, 33, False)
     assert config.structured_output_config is not None
     first = built.run(worker.JobRequest("title", "Greedy is deterministic.", max_new_tokens=8), "r1")
     again = built.run(worker.JobRequest("title", "Greedy is deterministic.", max_new_tokens=8), "r2")

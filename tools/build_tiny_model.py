@@ -54,13 +54,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    GenerationConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from tokenizers import Tokenizer
+from tokenizers import decoders
+from tokenizers import models
+from tokenizers import pre_tokenizers
+from tokenizers import trainers
+from transformers import GenerationConfig
+from transformers import PreTrainedTokenizerFast
+from transformers import Qwen2Config
+from transformers import Qwen2ForCausalLM
 
 ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"

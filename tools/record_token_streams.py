@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import worker  # noqa: E402
+import worker
 
 DEFAULT_MODEL = REPO.parent / "shared" / "models" / "smollm2-135m-instruct-int8-sym-ov"
 DEFAULT_OUT = REPO / "tests" / "fixtures" / "token_streams.json"
@@ -34,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
-    inputs = {item["id"]: item for item in map(json.loads, (REPO / "bench" / "token_inputs.jsonl").read_text().splitlines())}
-    settings = worker.Settings(model_path=args.model, device="CPU", cache_dir=None, lock_path=Path("/tmp/record-streams.lock"))
+    inputs = {item["id"]: item
+              for item in map(json.loads, (REPO / "bench" / "token_inputs.jsonl").read_text().splitlines())}
+    settings = worker.Settings(model_path=args.model, device="CPU", cache_dir=None,
+                               lock_path=Path("/tmp/record-streams.lock"))
     pipeline = worker.load_genai_pipeline(settings)
     streams = []
     for input_id in INPUT_IDS:
