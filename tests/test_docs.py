@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -425,6 +426,21 @@ def test_every_documented_command_is_exercised() -> None:
                   if "secrets.token_urlsafe" in command or "--token-file" in command
                   or command.startswith("opt_in_out ")}
     exercised |= set(AGENT_COMMANDS)  # the bridge each names is run by tests/test_mcp_docs.py
+    exercised |= {command for heading, command, _ in README if heading == "Changing the code"}
     for _, command, _ in README + CONTRACT:
         if command not in exercised:
             assert any(command.startswith(prefix) for prefix in NOT_RUN_HERE), f"no test runs: {command}"
+
+
+def test_lint_command_is_clean_and_ci_runs_it() -> None:
+    (command,) = [command for heading, command, _ in README if heading == "Changing the code"]
+    assert command in (REPO / ".ci" / "run").read_text().splitlines()
+    # The test extra's ruff sits beside this interpreter, whether or not its virtualenv is active.
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    if shutil.which("ruff", path=path) is None:
+        if os.environ.get("CI"):
+            raise RuntimeError("CI must install the test extra, which has ruff: pip install '.[test]'")
+        pytest.skip("ruff is not installed: pip install '.[test]'")
+    completed = subprocess.run(["bash", "-c", command], cwd=REPO, env={**os.environ, "PATH": path},
+                               capture_output=True, text=True, timeout=60, check=False)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
