@@ -171,14 +171,21 @@ def cpu_settings(tmp_path: Path, **changes: Any) -> worker.Settings:
     return dataclasses.replace(settings, **changes)
 
 
+def compile_cache(tmp_path: Path) -> Path:
+    """One OpenVINO compile cache per pytest process (tmp_path's parent is its base directory),
+    as a service has one: through the emulated NPU a load from it takes 0.4 s against a 1.5 s
+    compile, on the CPU 0.15 s against 0.3 s.  Tests about the cache itself pass their own."""
+    return tmp_path.parent / "compile-cache"
+
+
 def worker_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """Environment for a worker subprocess: tiny model on CPU, private lock and cache."""
+    """Environment for a worker subprocess: tiny model on CPU, private lock, the shared cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("OV_GENAI_NPU_")}
     env.update(
         OV_GENAI_NPU_MODEL=str(TINY_MODEL),
         OV_GENAI_NPU_DEVICE="CPU",
         OV_GENAI_NPU_LOCK=str(tmp_path / "lock" / "npu.lock"),
-        OV_GENAI_NPU_CACHE=str(tmp_path / "cache"),
+        OV_GENAI_NPU_CACHE=str(compile_cache(tmp_path)),
         PYTHONUNBUFFERED="1",
     )
     env.update(extra)

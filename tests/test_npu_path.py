@@ -28,6 +28,7 @@ import smoke_llm_npu
 import worker
 from conftest import TINY_MODEL
 from conftest import call
+from conftest import compile_cache
 from conftest import fetch
 from conftest import running_daemon
 from conftest import serve_in_thread
@@ -38,13 +39,6 @@ import openvino
 
 INPUT = "I moved to Lisbon last spring and I prefer tea over coffee. The backup finished at 03:12."
 PATHS = ("cpu", "npu")
-
-
-def compile_cache(tmp_path: Path) -> Path:
-    """One compile cache per pytest process (tmp_path's parent is its base directory), as a
-    service has one: an emulated compile takes 1.5 s, a load from the cache 0.4 s.  The tests
-    about the cache itself pass a directory of their own."""
-    return tmp_path.parent / "npu-compile-cache"
 
 
 def path_settings(tmp_path: Path, path: str, **changes: Any) -> worker.Settings:
@@ -490,8 +484,7 @@ def test_the_same_combinations_from_the_environment_are_configuration_errors(
 
 
 def test_the_daemon_logs_and_serves_emulated_proof(tmp_path: Path) -> None:
-    with running_daemon(tmp_path, OV_GENAI_NPU_DEVICE="NPU", OV_GENAI_NPU_EMULATE="1",
-                        OV_GENAI_NPU_CACHE=str(compile_cache(tmp_path))) as daemon:
+    with running_daemon(tmp_path, OV_GENAI_NPU_DEVICE="NPU", OV_GENAI_NPU_EMULATE="1") as daemon:
         port = daemon.wait_ready()
         status, _, health = call(port, "GET", "/healthz")
         (listening,) = [line for line in daemon.log if "event=listening" in line]
