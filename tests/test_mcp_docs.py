@@ -59,6 +59,14 @@ SNIPPETS = {
 }
 
 
+def agent_env(home: Path, **extra: str) -> dict[str, str]:
+    """The agent's environment with a HOME of its own (its configuration files land there) and
+    npm's cache still the user's: under a fresh HOME, npx would download the pinned program again
+    on every run (Codex alone is 235 MB unpacked)."""
+    npm_cache = os.environ.get("npm_config_cache") or str(Path.home() / ".npm")
+    return {**os.environ, "HOME": str(home), "npm_config_cache": npm_cache, **extra}
+
+
 def install_console_script(home: Path) -> Path:
     """What `pip install .` puts in the service's virtualenv for [project.scripts]."""
     script = home / ".local/share/openvino-genai-npu-worker/venv/bin/openvino-genai-npu-worker"
@@ -195,12 +203,8 @@ def test_claude_code_adds_the_bridge_and_connects_to_it(tiny_daemon: TinyDaemon,
     shims.mkdir()
     (shims / "claude").write_text(f'#!/bin/sh\nexec npx -y {CLAUDE_CODE} "$@"\n')
     (shims / "claude").chmod(0o755)
-    env = {
-        **os.environ,
-        "HOME": str(tmp_path),
-        "PATH": f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
-        "OV_GENAI_NPU_PORT": str(tiny_daemon.port),
-    }
+    env = agent_env(tmp_path, PATH=f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
+                    OV_GENAI_NPU_PORT=str(tiny_daemon.port))
     try:
         installed = subprocess.run(
             ["claude", "--version"],
@@ -252,7 +256,7 @@ def test_codex_reads_the_toml_as_its_configuration(tmp_path: Path) -> None:
     config = tmp_path / ".codex" / "config.toml"
     config.parent.mkdir()
     config.write_text(BLOCKS["toml"].replace(PLACEHOLDER_HOME, str(tmp_path)))
-    env = {**os.environ, "HOME": str(tmp_path)}
+    env = agent_env(tmp_path)
     try:
         listed = subprocess.run(
             ["npx", "-y", CODEX, "mcp", "list", "--json"],
