@@ -440,3 +440,29 @@ def tiny_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyDaemon
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
+
+
+# --- the order in which pytest-xdist hands out the modules -------------------------------------------
+
+# The slowest modules first, measured (seconds alone on two cores: python -m pytest tests/test_x.py),
+# so that no long one starts last and keeps one process busy while the others have finished.
+# README's command passes --no-loadscope-reorder, or xdist would sort modules by their number of
+# tests instead, which puts the one-test bench and the 5-test SmolLM2 module at the very end.
+# The ones that mostly wait (slowloris, service, hostile) are early too: others run meanwhile.
+SLOWEST_MODULES_FIRST = (
+    "test_npu_path_smollm2.py",  # 45 s (skipped without the SmolLM2 IR)
+    "test_slowloris.py",  # 37 s, 8 of them CPU
+    "test_npu_path.py",  # 30 s
+    "test_bench.py",  # 23 s
+    "test_docs.py",  # 23 s
+    "test_mcp_docs.py",  # 21 s
+    "test_service.py",  # 19 s, 7 of them CPU
+    "test_real_model.py",  # 17 s
+    "test_systemd.py",  # 12 s
+    "test_hostile.py",  # 12 s, 5 of them CPU
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(SLOWEST_MODULES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
