@@ -1099,6 +1099,15 @@ def test_pipeline_properties_npu(cache_dir: Path | None, limits: worker.Limits, 
     assert "ATTENTION_BACKEND" not in properties
 
 
+def test_pipeline_properties_emulated_npu_replace_the_generate_hint_by_a_whole_generate_model() -> None:
+    settings = worker.Settings(model_path=Path("/models/m"), device="NPU", emulate_npu=True)
+    properties = worker.pipeline_properties(settings)
+    # NPUW refuses the two together: "GENERATE_HINT only works with default generate config!"
+    assert "GENERATE_HINT" not in properties
+    assert properties["NPUW_LLM_GENERATE_CONFIG"] == {"NPUW_ONLINE_PIPELINE": "NONE"}
+    assert properties["NPUW_DEVICES"] == "CPU" and properties["MAX_PROMPT_LEN"] == 1024
+
+
 @pytest.mark.parametrize(
     "cache_dir, expected",
     [
