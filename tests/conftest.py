@@ -450,16 +450,17 @@ def tiny_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyDaemon
 # tests instead, which puts the one-test bench and the 5-test SmolLM2 module at the very end.
 # The ones that mostly wait (slowloris, service, hostile) are early too: others run meanwhile.
 SLOWEST_MODULES_FIRST = (
-    "test_npu_path_smollm2.py",  # 45 s (skipped without the SmolLM2 IR)
-    "test_slowloris.py",  # 37 s, 8 of them CPU
-    "test_npu_path.py",  # 30 s
-    "test_bench.py",  # 23 s
-    "test_docs.py",  # 23 s
-    "test_mcp_docs.py",  # 21 s
-    "test_service.py",  # 19 s, 7 of them CPU
-    "test_real_model.py",  # 17 s
-    "test_systemd.py",  # 12 s
-    "test_hostile.py",  # 12 s, 5 of them CPU
+    "test_slowloris.py",  # 35 s, 6 of them CPU
+    "test_npu_path_smollm2.py",  # 22 s, 37 CPU (skipped without the SmolLM2 IR)
+    "test_service.py",  # 17 s, 7 of them CPU
+    "test_real_model.py",  # 16 s, 26 CPU
+    "test_npu_path.py",  # 13 s
+    "test_bench.py",  # 13 s, 19 CPU
+    "test_docs.py",  # 11 s
+    "test_hostile.py",  # 10 s, 3 of them CPU
+    "test_mcp_docs.py",  # 10 s (more when npx has to fetch the agents' packages)
+    "test_lock.py",  # 8 s
+    "test_systemd.py",  # 8 s
 )
 
 
