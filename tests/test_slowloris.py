@@ -104,28 +104,31 @@ def test_an_attackers_connections_are_refused_as_408_and_counted(tmp_path: Path)
 # --- an idle daemon sleeps ----------------------------------------------------------------------------
 
 
-def context_switches(pid: int) -> dict[int, int]:
-    """Per thread, voluntary + involuntary context switches so far (/proc/PID/task/TID/status)."""
-    switches = {}
+def sleeps(pid: int) -> dict[int, tuple[int, bool]]:
+    """Per thread, how often it has gone to sleep so far (voluntary context switches: one per
+    wake-up, however often a loaded machine preempts it while it runs, which the involuntary count
+    would add) and whether it sleeps now (/proc/PID/task/TID/status)."""
+    threads = {}
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             fields = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
         except OSError:
             continue  # a thread that ended meanwhile
-        switches[int(task.name)] = int(fields["voluntary_ctxt_switches"]) + int(fields["nonvoluntary_ctxt_switches"])
-    return switches
+        threads[int(task.name)] = (int(fields["voluntary_ctxt_switches"]), fields["State"].startswith("S"))
+    return threads
 
 
 def quiet(pid: int, timeout_s: float = 30.0) -> dict[int, int]:
-    """Context switches once no thread of ``pid`` has run for 0.2 s (none switched between two
-    looks), however long the start-up's threads take to finish on a loaded machine."""
+    """Sleeps per thread once every thread of ``pid`` sleeps and none woke for 0.2 s, however long
+    the start-up's threads take to finish on a loaded machine (a thread waiting for a core does
+    not count as asleep, though its counter stands still)."""
     deadline = time.monotonic() + timeout_s
-    last = context_switches(pid)
+    last = sleeps(pid)
     while time.monotonic() < deadline:
         time.sleep(0.2)  # another process: no event to wait on, only its counters to read
-        now = context_switches(pid)
-        if now == last:
-            return now
+        now = sleeps(pid)
+        if now == last and all(asleep for _, asleep in now.values()):
+            return {tid: count for tid, (count, _) in now.items()}
         last = now
     raise AssertionError(f"the daemon never went quiet: {last}")
 
@@ -143,6 +146,6 @@ def test_an_idle_daemon_does_not_wake_up(tmp_path: Path, watchdog_s: int | None,
         listener.until(lambda fields: "READY=1" in fields, 60)
         before = quiet(daemon.process.pid)  # the load and warm-up threads have ended or sleep
         time.sleep(IDLE_WINDOW_S)  # the window measured: what an idle daemon does in it
-        after = context_switches(daemon.process.pid)
-    woken = {tid: after[tid] - before.get(tid, 0) for tid in after}
+        after = sleeps(daemon.process.pid)
+    woken = {tid: count - before.get(tid, 0) for tid, (count, _) in after.items()}
     assert sum(woken.values()) <= at_most, woken
