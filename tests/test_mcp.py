@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +27,7 @@ from conftest import REPO
 from conftest import FakeNpuPipeline
 from conftest import TinyDaemon
 from conftest import cpu_settings
+from conftest import free_port
 
 mcp = pytest.importorskip("mcp")
 anyio = pytest.importorskip("anyio")
@@ -47,12 +47,6 @@ JOB_INPUTS = {
 }
 UNENDING_REPLY = " ".join(f"word{i}" for i in range(400))
 VERSIONS = [*worker.MCP_MODERN_VERSIONS, *worker.MCP_LEGACY_VERSIONS]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bridge_parameters(port: int, *args: str, env: dict[str, str] | None = None) -> StdioServerParameters:
