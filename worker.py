@@ -2642,6 +2642,8 @@ class Worker:
             with self.queue.turn(wait_s):
                 if time.monotonic() >= deadline:  # an uncancellable prefill is not worth starting
                     raise RequestTimeout(f"the {timeout_s:g} s deadline passed before the NPU was free")
+                if client_gone():  # nor for a client that gave up while it waited: nobody would read it
+                    raise ClientGone("the client closed the connection while its job waited; nothing generated")
                 queue_ms = elapsed_ms(started)
                 read_started = time.monotonic()
                 before_us = self._read_busy_counter()  # unreadable: NpuProofFailed, and nothing ran

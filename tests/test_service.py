@@ -626,6 +626,34 @@ def test_a_client_that_disconnects_is_logged_as_499(
     assert server.worker.metrics.requests.get((GENERATE, "summary", 499)) == 1
 
 
+def test_a_client_that_gives_up_in_the_queue_costs_the_npu_nothing(
+    start_server: Callable[..., worker.WorkerHTTPServer],
+) -> None:
+    """The prefill cannot be cancelled, so a job whose client closed while it waited is dropped
+    when its turn comes, before generate(): on an NPU, a prompt's prefill not run for nobody."""
+    pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
+    server = start_server(pipeline)
+
+    def send(job: str, **fields: Any) -> socket.socket:
+        body = json.dumps({"job": job, "input": "x", **fields}).encode()
+        client = socket.create_connection(("127.0.0.1", server.server_port), timeout=HTTP_TIMEOUT_S)
+        client.sendall(b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
+                       b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return client
+
+    with send("summary", max_new_tokens=256):  # it will hold the NPU (2.56 s if let run)
+        pipeline.wait_for(lambda: pipeline.started == WARM_UPS + 1)
+        with send("title"):  # waits for its turn
+            time.sleep(worker.HALF_CLOSE_WINDOW_S * 3)  # later than a half-close: a client that gave up
+        time.sleep(worker.HALF_CLOSE_WINDOW_S)
+    # The summary is cancelled at once; then the title's turn comes, with nobody left to read it.
+    settle(server)
+    assert pipeline.started == WARM_UPS + 1  # the title never reached the pipeline
+    assert pipeline.generations[WARM_UPS].finish_reason == "cancelled"
+    assert server.worker.metrics.requests.get((GENERATE, "summary", 499)) == 1
+    assert server.worker.metrics.requests.get((GENERATE, "title", 499)) == 1
+
+
 def test_queue_wait_counts_toward_the_deadline(start_server: Callable[..., worker.WorkerHTTPServer]) -> None:
     pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)  # lock_timeout_s 5: a 503 busy would need 5 s of waiting
