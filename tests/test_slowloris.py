@@ -134,18 +134,28 @@ def quiet(pid: int, timeout_s: float = 30.0) -> dict[int, int]:
 
 
 @needs_tiny_model
-@pytest.mark.parametrize("watchdog_s, at_most", [(None, 2), (4, 8)], ids=["no-watchdog", "watchdog-4s"])
-def test_an_idle_daemon_does_not_wake_up(tmp_path: Path, watchdog_s: int | None, at_most: int) -> None:
-    """bench/idle.py measures this over 60 s for BENCHMARKS.md; here 5 s and a bound: nothing
-    without a watchdog, and about two wake-ups per self-check with one every 2 s (WatchdogSec=4 s;
-    the unit's is 60 s), where polling even once a second would exceed the bound."""
+@pytest.mark.parametrize("watchdog_s", [None, 4], ids=["no-watchdog", "watchdog-4s"])
+def test_an_idle_daemon_does_not_wake_up(tmp_path: Path, watchdog_s: int | None) -> None:
+    """bench/idle.py measures this over 60 s for BENCHMARKS.md; here 5 s and bounds: without a
+    watchdog at most 2 wake-ups, which polling even once a second would exceed; with one
+    (WatchdogSec=4 s, the unit's is 60 s) a self-check every 2 s, no more often, and a few
+    wake-ups for each."""
     env = {"WATCHDOG_USEC": str(watchdog_s * 1_000_000)} if watchdog_s else {}
     with notify_socket(f"@npu-worker-idle-{uuid.uuid4().hex}") as listener, \
             running_daemon(tmp_path, NOTIFY_SOCKET=listener.address, **env) as daemon:
         daemon.wait_listening()
         listener.until(lambda fields: "READY=1" in fields, 60)
         before = quiet(daemon.process.pid)  # the load and warm-up threads have ended or sleep
+        watchdog_pings(listener)  # the ones before the window
         time.sleep(IDLE_WINDOW_S)  # the window measured: what an idle daemon does in it
         after = sleeps(daemon.process.pid)
+        checks, unhealthy = watchdog_pings(listener)
     woken = {tid: count - before.get(tid, 0) for tid, (count, _) in after.items()}
-    assert sum(woken.values()) <= at_most, woken
+    assert not unhealthy
+    if watchdog_s is None:
+        assert checks == 0 and sum(woken.values()) <= 2, woken
+    else:
+        assert 1 <= checks <= IDLE_WINDOW_S / (watchdog_s / 2) + 1  # WatchdogSec/2 apart, no more often
+        # One wake-up a check on a quiet machine (the main thread; the gate reads the ping at the next
+        # check); under three test processes on two cores lock hand-offs add more: 10 seen for 3 checks.
+        assert sum(woken.values()) <= 2 + 4 * checks, (checks, woken)
