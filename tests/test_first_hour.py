@@ -403,19 +403,17 @@ def test_both_console_scripts_are_declared() -> None:
     assert project["tool"]["setuptools"]["py-modules"] == ["worker", "smoke_llm_npu"]
 
 
+def smoke_args(npu_settings: worker.Settings, busy_file: Path) -> list[str]:
+    """The smoke test on the fake NPU: its model, its busy counter, a private lock."""
+    return ["--model", str(npu_settings.model_path), "--busy-path", str(busy_file),
+            "--lock-file", str(npu_settings.lock_path)]
+
+
 def test_smoke_verdict_on_a_verified_npu(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=4242)
-    args = [
-        "--model",
-        str(npu_settings.model_path),
-        "--busy-path",
-        str(busy_file),
-        "--lock-file",
-        str(npu_settings.lock_path),
-    ]
-    assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 0
+    assert smoke_llm_npu.main(smoke_args(npu_settings, busy_file), pipeline_factory=factory, has_npu=lambda: True) == 0
     out = capsys.readouterr()
     report = json.loads(out.out)
     assert (report["finish_reason"], report["stop_rule"]) == ("stop", None)
@@ -428,15 +426,7 @@ def test_smoke_verdict_on_a_failed_proof(
     npu_settings: worker.Settings, busy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     factory = lambda settings: FakeNpuPipeline(settings, busy_file=busy_file, busy_increment_us=0)
-    args = [
-        "--model",
-        str(npu_settings.model_path),
-        "--busy-path",
-        str(busy_file),
-        "--lock-file",
-        str(npu_settings.lock_path),
-    ]
-    assert smoke_llm_npu.main(args, pipeline_factory=factory, has_npu=lambda: True) == 3
+    assert smoke_llm_npu.main(smoke_args(npu_settings, busy_file), pipeline_factory=factory, has_npu=lambda: True) == 3
     assert capsys.readouterr().err.splitlines()[-1] == "smoke_llm_npu.py: FAIL: npu_proof_failed (exit 3)"
 
 
