@@ -125,6 +125,10 @@ def test_each_agent_configuration_starts_a_bridge_that_serves_the_jobs(
 
 # --------------------------------------------------------------------------------------------------
 # The MCP Inspector's CLI (Node): a client from another SDK, where Node and the npm registry are
+def run_agent(command: list[str], env: dict[str, str], cwd: Path, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout_s, check=False)
+
+
 # --------------------------------------------------------------------------------------------------
 
 
@@ -206,40 +210,16 @@ def test_claude_code_adds_the_bridge_and_connects_to_it(tiny_daemon: TinyDaemon,
     env = agent_env(tmp_path, PATH=f"{shims}{os.pathsep}{os.environ.get('PATH', '')}",
                     OV_GENAI_NPU_PORT=str(tiny_daemon.port))
     try:
-        installed = subprocess.run(
-            ["claude", "--version"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        installed = run_agent(["claude", "--version"], env, tmp_path, 180)
     except subprocess.TimeoutExpired:
         pytest.skip(f"npx could not install {CLAUDE_CODE} within 180 s")
     if installed.returncode != 0:
         pytest.skip(f"npx could not install {CLAUDE_CODE}: {installed.stderr.strip().splitlines()[-1:]}")
-    added = subprocess.run(
-        ["bash", "-c", AGENT_COMMANDS[0]],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    added = run_agent(["bash", "-c", AGENT_COMMANDS[0]], env, tmp_path, 120)
     assert added.returncode == 0, added.stderr
     stored = json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]["npu-worker"]
     assert (stored["command"], stored["args"]) == (str(script), ["--mcp"])
-    got = subprocess.run(
-        ["claude", "mcp", "get", "npu-worker"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    got = run_agent(["claude", "mcp", "get", "npu-worker"], env, tmp_path, 120)
     assert got.returncode == 0, got.stderr
     assert "Status: ✔ Connected" in got.stdout, got.stdout
 
@@ -258,15 +238,7 @@ def test_codex_reads_the_toml_as_its_configuration(tmp_path: Path) -> None:
     config.write_text(BLOCKS["toml"].replace(PLACEHOLDER_HOME, str(tmp_path)))
     env = agent_env(tmp_path)
     try:
-        listed = subprocess.run(
-            ["npx", "-y", CODEX, "mcp", "list", "--json"],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        )
+        listed = run_agent(["npx", "-y", CODEX, "mcp", "list", "--json"], env, tmp_path, 180)
     except subprocess.TimeoutExpired:
         pytest.skip(f"npx could not install {CODEX} within 180 s")
     if listed.returncode != 0 and "npm" in listed.stderr and "ERR" in listed.stderr:
