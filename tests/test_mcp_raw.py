@@ -440,13 +440,16 @@ def test_a_host_that_is_not_loopback_ends_the_bridge_with_a_configuration_error(
     assert b"refusing to bind '0.0.0.0'" in stderr
 
 
-def test_a_call_cancelled_while_queued_ends_at_its_first_token_when_its_turn_comes(
+def test_a_call_cancelled_while_queued_is_dropped_before_its_prefill(
     bridge: Callable[..., RawBridge], start_server: Callable[..., worker.WorkerHTTPServer]
 ) -> None:
-    """The daemon looks at a job's client only between tokens: a job cancelled while it waits for
-    the NPU still gets its turn and its prefill, then stops at the first token (CONTRACT.md, "MCP")."""
+    """A job cancelled while it waits for the NPU is dropped when its turn comes, before the
+    prefill, which could not be interrupted (CONTRACT.md, "MCP")."""
     pipeline = FakeNpuPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.02)
     server = start_server(pipeline, lock_timeout_s=30.0)
+    generate_calls = []
+    generate = pipeline.generate  # after the warm-ups: from here only jobs call it
+    pipeline.generate = lambda *args, **kwargs: generate_calls.append(args) or generate(*args, **kwargs)
     held = worker.NpuLock(server.settings.lock_path).acquire(0)
     try:
         raw = bridge(server.server_port)
@@ -480,6 +483,7 @@ def test_a_call_cancelled_while_queued_ends_at_its_first_token_when_its_turn_com
         and metrics.get(("/v1/worker/generate", "summary", 200)) is None
     )
     assert raw.close()[1] == b""  # and the call got no answer
+    assert generate_calls == []  # nothing ran on the NPU for it
 
 
 def test_something_else_on_the_port_is_named_and_a_dropped_connection_is_unreachable(
