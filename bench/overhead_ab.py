@@ -46,11 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="overhead-ab-"))
-    config = run.RunConfig(
-        model=run.DEFAULT_MODEL, device="CPU", cache_dir=None, lock_file=None,
-        max_prompt_tokens=run.worker.DEFAULT_MAX_PROMPT_TOKENS, no_npu_proof=False, emulate_npu=False,
-        workdir=workdir, plan=run.Plan(),
-    )
+    config = run.tiny_cpu_config(workdir)
     direct = run.DirectPipeline(config)
     text = run.make_text(run.OVERHEAD_INPUT_CHARS)
     prompt = direct.prompt(run.JOB, text)

@@ -173,6 +173,15 @@ class RunConfig:
     plan: Plan
 
 
+def tiny_cpu_config(workdir: Path, lock_file: Path | None = None) -> RunConfig:
+    """The tiny model on the CPU with the worker's defaults: the A/B and profiling benches' setting."""
+    return RunConfig(
+        model=DEFAULT_MODEL, device="CPU", cache_dir=None, lock_file=lock_file,
+        max_prompt_tokens=worker.DEFAULT_MAX_PROMPT_TOKENS, no_npu_proof=False, emulate_npu=False,
+        workdir=workdir, plan=Plan(),
+    )
+
+
 # ==================================================================================================
 # Statistics and inputs
 # ==================================================================================================

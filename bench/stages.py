@@ -199,11 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="stages-"))
-    config = run.RunConfig(
-        model=run.DEFAULT_MODEL, device="CPU", cache_dir=None, lock_file=None,
-        max_prompt_tokens=run.worker.DEFAULT_MAX_PROMPT_TOKENS, no_npu_proof=False, emulate_npu=False,
-        workdir=workdir, plan=run.Plan(),
-    )
+    config = run.tiny_cpu_config(workdir)
     names = [f"{index}" for index in range(len(args.trees))]
     daemons = {}
     for name, tree in zip(names, args.trees):

@@ -34,11 +34,7 @@ LINE = re.compile(r"^(?:\[pid\s+)?(\d+)\]?\s+([a-z0-9_]+)\(")  # strace -f -o: "
 def measure(
     worker_py: Path, requests: int, tokens: int, workdir: Path
 ) -> dict[str, collections.Counter[str]]:
-    config = run.RunConfig(
-        model=run.DEFAULT_MODEL, device="CPU", cache_dir=None, lock_file=workdir / "npu.lock",
-        max_prompt_tokens=run.worker.DEFAULT_MAX_PROMPT_TOKENS, no_npu_proof=False, emulate_npu=False,
-        workdir=workdir, plan=run.Plan(),
-    )
+    config = run.tiny_cpu_config(workdir, lock_file=workdir / "npu.lock")
     body = run.encode_job(run.JOB, run.make_text(run.OVERHEAD_INPUT_CHARS), tokens)
     command = [sys.executable, str(worker_py.resolve())]
     daemon = run.Daemon(config, worker_py.parent.name or "worker", command=command)
