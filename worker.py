@@ -431,7 +431,8 @@ class RequestTimeout(ClientError):
 
 
 class ClientGone(ClientError):
-    """The client closed its connection; its generation was cancelled and nobody gets an answer."""
+    """The client closed its connection; its generation was cancelled (or, queued, never started) and nobody
+    gets an answer."""
 
     status, type, exit_code = 499, "client_closed_request", EXIT_FAILED
 

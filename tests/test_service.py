@@ -581,15 +581,19 @@ def test_deadline_cancels_the_generation_and_frees_the_npu(
     assert status == 200 and body["tokens"]["generated"] == 3
 
 
+def send_job(port: int, job: str, **fields: Any) -> socket.socket:
+    """A job request on a raw socket, which the caller can close at any moment."""
+    body = json.dumps({"job": job, "input": "x", **fields}).encode()
+    client = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
+    client.sendall(b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    return client
+
+
 def disconnect_mid_generation(server: worker.WorkerHTTPServer, pipeline: RecordingPipeline) -> worker.Generation:
     """Send a 256-token job on a raw socket, close it once the pipeline runs; return that generation."""
-    body = json.dumps({"job": "summary", "input": "x", "max_new_tokens": 256}).encode()
-    client = socket.create_connection(("127.0.0.1", server.server_port), timeout=HTTP_TIMEOUT_S)
+    client = send_job(server.server_port, "summary", max_new_tokens=256)
     try:
-        client.sendall(
-            b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-        )
         pipeline.wait_for(lambda: pipeline.started == WARM_UPS + 1)  # after the warm-ups: generating now
         # A close right behind the request would be a half-close (answered); one later, a client
         # that gave up waiting (its generation is cancelled).
@@ -633,17 +637,9 @@ def test_a_client_that_gives_up_in_the_queue_costs_the_npu_nothing(
     when its turn comes, before generate(): on an NPU, a prompt's prefill not run for nobody."""
     pipeline = RecordingPipeline(cpu_settings(Path("/unused")), reply=UNENDING_REPLY, seconds_per_token=0.01)
     server = start_server(pipeline)
-
-    def send(job: str, **fields: Any) -> socket.socket:
-        body = json.dumps({"job": job, "input": "x", **fields}).encode()
-        client = socket.create_connection(("127.0.0.1", server.server_port), timeout=HTTP_TIMEOUT_S)
-        client.sendall(b"POST /v1/worker/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json"
-                       b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        return client
-
-    with send("summary", max_new_tokens=256):  # it will hold the NPU (2.56 s if let run)
+    with send_job(server.server_port, "summary", max_new_tokens=256):  # it will hold the NPU (2.56 s if let run)
         pipeline.wait_for(lambda: pipeline.started == WARM_UPS + 1)
-        with send("title"):  # waits for its turn
+        with send_job(server.server_port, "title"):  # waits for its turn
             time.sleep(worker.HALF_CLOSE_WINDOW_S * 3)  # later than a half-close: a client that gave up
         time.sleep(worker.HALF_CLOSE_WINDOW_S)
     # The summary is cancelled at once; then the title's turn comes, with nobody left to read it.
